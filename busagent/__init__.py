@@ -1,0 +1,63 @@
+"""busagent: multi-agent applications across processes and machines on a Redis Streams bus.
+
+    import busagent
+    from busagent import Agent, Msg
+
+    busagent.init()                        # BUSAGENT_REDIS_URL, else an embedded Redis
+    a = MyAgent("a", to_dist=True)         # built on a worker
+    p = a(Msg("user", 1))                  # a Placeholder, at once
+    print(p.content)                       # blocks until the reply is there
+"""
+
+from .agent import Agent, DistConf, remote
+from .bus import init, shutdown
+from .config import Settings
+from .errors import (
+    BusagentError,
+    CallTimeout,
+    ConfigError,
+    MessageTooLarge,
+    NotSerializable,
+    PlacementError,
+    ProtocolError,
+    RedisUnavailable,
+    RemoteError,
+    UnknownAgent,
+    UnknownClass,
+)
+from .memory import Memory
+from .message import Msg
+from .placeholder import Placeholder, agather, gather
+from .proxy import RemoteAgent
+from .registry import ServerClient, agents, servers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "BusagentError",
+    "CallTimeout",
+    "ConfigError",
+    "DistConf",
+    "Memory",
+    "MessageTooLarge",
+    "Msg",
+    "NotSerializable",
+    "Placeholder",
+    "PlacementError",
+    "ProtocolError",
+    "RedisUnavailable",
+    "RemoteAgent",
+    "RemoteError",
+    "ServerClient",
+    "Settings",
+    "UnknownAgent",
+    "UnknownClass",
+    "agather",
+    "agents",
+    "gather",
+    "init",
+    "remote",
+    "servers",
+    "shutdown",
+]

@@ -1,0 +1,125 @@
+"""``Agent``: an object with ``reply(x)`` and a memory, local or distributed."""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from .bus import new_id
+from .errors import ConfigError
+from .memory import Memory
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: the id a worker assigns to the agent it is constructing (read by Agent.__init__).
+assigning_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "busagent_assigning_id", default=None
+)
+
+
+def remote(fn: F) -> F:
+    """Mark a method as callable through a distributed agent's proxy (it returns a placeholder,
+    like ``reply``). Unmarked methods are refused by the worker."""
+    fn.__busagent_remote__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def is_remote(cls: type, name: str) -> bool:
+    return bool(getattr(getattr(cls, name, None), "__busagent_remote__", False))
+
+
+class DistConf(BaseModel):
+    """Where a distributed agent goes. ``server=None``: the least loaded live worker that loaded
+    the agent's module, else worker processes started for this program."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> DistConf:
+        if value is True:
+            return cls()
+        if isinstance(value, DistConf):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)  # a copy: the caller's dict is never changed
+        raise ConfigError(f"to_dist must be True, a DistConf or a dict, not {value!r}")
+
+
+def class_path(cls: type) -> tuple[str, str]:
+    """``(module:qualname, what a worker loads to get it)``. Classes in the user's script
+    (``__main__``) are named after the script's file, which the worker loads by path."""
+    module = cls.__module__
+    if "<locals>" in cls.__qualname__:
+        raise ConfigError(
+            f"{cls.__qualname__} is defined inside a function; a worker can only load classes "
+            "defined at a module's top level"
+        )
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        file = getattr(main, "__file__", None)
+        if not file:
+            raise ConfigError(
+                f"{cls.__name__} is defined in an interactive session; put it in a module or a "
+                "script file so that a worker can load it"
+            )
+        path = Path(file).resolve()
+        return f"{path.stem}:{cls.__qualname__}", str(path)
+    return f"{module}:{cls.__qualname__}", module
+
+
+class AgentMeta(type):
+    """Intercepts ``to_dist=`` at construction: the agent is then built only on a worker and a
+    proxy is returned."""
+
+    def __call__(cls, *args: Any, to_dist: Any = None, **kwargs: Any) -> Any:
+        if to_dist:
+            from .proxy import create
+
+            return create(cls, args, kwargs, DistConf.of(to_dist))
+        obj = super().__call__(*args, **kwargs)
+        obj._init_args = (args, kwargs)
+        return obj
+
+
+class Agent(metaclass=AgentMeta):
+    """Subclass it and implement ``reply(x)`` (plain or ``async def``).
+
+    ``Agent(name, ..., to_dist=True | DistConf(...))`` builds the agent on a worker and returns a
+    proxy whose calls return placeholders; ``agent.to_dist()`` moves an existing one there.
+    """
+
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self.memory = Memory()
+        self.agent_id = assigning_id.get() or new_id()
+
+    def reply(self, x: Any = None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement reply(x)")
+
+    def observe(self, x: Any) -> None:
+        """Receive a message without replying: it goes into memory."""
+        self.memory.add(x)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.reply(*args, **kwargs)
+
+    def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
+        """Rebuild this agent on a worker from its constructor arguments, with its current
+        memory, and return the proxy."""
+        from .proxy import create
+
+        conf = DistConf.of(to_dist) if to_dist else DistConf(server=server)
+        args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
+        return create(type(self), args, kwargs, conf, memory=self.memory.get())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, agent_id={self.agent_id!r})"

@@ -1,0 +1,450 @@
+"""The connection to the bus from any process: settings, Redis clients, sending and resolving.
+
+Sending is batched: a call is queued and returns a placeholder at once; a background thread
+pipelines whatever has queued while the previous batch was on the wire (group commit), and a
+resolve flushes the queue itself first so a lone call pays one round trip. That is what lets
+``gather([a(x) for _ in range(1000)])`` cost a handful of round trips instead of a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from . import embedded
+from .config import Settings
+from .errors import (
+    BusagentError,
+    CallTimeout,
+    ConfigError,
+    MessageTooLarge,
+    RedisUnavailable,
+    from_wire,
+)
+from .keys import Keys
+from .wire import VERSION, Reply, unpack_reply
+
+ROUTE_LUA = resources.files("busagent").joinpath("route.lua").read_text()
+BATCH = 1000
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class SkipStatement(BusagentError):
+    """Raised inside a worker that is loading a user's script, for statements with effects
+    (``busagent.init()``, creating distributed agents): the loader skips that statement."""
+
+
+#: set while a worker loads a user's script: see :func:`busagent.workers.load.load_script`.
+loading_script = False
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def socket_options(url: str, settings: Settings) -> dict[str, Any]:
+    """Timeouts that turn a dead or half-open connection into an error instead of a hang, and
+    health checks before reusing an idle connection."""
+    opts: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry_on_error": [redis.exceptions.ConnectionError],
+    }
+    if not url.startswith("unix:"):
+        opts["socket_keepalive"] = True
+    return opts
+
+
+def connect(url: str, settings: Settings, **kw: Any) -> redis.Redis:
+    """A redis-py client with the timeouts and retries busagent relies on."""
+    return redis.Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **socket_options(url, settings),
+        **kw,
+    )
+
+
+def aconnect(url: str, settings: Settings, **kw: Any) -> aredis.Redis:
+    return aredis.Redis.from_url(
+        url, retry=aredis.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        **socket_options(url, settings), **kw,
+    )
+
+
+@dataclass
+class Op:
+    """Commands the sender adds to a pipeline, and who to tell if they could not be sent."""
+
+    add: Callable[[Any], None]
+    ncmds: int
+    on_error: Callable[[BaseException], None]
+    #: commands that are Lua route calls: on NOSCRIPT they are re-sent after loading the script.
+    scripted: bool = False
+
+
+class Sender:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._queue: list[Op] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="busagent-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Op) -> None:
+        with self._cond:
+            if self._closed:
+                raise BusagentError("busagent is shut down; call busagent.init() again")
+            self._queue.append(op)
+            if len(self._queue) == 1:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Send everything queued before this call returns."""
+        with self._send_lock:
+            while True:
+                with self._cond:
+                    batch = self._queue[:BATCH]
+                    del self._queue[:BATCH]
+                if not batch:
+                    return
+                self._send(batch)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - _send reports per op; never let the thread die
+                pass
+
+    def _send(self, batch: list[Op]) -> None:
+        client = self._bus.redis
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for op in batch:
+                op.add(pipe)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except (redis.exceptions.RedisError, OSError) as e:
+                err = RedisUnavailable(
+                    f"could not send to Redis at {self._bus.url_for_humans}: {e}; check the URL "
+                    "(BUSAGENT_REDIS_URL) and that the server is up"
+                )
+                for op in batch:
+                    op.on_error(err)
+                return
+            retry: list[Op] = []
+            i = 0
+            for op in batch:
+                res = results[i : i + op.ncmds]
+                i += op.ncmds
+                bad = [r for r in res if isinstance(r, Exception)]
+                if not bad:
+                    continue
+                if op.scripted and attempt == 0 and any(
+                    isinstance(r, redis.exceptions.NoScriptError) for r in bad
+                ):
+                    retry.append(op)
+                else:
+                    op.on_error(BusagentError(f"Redis refused a command: {bad[0]}"))
+            if not retry:
+                return
+            self._bus.load_scripts()
+            batch = retry
+
+
+class Bus:
+    """One process's connection to the bus. ``busagent.init()`` makes the process-wide one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self._embedded: embedded.Server | None = None
+        url = settings.redis_url or embedded.shared_url()
+        if url is None:
+            self._embedded = embedded.start()
+            url = self._embedded.url
+        self.url = url
+        self.redis = connect(url, settings)
+        try:
+            self.redis.ping()
+        except redis.exceptions.AuthenticationError as e:
+            self.close()
+            raise RedisUnavailable(
+                f"Redis at {self.url_for_humans} refused the credentials: {e}; put user:password "
+                "in the URL (redis://user:password@host:port/0)"
+            ) from None
+        except (redis.exceptions.RedisError, OSError) as e:
+            self.close()
+            raise RedisUnavailable(
+                f"cannot reach Redis at {self.url_for_humans}: {e}; start it, fix "
+                "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
+            ) from None
+        self.caller = f"{socket.gethostname()}:{os.getpid()}"
+        self.route_sha = ""
+        self.load_scripts()
+        self.sender = Sender(self)
+        self._async: dict[int, aredis.Redis] = {}
+        self.children: Any = None  # busagent.spawn.Children, made on first need
+
+    @property
+    def url_for_humans(self) -> str:
+        """The URL without its password, for error messages."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.password:
+            return self.url.replace(f":{parts.password}@", ":***@")
+        return self.url
+
+    def load_scripts(self) -> None:
+        self.route_sha = str(self.redis.script_load(ROUTE_LUA))
+
+    # --- async client, one per event loop -------------------------------------------------
+
+    def aredis(self) -> aredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._async.get(id(loop))
+        if client is None:
+            client = aconnect(self.url, self.settings, max_connections=512)
+            self._async[id(loop)] = client
+        return client
+
+    def set_aredis(self, client: aredis.Redis) -> None:
+        self._async[id(asyncio.get_running_loop())] = client
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def check_size(self, body: bytes, what: str) -> None:
+        if len(body) > self.settings.max_message_bytes:
+            raise MessageTooLarge(
+                f"{what} is {len(body):,} bytes encoded, over max_message_bytes="
+                f"{self.settings.max_message_bytes:,}; send a reference (a URL or a Redis key) "
+                "instead, or raise BUSAGENT_MAX_MESSAGE_BYTES on callers and workers alike"
+            )
+
+    def route(self, agent_id: str, call_id: str, kind: str, body: bytes,
+              on_error: Callable[[BaseException], None]) -> None:
+        """Queue a call to an agent (routed by its registry record)."""
+        keys = self.keys
+        args = (keys.inbox_prefix, self.settings.reply_ttl, VERSION, call_id, agent_id,
+                self.caller, kind, body)
+
+        def add(pipe: Any) -> None:
+            pipe.evalsha(self.route_sha, 3, keys.agents, keys.servers, keys.reply(call_id), *args)
+
+        self.sender.submit(Op(add, 1, on_error, scripted=True))
+
+    def send(self, add: Callable[[Any], None], ncmds: int,
+             on_error: Callable[[BaseException], None]) -> None:
+        self.sender.submit(Op(add, ncmds, on_error))
+
+    # --- resolving ----------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None | object) -> float | None:
+        t = self.settings.call_timeout if timeout is _DEFAULT else timeout
+        return None if t is None else time.monotonic() + float(t)  # type: ignore[arg-type]
+
+    def fetch(self, call_ids: Sequence[str], timeout: float | None | object = None,
+              errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
+        """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
+        calls known to have failed before reaching Redis: they are skipped and reported by the
+        caller."""
+        self.sender.flush()
+        deadline = self._deadline(timeout)
+        keys = self.keys
+        out: dict[str, bytes] = {}
+        pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
+        try:
+            while pending:
+                got = self._peek(pending)
+                out.update(got)
+                pending = [c for c in pending if c not in got]
+                if not pending:
+                    break
+                wait = self._slice(deadline, pending, out)
+                first = pending[0]
+                data = self.redis.blmove(keys.reply(first), keys.reply(first), wait, "RIGHT", "LEFT")
+                if data is not None:
+                    out[first] = data
+                    pending = pending[1:]
+        except (redis.exceptions.ConnectionError, OSError) as e:
+            raise RedisUnavailable(
+                f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
+            ) from None
+        return out
+
+    def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
+        keys = self.keys
+        if len(call_ids) == 1:
+            v = self.redis.lindex(keys.reply(call_ids[0]), 0)
+            return {call_ids[0]: v} if v is not None else {}
+        got: dict[str, bytes] = {}
+        for i in range(0, len(call_ids), BATCH):
+            chunk = call_ids[i : i + BATCH]
+            pipe = self.redis.pipeline(transaction=False)
+            for c in chunk:
+                pipe.lindex(keys.reply(c), 0)
+            for c, v in zip(chunk, pipe.execute(), strict=True):
+                if v is not None:
+                    got[c] = v
+        return got
+
+    def _slice(self, deadline: float | None, pending: list[str], done: dict[str, bytes]) -> float:
+        wait = self.settings.block_slice
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CallTimeout(
+                    f"{len(pending)} of {len(pending) + len(done)} call(s) not answered in time "
+                    f"(first: {pending[0]}); the agent may be busy or its worker down: see "
+                    "`busagent servers`, or pass a longer timeout"
+                )
+            wait = min(wait, left)
+        # BLMOVE takes a float timeout; 0 would mean forever.
+        return max(wait, 0.001)
+
+    async def afetch(self, call_ids: Sequence[str], timeout: float | None | object = None,
+                     errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
+        """:meth:`fetch` for asyncio code: the queue is flushed on the sender thread and the
+        event loop is never blocked."""
+        loop = asyncio.get_running_loop()
+        with self.sender._cond:
+            queued = bool(self.sender._queue)
+        if queued:
+            await loop.run_in_executor(None, self.sender.flush)
+        client = self.aredis()
+        deadline = self._deadline(timeout)
+        keys = self.keys
+        out: dict[str, bytes] = {}
+        pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
+        try:
+            while pending:
+                for i in range(0, len(pending), BATCH):
+                    chunk = pending[i : i + BATCH]
+                    pipe = client.pipeline(transaction=False)
+                    for c in chunk:
+                        pipe.lindex(keys.reply(c), 0)
+                    for c, v in zip(chunk, await pipe.execute(), strict=True):
+                        if v is not None:
+                            out[c] = v
+                pending = [c for c in pending if c not in out]
+                if not pending:
+                    break
+                wait = self._slice(deadline, pending, out)
+                first = pending[0]
+                data = await client.blmove(keys.reply(first), keys.reply(first), wait, "RIGHT",
+                                           "LEFT")
+                if data is not None:
+                    out[first] = data
+                    pending = pending[1:]
+        except (redis.exceptions.ConnectionError, OSError) as e:
+            raise RedisUnavailable(
+                f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
+            ) from None
+        return out
+
+    def close(self) -> None:
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.close()
+        if self.children is not None:
+            self.children.stop()
+            self.children = None
+        if hasattr(self, "redis"):
+            self.redis.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+
+_DEFAULT: Any = object()
+
+
+def decode(data: bytes) -> Any:
+    """A reply's value, or its error raised."""
+    reply: Reply = unpack_reply(data)
+    if reply.ok:
+        return reply.value
+    e = reply.error
+    assert e is not None
+    raise from_wire(e.type, e.message, e.traceback, e.server)
+
+
+# --- the process-wide bus ------------------------------------------------------------------------
+
+_bus: Bus | None = None
+_lock = threading.Lock()
+
+
+def init(redis_url: str | None = None, **settings: Any) -> Bus:
+    """Connect this process to the bus: ``redis_url`` (or ``BUSAGENT_REDIS_URL``), else the
+    shared embedded Redis that ``busagent redis`` started, else a private embedded Redis.
+    Calling it again with other settings reconnects."""
+    global _bus
+    if loading_script:
+        raise SkipStatement("busagent.init() while a worker loads a script")
+    s = Settings.load(redis_url=redis_url, **settings)
+    with _lock:
+        if _bus is not None:
+            if _bus.settings == s or (redis_url is None and not settings):
+                return _bus
+            _bus.close()
+        _bus = Bus(s)
+        return _bus
+
+
+def current() -> Bus:
+    """The process-wide bus, connecting with defaults on first use."""
+    if _bus is not None:
+        return _bus
+    return init()
+
+
+def install(bus: Bus) -> None:
+    """Make ``bus`` the process-wide one (a worker does this with its own)."""
+    global _bus
+    with _lock:
+        _bus = bus
+
+
+def shutdown() -> None:
+    """Flush pending sends, stop child workers and the private embedded Redis."""
+    global _bus
+    with _lock:
+        if _bus is not None:
+            _bus.close()
+            _bus = None
+
+
+atexit.register(shutdown)
+
+
+__all__ = ["Bus", "ConfigError", "current", "decode", "init", "install", "new_id", "shutdown"]

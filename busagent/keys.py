@@ -1,0 +1,55 @@
+"""Every Redis key busagent uses, in one place.
+
+The README's "Redis key layout" section documents the same table for redis-cli users; change both
+together. All keys start with the configurable prefix (default ``busagent``).
+
+| key                               | type   | what                                               |
+|-----------------------------------|--------|----------------------------------------------------|
+| ``{p}:servers``                   | hash   | server name -> JSON ServerInfo (heartbeat, cpu...) |
+| ``{p}:agents``                    | hash   | agent id -> JSON AgentInfo (class, name, server)   |
+| ``{p}:inbox:{server}``            | stream | calls for the agents one server hosts              |
+| ``{p}:reply:{call}``              | list   | one msgpack Reply; expires after ``reply_ttl``     |
+| ``{p}:memory:{agent}``            | list   | the agent's memory, one JSON Msg per element       |
+| ``{p}:ready:{server}``            | list   | a token pushed once when a worker is serving       |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+"""The consumer group every inbox stream is read with."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "busagent"
+
+    @property
+    def servers(self) -> str:
+        return f"{self.prefix}:servers"
+
+    @property
+    def agents(self) -> str:
+        return f"{self.prefix}:agents"
+
+    @property
+    def inbox_prefix(self) -> str:
+        """What the routing script prepends to a server name to find its inbox."""
+        return f"{self.prefix}:inbox:"
+
+    def inbox(self, server: str) -> str:
+        return f"{self.inbox_prefix}{server}"
+
+    @property
+    def reply_prefix(self) -> str:
+        return f"{self.prefix}:reply:"
+
+    def reply(self, call_id: str) -> str:
+        return f"{self.reply_prefix}{call_id}"
+
+    def memory(self, agent_id: str) -> str:
+        return f"{self.prefix}:memory:{agent_id}"
+
+    def ready(self, server: str) -> str:
+        return f"{self.prefix}:ready:{server}"

@@ -1,0 +1,56 @@
+"""``Msg``: what agents say to each other."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _now() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+class Msg(BaseModel):
+    """A message: ``Msg(name, content, role="user", metadata=None, url=None)``.
+
+    ``content`` is any value msgpack can carry (None, bool, int, float, str, bytes, lists, dicts)
+    and may nest other Msgs or placeholders.
+    """
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    name: str
+    content: Any = None
+    role: str = "user"
+    metadata: dict[str, Any] | None = None
+    url: str | list[str] | None = None
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    timestamp: str = Field(default_factory=_now)
+
+    def __init__(
+        self,
+        name: str,
+        content: Any = None,
+        role: str = "user",
+        metadata: dict[str, Any] | None = None,
+        url: str | list[str] | None = None,
+        **data: Any,
+    ) -> None:
+        super().__init__(
+            name=name, content=content, role=role, metadata=metadata, url=url, **data
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The fields as a plain dict, content untouched (the codec encodes what it holds)."""
+        return {
+            "name": self.name,
+            "content": self.content,
+            "role": self.role,
+            "metadata": self.metadata,
+            "url": self.url,
+            "id": self.id,
+            "timestamp": self.timestamp,
+        }

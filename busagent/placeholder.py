@@ -1,0 +1,139 @@
+"""Placeholders: what calling a distributed agent returns at once.
+
+A placeholder is a call id. Its reply lives in Redis at ``{prefix}:reply:<call id>`` for
+``reply_ttl`` seconds, so any process that holds the id (the caller, or an agent it was passed
+to) can resolve it, any number of times. Passed to another agent it travels as a reference and
+the receiving worker reads the value from Redis itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator, Iterable, Sequence
+from typing import Any
+
+from . import bus as _bus
+from .errors import BusagentError
+
+_UNSET: Any = object()
+
+
+class Placeholder:
+    """Reading any field (``.content``, ``.name``...) blocks until the reply is there;
+    ``.result(timeout=)`` too; ``await placeholder`` in asyncio code."""
+
+    __slots__ = ("_error", "_value", "agent_id", "call_id")
+
+    def __init__(self, call_id: str, agent_id: str = "") -> None:
+        self.call_id = call_id
+        self.agent_id = agent_id
+        self._value: Any = _UNSET
+        self._error: BaseException | None = None
+
+    @classmethod
+    def from_id(cls, call_id: str) -> Placeholder:
+        """A placeholder for a call id received from elsewhere (another process, a log)."""
+        return cls(call_id)
+
+    def __busagent_ref__(self) -> str:
+        return self.call_id
+
+    def _fail(self, err: BaseException) -> None:
+        if self._value is _UNSET:
+            self._error = err
+
+    def _settle(self, data: bytes) -> None:
+        try:
+            self._value = _bus.decode(data)
+        except BusagentError as e:
+            self._error = e
+
+    def done(self) -> bool:
+        """True once the reply has been read (never blocks)."""
+        return self._value is not _UNSET or self._error is not None
+
+    def result(self, timeout: float | None | object = _bus._DEFAULT) -> Any:
+        """The reply's value; raises RemoteError if the remote code raised, CallTimeout (a
+        TimeoutError) when ``timeout`` (default: the ``call_timeout`` setting) passes."""
+        if not self.done():
+            _forbid_blocking_in_loop()
+            b = _bus.current()
+            got = b.fetch([self.call_id], timeout)
+            if self._error is None:
+                self._settle(got[self.call_id])
+        return self._unwrap()
+
+    def _unwrap(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return _agather_one(self).__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.result(), name)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"Placeholder(call_id={self.call_id!r}, agent={self.agent_id!r}, {state})"
+
+
+def _forbid_blocking_in_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise BusagentError(
+        "a placeholder was resolved with a blocking read inside a running event loop; "
+        "use `await placeholder` or `await busagent.agather(...)` in async code"
+    )
+
+
+async def _agather_one(p: Placeholder) -> Any:
+    return (await agather([p]))[0]
+
+
+def _collect(placeholders: Sequence[Placeholder]) -> tuple[list[str], dict[str, BaseException]]:
+    pending = [p.call_id for p in placeholders if not p.done()]
+    errors = {p.call_id: p._error for p in placeholders if p._error is not None}
+    return pending, errors  # type: ignore[return-value]
+
+
+def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
+            return_exceptions: bool) -> list[Any]:
+    out: list[Any] = []
+    for p in placeholders:
+        if not p.done() and p.call_id in got:
+            p._settle(got[p.call_id])
+        if p._error is not None and return_exceptions:
+            out.append(p._error)
+        else:
+            out.append(p._unwrap())
+    return out
+
+
+def gather(placeholders: Iterable[Placeholder], timeout: float | None | object = _bus._DEFAULT,
+           return_exceptions: bool = False) -> list[Any]:
+    """Wait for many placeholders with batched reads; values in the given order. The first error
+    is raised unless ``return_exceptions``, which puts exceptions in the list instead."""
+    ps = list(placeholders)
+    pending, errors = _collect(ps)
+    if pending:
+        _forbid_blocking_in_loop()
+        got = _bus.current().fetch(pending, timeout, errors)
+    else:
+        got = {}
+    return _finish(ps, got, return_exceptions)
+
+
+async def agather(placeholders: Iterable[Placeholder],
+                  timeout: float | None | object = _bus._DEFAULT,
+                  return_exceptions: bool = False) -> list[Any]:
+    """:func:`gather` for asyncio code."""
+    ps = list(placeholders)
+    pending, errors = _collect(ps)
+    got = await _bus.current().afetch(pending, timeout, errors) if pending else {}
+    return _finish(ps, got, return_exceptions)

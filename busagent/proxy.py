@@ -1,0 +1,142 @@
+"""``RemoteAgent``: the caller's handle on an agent that lives on a worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import bus as _bus
+from . import registry
+from .agent import DistConf, class_path, is_remote
+from .errors import ConfigError, NotSerializable
+from .memory import from_json
+from .placeholder import Placeholder
+from .wire import AgentInfo, VERSION, pack
+
+
+class RemoteAgent:
+    """Calls return placeholders at once and run on the agent's worker one at a time, in order.
+
+    ``agent(x)`` calls ``reply``; methods marked ``@busagent.remote`` are called the same way;
+    ``observe(x)`` returns a placeholder too (so a broadcast never blocks).
+    """
+
+    def __init__(self, agent_id: str, name: str, cls: type, server: str,
+                 created: Placeholder | None = None) -> None:
+        self.agent_id = agent_id
+        self.name = name
+        self.cls = cls
+        self.server = server
+        self._created = created
+
+    def _call(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              method: str | None = None) -> Placeholder:
+        b = _bus.current()
+        body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
+        if method:
+            body["method"] = method
+        timeout = b.settings.call_timeout
+        if timeout is not None:
+            body["deadline"] = time.time() + timeout
+        try:
+            data = pack(body)
+        except NotSerializable as e:
+            raise NotSerializable(f"arguments to {self.name}.{method or kind}: {e}") from None
+        b.check_size(data, f"a call to {self.name}")
+        p = Placeholder(_bus.new_id(), self.agent_id)
+        b.route(self.agent_id, p.call_id, kind, data, p._fail)
+        return p
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        return self._call("call", args, kwargs)
+
+    def reply(self, *args: Any, **kwargs: Any) -> Placeholder:
+        return self._call("call", args, kwargs)
+
+    def observe(self, x: Any) -> Placeholder:
+        return self._call("observe", (x,), {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or not is_remote(self.cls, name):
+            raise AttributeError(
+                f"{self.cls.__name__}.{name} is not callable remotely; mark it with "
+                "@busagent.remote to call it through the proxy"
+            )
+
+        def method(*args: Any, **kwargs: Any) -> Placeholder:
+            return self._call("method", args, kwargs, method=name)
+
+        method.__name__ = name
+        return method
+
+    def ready(self, timeout: float | None = 60.0) -> RemoteAgent:
+        """Wait until the worker has built the agent; raises its constructor's error if any."""
+        if self._created is not None:
+            self._created.result(timeout)
+        return self
+
+    @property
+    def memory(self) -> RemoteMemory:
+        return RemoteMemory(self.agent_id)
+
+    def delete(self, timeout: float | None = 30.0) -> bool:
+        return registry.ServerClient(self.server).delete_agent(self.agent_id, timeout)
+
+    def __repr__(self) -> str:
+        return (f"RemoteAgent({self.cls.__name__}, name={self.name!r}, "
+                f"agent_id={self.agent_id!r}, server={self.server!r})")
+
+
+class RemoteMemory:
+    """A read-only view of a distributed agent's memory, as of its last completed call."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+
+    def get(self, recent_n: int | None = None) -> list[Any]:
+        b = _bus.current()
+        start = 0 if recent_n is None else -recent_n
+        if recent_n == 0:
+            return []
+        return [from_json(x) for x in b.redis.lrange(b.keys.memory(self.agent_id), start, -1)]
+
+    def size(self) -> int:
+        b = _bus.current()
+        return int(b.redis.llen(b.keys.memory(self.agent_id)))
+
+
+def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
+           memory: list[Any] | None = None) -> RemoteAgent:
+    """Build an agent on a worker: the class travels by name, the arguments as data."""
+    if _bus.loading_script:
+        raise _bus.SkipStatement("creating a distributed agent while a worker loads a script")
+    b = _bus.current()
+    path, load = class_path(cls)
+    name = args[0] if args else kwargs.get("name", cls.__name__)
+    if not isinstance(name, str):
+        raise ConfigError(f"an agent's name must be a string, not {name!r}")
+    try:
+        body = pack({"cls": path, "name": name, "args": list(args), "kwargs": kwargs,
+                     "memory": memory or []})
+    except NotSerializable as e:
+        raise NotSerializable(
+            f"constructor arguments of {cls.__name__}: {e}; pass data and build objects in "
+            "__init__ on the worker"
+        ) from None
+    b.check_size(body, f"the constructor arguments of {cls.__name__}")
+    server = registry.place(b, path.split(":")[0], load, conf.server)
+    agent_id, call_id = _bus.new_id(), _bus.new_id()
+    info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
+    keys = b.keys
+    fields = {"v": VERSION, "call": call_id, "agent": agent_id, "caller": b.caller,
+              "kind": "create", "body": body}
+
+    def add(pipe: Any) -> None:
+        # The record first: calls sent right after this are routed by it and queue behind the
+        # create in the same inbox.
+        pipe.hset(keys.agents, agent_id, info.model_dump_json())
+        pipe.xadd(keys.inbox(server), fields)
+
+    created = Placeholder(call_id, agent_id)
+    b.send(add, 2, created._fail)
+    return RemoteAgent(agent_id, name, cls, server, created)

@@ -1,0 +1,204 @@
+"""The registry: which servers are alive, what they host, and where a new agent goes."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from . import bus as _bus
+from .bus import Bus
+from .errors import BusagentError, PlacementError, UnknownAgent
+from .memory import from_json
+from .placeholder import Placeholder
+from .wire import VERSION, AgentInfo, ServerInfo, pack
+
+#: how long a placement decision reuses its snapshot of the servers hash.
+SNAPSHOT_TTL = 1.0
+
+
+def read_servers(b: Bus) -> list[ServerInfo]:
+    out = []
+    for raw in b.redis.hvals(b.keys.servers):
+        try:
+            out.append(ServerInfo.model_validate_json(raw))
+        except ValueError:
+            continue  # a foreign or older record: shown by nobody, swept by workers
+    return sorted(out, key=lambda s: s.name)
+
+
+def alive(b: Bus, s: ServerInfo, now: float | None = None) -> bool:
+    return s.status == "up" and (now or time.time()) - s.heartbeat < b.settings.dead_after
+
+
+class _Snapshot:
+    def __init__(self) -> None:
+        self.at = 0.0
+        self.servers: list[ServerInfo] = []
+
+
+_snapshots: dict[int, _Snapshot] = {}
+
+
+def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
+    snap = _snapshots.setdefault(id(b), _Snapshot())
+    now = time.monotonic()
+    if fresh or now - snap.at > SNAPSHOT_TTL:
+        t = time.time()
+        snap.servers = [s for s in read_servers(b) if alive(b, s, t)]
+        snap.at = now
+    return snap.servers
+
+
+def _load(s: ServerInfo) -> float:
+    return s.agents / max(s.capacity, 1) + s.cpu / 400.0
+
+
+def place(b: Bus, module: str, load: str, server: str | None) -> str:
+    """The server a new agent of ``module`` goes to: the named one (which must be alive and have
+    loaded the module), else the least loaded live server that loaded it, else worker processes
+    started for this program."""
+    if server is not None:
+        for s in _live(b, fresh=True):
+            if s.name == server:
+                if module not in s.modules:
+                    raise PlacementError(
+                        f"server {server!r} did not load module {module!r} (it loaded "
+                        f"{s.modules}); restart it with `busagent worker --name {server} "
+                        f"--agents {load}`"
+                    )
+                if s.agents >= s.capacity:
+                    raise PlacementError(f"server {server!r} is full ({s.capacity} agents)")
+                s.agents += 1
+                return server
+        raise PlacementError(
+            f"no live server named {server!r}; start it with `busagent worker --name {server} "
+            f"--agents {load}` against the same Redis, or see `busagent servers`"
+        )
+    for fresh in (False, True):
+        fits = [s for s in _live(b, fresh) if module in s.modules and s.agents < s.capacity]
+        if fits:
+            best = min(fits, key=_load)
+            # Count the placement locally so a burst of creations spreads before the next
+            # heartbeat reports the new numbers.
+            best.agents += 1
+            return best.name
+    from .spawn import ensure_children
+
+    names = ensure_children(b, load)
+    snap = _live(b, fresh=True)
+    fits = [s for s in snap if s.name in names]
+    if not fits:
+        raise PlacementError(f"worker processes for {load} started but are not registered")
+    best = min(fits, key=_load)
+    best.agents += 1
+    return best.name
+
+
+def servers(include_dead: bool = True) -> list[dict[str, Any]]:
+    """Every server in the registry, with ``alive``."""
+    b = _bus.current()
+    now = time.time()
+    out = []
+    for s in read_servers(b):
+        a = alive(b, s, now)
+        if a or include_dead:
+            out.append({**s.model_dump(), "alive": a, "age": round(now - s.heartbeat, 1)})
+    return out
+
+
+def agents(server: str | None = None) -> list[dict[str, Any]]:
+    """Every registered agent (``HGETALL {prefix}:agents``), optionally of one server."""
+    b = _bus.current()
+    out = []
+    for raw in b.redis.hvals(b.keys.agents):
+        info = AgentInfo.model_validate_json(raw)
+        if server is None or info.server == server:
+            out.append(info.model_dump())
+    return sorted(out, key=lambda a: (a["server"], a["name"]))
+
+
+def agent_info(agent_id: str) -> AgentInfo:
+    b = _bus.current()
+    raw = b.redis.hget(b.keys.agents, agent_id)
+    if raw is None:
+        raise UnknownAgent(f"agent {agent_id!r} is not registered; see `busagent agents`")
+    return AgentInfo.model_validate_json(raw)
+
+
+def agent_memory(agent_id: str) -> list[Any]:
+    b = _bus.current()
+    return [from_json(x) for x in b.redis.lrange(b.keys.memory(agent_id), 0, -1)]
+
+
+class ServerClient:
+    """Manage one server by name (AgentScope's ``RpcAgentClient``, addressed by name)."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+
+    def _info(self) -> ServerInfo | None:
+        b = _bus.current()
+        raw = b.redis.hget(b.keys.servers, self.server)
+        return None if raw is None else ServerInfo.model_validate_json(raw)
+
+    def is_alive(self) -> bool:
+        info = self._info()
+        return info is not None and alive(_bus.current(), info)
+
+    def get_server_info(self) -> dict[str, Any]:
+        """``{name, host, pid, cpu, mem (MiB), agents, inflight, capacity, modules, alive, ...}``
+        from the last heartbeat (no waiting on a fresh CPU sample)."""
+        info = self._info()
+        if info is None:
+            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+        b = _bus.current()
+        return {**info.model_dump(), "alive": alive(b, info)}
+
+    def _control(self, op: str, agent: str | None = None, timeout: float | None = 30.0) -> Any:
+        b = _bus.current()
+        if self._info() is None:
+            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+        call_id = _bus.new_id()
+        fields = {"v": VERSION, "call": call_id, "agent": agent or "", "caller": b.caller,
+                  "kind": "control", "body": pack({"op": op, "agent": agent})}
+        p = Placeholder(call_id, agent or "")
+        key = b.keys.inbox(self.server)
+        b.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
+        return p.result(timeout)
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged."""
+        return bool(self._control("stop", timeout=timeout))
+
+    def get_agent_list(self, timeout: float | None = 30.0) -> list[dict[str, Any]]:
+        """``[{agent_id, name, cls, memory_size}, ...]`` as the server sees them now."""
+        return list(self._control("list", timeout=timeout))
+
+    def get_agent_memory(self, agent_id: str) -> list[Any]:
+        """The agent's memory as of its last completed call."""
+        return agent_memory(agent_id)
+
+    def delete_agent(self, agent_id: str, timeout: float | None = 30.0) -> bool:
+        """Delete after the calls already sent to it are answered."""
+        return bool(self._control("delete", agent=agent_id, timeout=timeout))
+
+    def delete_all_agent(self, timeout: float | None = 30.0) -> int:
+        """Delete every agent on the server now; returns how many."""
+        return int(self._control("delete_all", timeout=timeout))
+
+    def ping(self, timeout: float | None = 10.0) -> float:
+        """Round trip through the server's inbox, in seconds."""
+        t = time.perf_counter()
+        self._control("ping", timeout=timeout)
+        return time.perf_counter() - t
+
+    def __repr__(self) -> str:
+        return f"ServerClient({self.server!r})"
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, default=str)
+
+
+__all__ = ["BusagentError", "ServerClient", "agents", "place", "servers"]

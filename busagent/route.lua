@@ -1,0 +1,28 @@
+-- Route one call to the inbox of the server that hosts its agent, atomically with the lookup,
+-- so a call never lands in the inbox of a server the agent has left. When the agent or its server
+-- is unknown the error reply is written at once: the caller gets a clear error, never a hang.
+--
+-- KEYS[1] agents hash, KEYS[2] servers hash, KEYS[3] the call's reply key.
+-- The inbox key is derived from the agent's record (ARGV[1] .. server): busagent targets a single
+-- Redis (or a primary with replicas), not Redis Cluster.
+-- ARGV: inbox prefix, reply ttl, version, call id, agent id, caller, kind, body
+local rec = redis.call('HGET', KEYS[1], ARGV[5])
+local etype, emsg
+if not rec then
+  etype = 'UnknownAgent'
+  emsg = 'agent ' .. ARGV[5] .. ' is not registered (deleted, or never created); '
+    .. 'list agents with `busagent agents`'
+else
+  local server = cjson.decode(rec)['server']
+  if redis.call('HEXISTS', KEYS[2], server) == 1 then
+    redis.call('XADD', ARGV[1] .. server, '*', 'v', ARGV[3], 'call', ARGV[4], 'agent', ARGV[5],
+      'caller', ARGV[6], 'kind', ARGV[7], 'body', ARGV[8])
+    return 1
+  end
+  etype = 'UnknownAgent'
+  emsg = 'agent ' .. ARGV[5] .. ' lived on server ' .. server .. ', which is gone; '
+    .. 'create the agent again (see `busagent servers`)'
+end
+redis.call('RPUSH', KEYS[3], cmsgpack.pack({ok = false, error = {type = etype, message = emsg}}))
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+return 0

@@ -1,0 +1,81 @@
+"""Child-process mode: worker processes a program starts for itself when no live worker can host
+a class, stopped when the program exits (and, on Linux, when it dies)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .bus import Bus
+from .embedded import _die_with_parent
+from .errors import PlacementError
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Children:
+    bus: Bus
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    by_load: dict[str, list[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, load: str) -> list[str]:
+        with self.lock:
+            names = self.by_load.get(load)
+            if names and all(self.procs[n].poll() is None for n in names):
+                return names
+            b = self.bus
+            env = dict(os.environ)
+            # The children must import what this program imports: same path, same settings.
+            env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
+            env["BUSAGENT_REDIS_URL"] = b.url
+            env["BUSAGENT_PREFIX"] = b.settings.prefix
+            base = f"child-{socket.gethostname()}-{os.getpid()}-{len(self.procs)}"
+            names = [f"{base}-{i}" for i in range(b.settings.child_workers)]
+            for n in names:
+                b.redis.delete(b.keys.ready(n))
+                self.procs[n] = subprocess.Popen(
+                    [sys.executable, "-m", "busagent.cli", "worker", "--name", n, "--agents", load,
+                     "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
+                    env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                )
+            deadline = time.monotonic() + START_TIMEOUT
+            for n in names:
+                # Each worker pushes a token once it serves: wait on that, not on a clock.
+                while b.redis.blpop([b.keys.ready(n)], timeout=1) is None:
+                    code = self.procs[n].poll()
+                    if code is not None:
+                        raise PlacementError(
+                            f"worker process {n} for {load} exited with code {code} while "
+                            "starting; run `busagent worker --agents " + load + "` to see why"
+                        )
+                    if time.monotonic() > deadline:
+                        raise PlacementError(f"worker process {n} did not start in time")
+            self.by_load[load] = names
+            return names
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        self.by_load.clear()
+
+
+def ensure_children(b: Bus, load: str) -> list[str]:
+    if b.children is None:
+        b.children = Children(b)
+    names: list[str] = b.children.start(load)
+    return names

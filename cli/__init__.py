@@ -1,0 +1,204 @@
+"""The ``busagent`` command, installed as ``busagent.cli``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated, Any
+
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from busagent import bus as _bus
+from busagent import embedded, registry
+from busagent.config import Settings
+from busagent.errors import BusagentError, ConfigError
+
+app = typer.Typer(
+    help="busagent: agents hosted by long-running workers on a Redis Streams bus.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option("--redis", envvar="BUSAGENT_REDIS_URL",
+                 help="Redis URL (redis://, rediss://, unix://); default: the shared embedded one"),
+]
+PrefixOpt = Annotated[str | None, typer.Option("--prefix", envvar="BUSAGENT_PREFIX",
+                                               help="key prefix (default busagent)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _connect(url: str | None, prefix: str | None, start: bool = False) -> _bus.Bus:
+    if url is None:
+        url = embedded.start_shared() if start else embedded.shared_url()
+        if url is None:
+            raise ConfigError(
+                "no Redis to talk to: pass --redis URL, set BUSAGENT_REDIS_URL, or start the "
+                "embedded one with `busagent redis`"
+            )
+    return _bus.init(url, prefix=prefix)
+
+
+def _print_json(obj: Any) -> None:
+    out.print_json(json.dumps(obj, default=str))
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    t = Table(*cols)
+    for r in rows:
+        t.add_row(*[str(r.get(c, "")) for c in cols])
+    out.print(t)
+
+
+@app.command()
+def worker(
+    agents: Annotated[list[str], typer.Option("--agents", "-a",
+                                              help="module or .py file to load agents from")],
+    name: Annotated[str | None, typer.Option(help="server name (default host-pid)")] = None,
+    url: RedisOpt = None,
+    prefix: PrefixOpt = None,
+    capacity: Annotated[int, typer.Option(help="most agents this server hosts")] = 100_000,
+    threads: Annotated[int, typer.Option(help="threads for sync replies")] = 32,
+    grace: Annotated[float, typer.Option(help="seconds in-flight calls get on stop")] = 30.0,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run a worker that hosts agents of the given modules until SIGTERM or `busagent stop`."""
+    from busagent.workers import run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if url is None:
+        url = embedded.start_shared()
+    settings = Settings.load(redis_url=url, prefix=prefix)
+    run(name, agents, settings, capacity=capacity, threads=threads, parent_pid=parent_pid,
+        grace=grace)
+
+
+@app.command()
+def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
+    """List servers: alive or dead, cpu, memory, agents."""
+    _connect(url, prefix)
+    rows = registry.servers()
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        r["status"] = r["status"] if r["alive"] else f"dead ({r['age']}s)"
+        r["modules"] = ",".join(r["modules"])
+    _table(rows, ["name", "status", "host", "pid", "cpu", "mem", "agents", "inflight",
+                  "capacity", "modules"])
+
+
+@app.command()
+def agents(
+    server: Annotated[str | None, typer.Option(help="only this server's agents")] = None,
+    url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List registered agents."""
+    _connect(url, prefix)
+    rows = registry.agents(server)
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "name", "cls", "server"])
+
+
+@app.command()
+def memory(agent: str, url: RedisOpt = None, prefix: PrefixOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Show an agent's memory as of its last completed call."""
+    _connect(url, prefix)
+    registry.agent_info(agent)
+    items = [m.model_dump() if hasattr(m, "model_dump") else m
+             for m in registry.agent_memory(agent)]
+    if as_json:
+        _print_json(items)
+    else:
+        _table([m if isinstance(m, dict) else {"content": m} for m in items],
+               ["timestamp", "name", "role", "content"])
+
+
+@app.command()
+def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Show one server's registry record."""
+    _connect(url, prefix)
+    data = registry.ServerClient(server).get_server_info()
+    if as_json:
+        _print_json(data)
+    else:
+        _table([{"field": k, "value": v} for k, v in data.items()], ["field", "value"])
+
+
+@app.command()
+def stop(server: str, url: RedisOpt = None, prefix: PrefixOpt = None) -> None:
+    """Stop a server gracefully: in-flight calls finish."""
+    _connect(url, prefix)
+    registry.ServerClient(server).stop()
+    out.print(f"stopping {server}")
+
+
+@app.command()
+def delete(
+    agent: Annotated[str | None, typer.Argument(help="agent id")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every agent of --server")] = False,
+    server: Annotated[str | None, typer.Option(help="with --all: the server")] = None,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Delete one agent, or every agent of a server with --all --server S."""
+    _connect(url, prefix)
+    if all_:
+        if not server:
+            raise ConfigError("--all needs --server NAME")
+        n = registry.ServerClient(server).delete_all_agent()
+        out.print(f"deleted {n} agent(s) on {server}")
+        return
+    if not agent:
+        raise ConfigError("name an agent id, or use --all --server NAME")
+    info_ = registry.agent_info(agent)
+    registry.ServerClient(info_.server).delete_agent(agent)
+    out.print(f"deleted {agent}")
+
+
+@app.command(name="redis")
+def redis_cmd(
+    stop_: Annotated[bool, typer.Option("--stop", help="stop the shared embedded Redis")] = False,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 6390)")] = None,
+    bind: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    password: Annotated[str | None, typer.Option(help="require this password")] = None,
+) -> None:
+    """Start (or show) the shared embedded Redis and print its URL."""
+    if stop_:
+        out.print("stopped" if embedded.stop_shared() else "not running")
+        return
+    print(embedded.start_shared(port=port, bind=bind, password=password))
+
+
+@app.command()
+def demo(url: RedisOpt = None) -> None:
+    """Run the quickstart: a DAG of agents that each sleep 1 s, run in parallel."""
+    from busagent.demo import main as demo_main
+
+    demo_main(url)
+
+
+def main() -> None:
+    try:
+        app()
+    except BusagentError as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(1)
+    except redis.exceptions.RedisError as e:
+        err.print(f"error: Redis: {e}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+

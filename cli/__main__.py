@@ -1,0 +1,3 @@
+from busagent.cli import main
+
+main()
