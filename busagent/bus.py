@@ -39,7 +39,10 @@ from .keys import Keys
 from .wire import VERSION, Reply, unpack_reply
 
 ROUTE_LUA = resources.files("busagent").joinpath("route.lua").read_text()
+COMMIT_LUA = resources.files("busagent").joinpath("commit.lua").read_text()
 BATCH = 1000
+#: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
+LINGER = 0.002
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
@@ -111,7 +114,8 @@ class Sender:
             if self._closed:
                 raise BusagentError("busagent is shut down; call busagent.init() again")
             self._queue.append(op)
-            if len(self._queue) == 1:
+            n = len(self._queue)
+            if n == 1 or n == BATCH:
                 self._cond.notify()
 
     def flush(self) -> None:
@@ -139,6 +143,15 @@ class Sender:
                     self._cond.wait()
                 if self._closed and not self._queue:
                     return
+                # Linger: a caller that resolves right away flushes on its own thread, which is
+                # cheaper than handing the send to this one; this thread sends what nobody
+                # waits for (fire-and-forget calls), and bursts that fill a batch.
+                until = time.monotonic() + LINGER
+                while 0 < len(self._queue) < BATCH and not self._closed:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - _send reports per op; never let the thread die
@@ -208,7 +221,7 @@ class Bus:
                 "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
-        self.route_sha = ""
+        self.route_sha = self.commit_sha = ""
         self.load_scripts()
         self.sender = Sender(self)
         self._async: dict[int, aredis.Redis] = {}
@@ -226,6 +239,7 @@ class Bus:
 
     def load_scripts(self) -> None:
         self.route_sha = str(self.redis.script_load(ROUTE_LUA))
+        self.commit_sha = str(self.redis.script_load(COMMIT_LUA))
 
     # --- async client, one per event loop -------------------------------------------------
 
@@ -284,18 +298,19 @@ class Bus:
         pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
         try:
             while pending:
-                got = self._peek(pending)
-                out.update(got)
-                pending = [c for c in pending if c not in got]
-                if not pending:
-                    break
+                if len(pending) > 1:  # one key: BLMOVE below returns at once if it is there
+                    got = self._peek(pending)
+                    out.update(got)
+                    pending = [c for c in pending if c not in got]
+                    if not pending:
+                        break
                 wait = self._slice(deadline, pending, out)
                 first = pending[0]
                 data = self.redis.blmove(keys.reply(first), keys.reply(first), wait, "RIGHT", "LEFT")
                 if data is not None:
                     out[first] = data
                     pending = pending[1:]
-        except (redis.exceptions.ConnectionError, OSError) as e:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise RedisUnavailable(
                 f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
             ) from None
@@ -303,9 +318,6 @@ class Bus:
 
     def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
         keys = self.keys
-        if len(call_ids) == 1:
-            v = self.redis.lindex(keys.reply(call_ids[0]), 0)
-            return {call_ids[0]: v} if v is not None else {}
         got: dict[str, bytes] = {}
         for i in range(0, len(call_ids), BATCH):
             chunk = call_ids[i : i + BATCH]
@@ -365,7 +377,7 @@ class Bus:
                 if data is not None:
                     out[first] = data
                     pending = pending[1:]
-        except (redis.exceptions.ConnectionError, OSError) as e:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise RedisUnavailable(
                 f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
             ) from None

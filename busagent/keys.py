@@ -48,8 +48,12 @@ class Keys:
     def reply(self, call_id: str) -> str:
         return f"{self.reply_prefix}{call_id}"
 
+    @property
+    def memory_prefix(self) -> str:
+        return f"{self.prefix}:memory:"
+
     def memory(self, agent_id: str) -> str:
-        return f"{self.prefix}:memory:{agent_id}"
+        return f"{self.memory_prefix}{agent_id}"
 
     def ready(self, server: str) -> str:
         return f"{self.prefix}:ready:{server}"

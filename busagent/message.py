@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _now() -> str:
-    return datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    """Local time with milliseconds; the formatted second is cached (strftime is slow)."""
+    global _second
+    t = time.time()
+    s = int(t)
+    if _second[0] != s:
+        _second = (s, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)))
+    return f"{_second[1]}.{int((t - s) * 1000):03d}"
 
 
 class Msg(BaseModel):

@@ -1,13 +1,18 @@
 """The worker: one long-running process that hosts many agents and serves their calls.
 
-* One inbox stream per server, read with a consumer group. Entries are dispatched to per-agent
-  mailboxes in stream order; each mailbox is drained by at most one task, so calls to one agent
-  run one at a time, in arrival order, while different agents run in parallel (async replies on
-  the event loop, sync replies on a bounded thread pool).
-* A call's reply, the agent's memory changes, the XACK and the XDEL are written in one MULTI
-  transaction, batched across calls (group commit): the stream holds only calls in flight and
-  Redis always has each agent's memory as of its last completed call.
-* A heartbeat writes cpu, memory and counts to the servers hash and sweeps long-dead servers.
+Threads work as leader and followers: one idle thread (the leader) blocks in XREADGROUP on the
+server's inbox; when entries arrive it puts them into per-agent mailboxes in stream order, wakes
+a follower to lead next, and runs the first ready agent itself. So a lone call is read, run and
+answered by one thread with no hand-off, and a burst is spread over the pool.
+
+* Actor semantics: an agent is claimed by one thread at a time (``busy``), which drains its
+  mailbox in order; calls to different agents run in parallel.
+* ``async def`` replies, and calls whose forwarded placeholders are not resolved yet, move to an
+  asyncio loop thread, so waiting never holds a pool thread. The agent stays claimed meanwhile.
+* A reply, the agent's memory changes, the XACK and the XDEL are one MULTI transaction, batched
+  across threads (group commit): the inbox holds only calls in flight, and Redis always has
+  each agent's memory as of its last completed call.
+* A heartbeat thread writes cpu, memory and counts to the servers hash and sweeps dead servers.
 """
 
 from __future__ import annotations
@@ -18,17 +23,17 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import psutil
 import redis
-import redis.asyncio as aredis
 
 from busagent import bus as _bus
 from busagent.agent import Agent, assigning_id, is_remote
@@ -62,18 +67,23 @@ from .load import load
 
 log = logging.getLogger("busagent.worker")
 
-READ_COUNT = 500
+READ_COUNT = 256
 COMMIT_BATCH = 1000
 #: stop reading new calls while this many are read and not yet answered.
 MAX_INFLIGHT = 20000
 #: remembered constructor failures, so calls that queued behind a failed create say why.
 FAILED_CREATES = 10000
+#: the mailbox of server-level control calls (stop, list, ping, delete_all).
+CONTROL = ""
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 @dataclass(slots=True)
 class Job:
     entry_id: bytes
     entry: Entry
+    #: (args, kwargs) once forwarded placeholders are resolved.
+    resolved: tuple[list[Any], dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -84,8 +94,8 @@ class Done:
     agent_id: str | None = None
     mem_cleared: bool = False
     mem_new: list[str] | None = None
-    #: delete the agent's memory key (the agent was deleted).
-    drop_memory: bool = False
+    #: the agent was deleted: drop its memory and registry record.
+    drop: bool = False
 
 
 class Worker:
@@ -96,90 +106,108 @@ class Worker:
         self.settings = settings or Settings.load()
         self.specs = modules
         self.capacity = capacity
-        self.threads = threads
+        self.nthreads = max(2, threads)
         self.parent_pid = parent_pid
         self.grace = grace
         self.loaded: dict[str, Any] = {}
         self.agents: dict[str, Agent] = {}
-        self.mailboxes: dict[str, deque[Job]] = {}
         self.failed: dict[str, str] = {}
-        self.done: list[Done] = []
-        self.inflight = 0
         self.started = time.time()
-        self.stopping = asyncio.Event()
-        self.stopped = asyncio.Event()
-        self._commit_wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"agent-{name}")
+        # Scheduling state, guarded by `cond`.
+        self.cond = threading.Condition()
+        self.mailboxes: dict[str, deque[Job]] = {}
+        self.busy: set[str] = set()
+        self.ready: deque[str] = deque()
+        self.reading = False
+        self.inflight = 0
+        self.parked = 0  # agents waiting on the loop thread
+        # Group commit state.
+        self.done: list[Done] = []
+        self.done_lock = threading.Lock()
+        self.commit_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.exiting = False
+        self.serving = threading.Event()
+        self.threads: list[threading.Thread] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Load modules, connect, register and start serving in background threads."""
         for spec in self.specs:
             mod_name, mod = load(spec)
             self.loaded[mod_name] = mod
         self.bus = _bus.Bus(self.settings)
         _bus.install(self.bus)
-        s = self.settings
         self.keys = self.bus.keys
         self.inbox = self.keys.inbox(self.name)
-        url = self.bus.url
-        self.r = _bus.aconnect(url, s)
-        self.rread = _bus.aconnect(url, s, max_connections=2)
-        # Agents awaiting placeholders hold a connection each while they block; a blocking pool
-        # makes the excess wait instead of failing.
-        self.rwait = aredis.Redis(
-            connection_pool=aredis.BlockingConnectionPool.from_url(
-                url, max_connections=128, timeout=None, **_bus.socket_options(url, s),
-            )
-        )
-        self.bus.set_aredis(self.rwait)
+        self.r = self.bus.redis
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)
-        await self._ensure_group()
-        await self._heartbeat_once()
-        await self.r.rpush(self.keys.ready(self.name), "1")
-        await self.r.expire(self.keys.ready(self.name), 60)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, self.stop)
-            except (NotImplementedError, RuntimeError):
-                pass  # not the main thread (tests run workers in threads too)
-        log.info("worker %s serving %s on %s", self.name, list(self.loaded), self.bus.url_for_humans)
-        committer = asyncio.create_task(self._committer())
-        side = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._watch_parent())]
-        try:
-            await self._reader()
-            await self._drain_inflight()
-        finally:
-            for t in side:
-                t.cancel()
-            self._commit_wake.set()
-            self._closing = True
-            await committer
-            await self._deregister()
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            await self.r.aclose()
-            await self.rread.aclose()
-            await self.rwait.aclose()
-            self.bus.close()
-            self.stopped.set()
+        self.loop = asyncio.new_event_loop()
+        loop_ready = threading.Event()
+
+        def run_loop() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(loop_ready.set)
+            self.loop.run_forever()
+
+        self._spawn(run_loop, "loop")
+        loop_ready.wait()
+        asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
+        self._ensure_group()
+        self._heartbeat_once()
+        for i in range(self.nthreads):
+            self._spawn(self._runner, f"runner-{i}")
+        self._spawn(self._heartbeat, "heartbeat")
+        self.r.rpush(self.keys.ready(self.name), "1")
+        self.r.expire(self.keys.ready(self.name), 60)
+        self.serving.set()
+        log.info("worker %s serving %s on %s", self.name, list(self.loaded),
+                 self.bus.url_for_humans)
+
+    async def _setup_loop(self) -> None:
+        s = self.settings
+        self.bus.set_aredis(_bus.aconnect(self.bus.url, s, max_connections=256))
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, ``stop()``, a control ``stop`` or the parent's death."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self.start()
+        while not self.stopping.wait(1.0):
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.info("parent %s is gone; stopping", self.parent_pid)
+                self.stop()
+        self.shutdown()
 
     def stop(self) -> None:
         """Stop reading new calls; calls already read finish (up to ``grace`` seconds)."""
         if not self.stopping.is_set():
             log.info("worker %s stopping", self.name)
             self.stopping.set()
+            with self.cond:
+                self.cond.notify_all()
 
-    async def _drain_inflight(self) -> None:
+    def shutdown(self) -> None:
         deadline = time.monotonic() + self.grace
-        while (self.mailboxes or self.done) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)  # draining: woken by time; the work itself is elsewhere
+        with self.cond:
+            while (self.mailboxes or self.reading or self.parked) and time.monotonic() < deadline:
+                self.cond.wait(0.1)
+            self.exiting = True
+            self.cond.notify_all()
+        self._flush()
+        self._deregister()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.bus.close()
 
-    async def _deregister(self) -> None:
+    def _deregister(self) -> None:
         try:
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.name)
@@ -187,114 +215,106 @@ class Worker:
             for i in range(0, len(ids), 1000):
                 pipe.hdel(self.keys.agents, *ids[i : i + 1000])
                 pipe.delete(*[self.keys.memory(a) for a in ids[i : i + 1000]])
-            await pipe.execute()
+            pipe.execute()
         except redis.exceptions.RedisError as e:
             log.warning("could not deregister %s: %s", self.name, e)
 
-    async def _ensure_group(self) -> None:
+    def _ensure_group(self) -> None:
         try:
-            await self.r.xgroup_create(self.inbox, GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(self.inbox, GROUP, id="0", mkstream=True)
         except redis.exceptions.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    async def _watch_parent(self) -> None:
-        if not self.parent_pid:
-            return
-        while True:
-            await asyncio.sleep(1.0)  # polling: there is no portable parent-death event
-            if os.getppid() != self.parent_pid:
-                log.info("parent %s is gone; stopping", self.parent_pid)
-                self.stop()
-                return
-
     # --- heartbeat ---------------------------------------------------------------------------
 
     def info(self) -> ServerInfo:
-        mem = self.proc.memory_info().rss / 2**20
         return ServerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), started=self.started,
-            heartbeat=time.time(), cpu=self.proc.cpu_percent(None), mem=round(mem, 1),
-            agents=len(self.agents), inflight=self.inflight, capacity=self.capacity,
-            modules=list(self.loaded), status="stopping" if self.stopping.is_set() else "up",
-            version=VERSION,
+            heartbeat=time.time(), cpu=self.proc.cpu_percent(None),
+            mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
+            inflight=self.inflight, capacity=self.capacity, modules=list(self.loaded),
+            status="stopping" if self.stopping.is_set() else "up", version=VERSION,
         )
 
-    async def _heartbeat_once(self) -> None:
-        await self.r.hset(self.keys.servers, self.name, self.info().model_dump_json())
+    def _heartbeat_once(self) -> None:
+        self.r.hset(self.keys.servers, self.name, self.info().model_dump_json())
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat)
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat):
             try:
-                await self._heartbeat_once()
-                await self._sweep()
+                self._heartbeat_once()
+                self._sweep()
             except redis.exceptions.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
 
-    async def _sweep(self) -> None:
+    def _sweep(self) -> None:
         now = time.time()
-        for name, raw in (await self.r.hgetall(self.keys.servers)).items():
+        for name, raw in self.r.hgetall(self.keys.servers).items():
             try:
                 hb = ServerInfo.model_validate_json(raw).heartbeat
             except ValueError:
                 continue
             if now - hb > self.settings.sweep_after:
                 log.info("sweeping dead server %s", name.decode())
-                await self.r.hdel(self.keys.servers, name)
+                self.r.hdel(self.keys.servers, name)
 
-    # --- reading and dispatch ----------------------------------------------------------------
+    # --- leader / followers ------------------------------------------------------------------
 
-    async def _reader(self) -> None:
-        block = int(self.settings.block_slice * 1000)
-        start = "0"  # first our own pending entries (a restart under the same name), then new
-        backoff = 0.05
-        while not self.stopping.is_set():
-            if self.inflight >= MAX_INFLIGHT:
-                self._room.clear()
-                await self._wait_any(self._room.wait(), self.stopping.wait())
+    def _runner(self) -> None:
+        start = "0"  # a restart under the same name first re-reads its own pending entries
+        while True:
+            with self.cond:
+                while True:
+                    if self.ready:
+                        agent: str | None = self.ready.popleft()
+                        break
+                    if self.exiting:
+                        return
+                    if (not self.reading and not self.stopping.is_set()
+                            and self.inflight < MAX_INFLIGHT):
+                        self.reading = True
+                        agent = None
+                        break
+                    self.cond.wait(1.0)
+            if agent is not None:
+                self._drain(agent)
                 continue
-            try:
-                resp = await self._wait_any(
-                    self.rread.xreadgroup(GROUP, self.name, {self.inbox: start},
-                                          count=READ_COUNT, block=None if start == "0" else block),
-                    self.stopping.wait(),
-                )
-                backoff = 0.05
-            except redis.exceptions.ResponseError as e:
-                if "NOGROUP" in str(e):
-                    log.warning("consumer group lost (Redis restarted or flushed); recreating")
-                    await self._ensure_group()
-                    continue
-                raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-                log.warning("reading the inbox failed (%s); retrying in %.2fs", e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            if resp is None:
-                continue
-            n = 0
-            for _stream, entries in resp:
+            entries, start = self._read(start)
+            with self.cond:
+                self.reading = False
                 for entry_id, fields in entries:
-                    n += 1
-                    if fields:  # a pending entry deleted meanwhile comes back empty
-                        self._dispatch(entry_id, fields)
-            if start == "0" and n == 0:
-                start = ">"
+                    self._dispatch(entry_id, fields)
+                mine = self.ready.popleft() if self.ready else None
+                # Followers take the rest, and one more becomes the next leader.
+                self.cond.notify(len(self.ready) + 1)
+            if mine is not None:
+                self._drain(mine)
 
-    async def _wait_any(self, main: Awaitable[Any], other: Awaitable[Any]) -> Any:
-        """``main``'s result, or None when ``other`` finishes first (main is then cancelled)."""
-        t_main = asyncio.ensure_future(main)
-        t_other = asyncio.ensure_future(other)
-        done, _ = await asyncio.wait({t_main, t_other}, return_when=asyncio.FIRST_COMPLETED)
-        t_other.cancel()
-        if t_main in done:
-            return t_main.result()
-        t_main.cancel()
-        return None
+    def _read(self, start: str) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], str]:
+        block = int(min(self.settings.block_slice, 1.0) * 1000)
+        try:
+            # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
+            # unseen): the short block bounds how long a stop waits instead.
+            resp = self.r.xreadgroup(GROUP, self.name, {self.inbox: start}, count=READ_COUNT,
+                                     block=None if start == "0" else block)
+        except redis.exceptions.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("consumer group lost (Redis restarted or flushed); recreating it")
+            self._ensure_group()
+            return [], start
+        except _REDIS_DOWN as e:
+            log.warning("reading the inbox failed (%s); retrying", e)
+            self.stopping.wait(0.5)  # back off; a stop ends the wait early
+            return [], start
+        entries = [e for _, es in resp or [] for e in es]
+        if start == "0" and not entries:
+            start = ">"
+        return [(i, f) for i, f in entries if f], start  # pending entries deleted meanwhile: {}
 
     def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Called with ``cond`` held."""
         self.inflight += 1
         try:
             entry = Entry(
@@ -308,54 +328,69 @@ class Worker:
         except (KeyError, ValueError, UnicodeDecodeError) as e:
             call = fields.get(b"call")
             log.warning("malformed entry %s: %s", entry_id, e)
-            err = ProtocolError(f"malformed call entry: {e}")
-            self._finish(entry_id, call.decode(errors="replace") if call else None,
-                         self._error_reply(err))
+            self.done.append(Done(entry_id, call.decode(errors="replace") if call else "",
+                                  self._error_reply(ProtocolError(f"malformed call entry: {e}"))))
             return
-        if entry.v != VERSION:
-            err = ProtocolError(f"protocol version {entry.v} is not {VERSION}; upgrade busagent "
-                                "on the caller or the worker so they match")
-            self._finish(entry_id, entry.call, self._error_reply(err))
-            return
-        if entry.kind == "control" and not entry.agent:
-            self._spawn(self._control(Job(entry_id, entry)))
-            return
-        box = self.mailboxes.get(entry.agent)
+        agent = entry.agent if entry.kind != "control" or entry.agent else CONTROL
+        box = self.mailboxes.get(agent)
         if box is None:
-            box = self.mailboxes[entry.agent] = deque()
-            box.append(Job(entry_id, entry))
-            self._spawn(self._drain(entry.agent, box))
-        else:
-            box.append(Job(entry_id, entry))
+            box = self.mailboxes[agent] = deque()
+        box.append(Job(entry_id, entry))
+        if agent not in self.busy:
+            self.busy.add(agent)
+            self.ready.append(agent)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
-    async def _drain(self, agent_id: str, box: deque[Job]) -> None:
-        """The agent's actor loop: one job at a time, in order."""
-        try:
-            while box:
+    def _drain(self, agent_id: str) -> None:
+        """Run the agent's calls in order until its mailbox is empty (the actor loop)."""
+        while True:
+            with self.cond:
+                box = self.mailboxes.get(agent_id)
+                if not box:
+                    self.mailboxes.pop(agent_id, None)
+                    self.busy.discard(agent_id)
+                    return
                 job = box.popleft()
-                try:
-                    done = await self._execute(job)
-                except Exception as e:  # noqa: BLE001 - a worker survives whatever it runs
-                    done = Done(job.entry_id, job.entry.call, self._error_reply(e))
+            try:
+                done = self._execute(job)
+            except Exception as e:  # noqa: BLE001 - a worker survives whatever it runs
+                done = Done(job.entry_id, job.entry.call, self._error_reply(e))
+            if done is None:
+                return  # parked on the loop thread, which hands the agent back
+            self._commit(done)
+
+    def _park(self, agent_id: str, coro: Any) -> None:
+        with self.cond:
+            self.parked += 1
+        asyncio.run_coroutine_threadsafe(self._parked(agent_id, coro), self.loop)
+
+    async def _parked(self, agent_id: str, coro: Any) -> None:
+        try:
+            done = await coro
+            if done is not None:
                 self._commit(done)
         finally:
-            if self.mailboxes.get(agent_id) is box:
-                del self.mailboxes[agent_id]
+            with self.cond:
+                self.parked -= 1
+                self.busy.discard(agent_id)
+                if self.mailboxes.get(agent_id):
+                    self.busy.add(agent_id)
+                    self.ready.append(agent_id)
+                    self.cond.notify()
+                else:
+                    self.mailboxes.pop(agent_id, None)
 
     # --- executing ---------------------------------------------------------------------------
 
-    async def _execute(self, job: Job) -> Done:
+    def _execute(self, job: Job) -> Done | None:
         e = job.entry
+        if e.v != VERSION:
+            raise ProtocolError(f"protocol version {e.v} is not {VERSION}; upgrade busagent on "
+                                "the caller or the worker so they match")
         self.bus.check_size(e.body, "the call")
         if e.kind == "create":
-            return await self._create(job)
+            return self._create(job)
         if e.kind == "control":
-            return self._delete(job)
+            return self._control(job)
         agent = self.agents.get(e.agent)
         if agent is None:
             why = self.failed.get(e.agent)
@@ -368,10 +403,6 @@ class Worker:
         body = CallBody.model_validate(unpack(e.body, refs))
         if body.deadline is not None and time.time() > body.deadline:
             raise CallTimeout("the caller's deadline passed before the call started")
-        args, kwargs = body.args, body.kwargs
-        if refs:
-            values = await self._resolve(refs, body.deadline)
-            args, kwargs = substitute(args, values), substitute(kwargs, values)
         if e.kind == "call":
             fn: Callable[..., Any] = agent.reply
         elif e.kind == "observe":
@@ -381,34 +412,76 @@ class Worker:
             if not is_remote(type(agent), name):
                 raise UnknownAgent(f"{type(agent).__name__}.{name} is not marked @busagent.remote")
             fn = getattr(agent, name)
-        value = await self._run(fn, args, kwargs)
-        cleared, new = agent.memory.take_changes()
-        return Done(job.entry_id, e.call, self._ok_reply(value), e.agent, cleared, new)
-
-    async def _run(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if job.resolved is not None:
+            args, kwargs = job.resolved
+        else:
+            args, kwargs = body.args, body.kwargs
+            if refs:
+                values = self._peek(refs)
+                if values is None:
+                    # Not all inputs are there: wait on the loop thread, not in this one.
+                    self._park(e.agent, self._await_inputs(job, refs, body.deadline))
+                    return None
+                args, kwargs = substitute(args, values), substitute(kwargs, values)
         if inspect.iscoroutinefunction(fn):
-            return await fn(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+            self._park(e.agent, self._run_async(job, agent, fn, args, kwargs))
+            return None
+        value = fn(*args, **kwargs)
+        if inspect.isawaitable(value):
+            self._park(e.agent, self._finish_async(job, agent, value))
+            return None
+        return self._done(job, agent, value)
 
-    async def _resolve(self, refs: list[Ref], deadline: float | None) -> dict[str, Any]:
-        """Read forwarded placeholders' values from Redis (never through the caller)."""
-        from busagent.bus import decode
+    def _done(self, job: Job, agent: Agent, value: Any) -> Done:
+        cleared, new = agent.memory.take_changes()
+        return Done(job.entry_id, job.entry.call, self._ok_reply(value), job.entry.agent,
+                    cleared, new)
 
-        timeout = None if deadline is None else max(deadline - time.time(), 0.001)
-        raw = await self.bus.afetch([r.call_id for r in refs], timeout)
+    async def _run_async(self, job: Job, agent: Agent, fn: Callable[..., Any], args: list[Any],
+                         kwargs: dict[str, Any]) -> Done:
+        return await self._finish_async(job, agent, fn(*args, **kwargs))
+
+    async def _finish_async(self, job: Job, agent: Agent, aw: Any) -> Done:
+        try:
+            return self._done(job, agent, await aw)
+        except Exception as err:  # noqa: BLE001
+            return Done(job.entry_id, job.entry.call, self._error_reply(err))
+
+    async def _await_inputs(self, job: Job, refs: list[Ref], deadline: float | None) -> None:
+        try:
+            timeout = None if deadline is None else max(deadline - time.time(), 0.001)
+            raw = await self.bus.afetch([r.call_id for r in refs], timeout)
+            values = self._decode_inputs(raw)
+            body = CallBody.model_validate(unpack(job.entry.body))
+            job.resolved = (substitute(body.args, values), substitute(body.kwargs, values))
+        except Exception as err:  # noqa: BLE001
+            self._commit(Done(job.entry_id, job.entry.call, self._error_reply(err)))
+            return
+        # Back to the front of the mailbox: a pool thread runs it when the agent is handed back.
+        with self.cond:
+            self.mailboxes.setdefault(job.entry.agent, deque()).appendleft(job)
+
+    def _peek(self, refs: list[Ref]) -> dict[str, Any] | None:
+        ids = list(dict.fromkeys(r.call_id for r in refs))
+        pipe = self.r.pipeline(transaction=False)
+        for c in ids:
+            pipe.lindex(self.keys.reply(c), 0)
+        raw = dict(zip(ids, pipe.execute(), strict=True))
+        if any(v is None for v in raw.values()):
+            return None
+        return self._decode_inputs(raw)
+
+    @staticmethod
+    def _decode_inputs(raw: dict[str, bytes]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for call_id, data in raw.items():
             try:
-                values[call_id] = decode(data)
+                values[call_id] = _bus.decode(data)
             except BusagentError as err:
                 raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
         return values
 
-    async def _create(self, job: Job) -> Done:
+    def _create(self, job: Job) -> Done:
         e = job.entry
         try:
             body = CreateBody.model_validate(unpack(e.body))
@@ -417,7 +490,7 @@ class Worker:
             cls = self._class(body.cls)
             token = assigning_id.set(e.agent)
             try:
-                agent = await self._run(cls, body.args, body.kwargs)
+                agent = cls(*body.args, **body.kwargs)
             finally:
                 assigning_id.reset(token)
             agent.agent_id = e.agent
@@ -428,12 +501,10 @@ class Worker:
             self.failed[e.agent] = f"{type(err).__name__}: {err}"
             if len(self.failed) > FAILED_CREATES:
                 self.failed.pop(next(iter(self.failed)))
-            await self.r.hdel(self.keys.agents, e.agent)
-            raise
+            return Done(job.entry_id, e.call,
+                        self._error_reply(err), e.agent, drop=True)
         self.agents[e.agent] = agent
-        cleared, new = agent.memory.take_changes()
-        value = {"agent_id": e.agent, "server": self.name}
-        return Done(job.entry_id, e.call, self._ok_reply(value), e.agent, cleared, new)
+        return self._done(job, agent, {"agent_id": e.agent, "server": self.name})
 
     def _class(self, path: str) -> type[Agent]:
         module, _, qual = path.partition(":")
@@ -450,45 +521,39 @@ class Worker:
             raise UnknownClass(f"{path} is not an Agent subclass in module {module!r}")
         return obj
 
-    def _delete(self, job: Job) -> Done:
+    def _control(self, job: Job) -> Done:
         e = job.entry
-        found = self.agents.pop(e.agent, None) is not None
-        self.failed.pop(e.agent, None)
-        # The registry record goes with the commit below.
-        return Done(job.entry_id, e.call, self._ok_reply(found), e.agent, drop_memory=True)
-
-    async def _control(self, job: Job) -> None:
-        e = job.entry
-        try:
-            body = ControlBody.model_validate(unpack(e.body))
-            value: Any
-            if body.op == "stop":
-                value = True
-                self.stop()
-            elif body.op == "ping":
-                value = self.name
-            elif body.op == "list":
-                value = [
-                    {"agent_id": a.agent_id, "name": a.name,
-                     "cls": f"{type(a).__module__}:{type(a).__qualname__}",
-                     "memory_size": a.memory.size()}
-                    for a in self.agents.values()
-                ]
-            elif body.op == "delete_all":
-                ids = list(self.agents)
-                self.agents.clear()
-                pipe = self.r.pipeline(transaction=True)
-                for i in range(0, len(ids), 1000):
-                    pipe.hdel(self.keys.agents, *ids[i : i + 1000])
-                    pipe.delete(*[self.keys.memory(a) for a in ids[i : i + 1000]])
-                if ids:
-                    await pipe.execute()
-                value = len(ids)
-            else:  # "delete" without an agent id
+        body = ControlBody.model_validate(unpack(e.body))
+        value: Any
+        if body.op == "delete":
+            if not e.agent:
                 raise ProtocolError("delete needs an agent id")
-            self._commit(Done(job.entry_id, e.call, self._ok_reply(value)))
-        except Exception as err:  # noqa: BLE001
-            self._commit(Done(job.entry_id, e.call, self._error_reply(err)))
+            found = self.agents.pop(e.agent, None) is not None
+            self.failed.pop(e.agent, None)
+            return Done(job.entry_id, e.call, self._ok_reply(found), e.agent, drop=True)
+        if body.op == "stop":
+            value = True
+            self.stop()
+        elif body.op == "ping":
+            value = self.name
+        elif body.op == "list":
+            value = [
+                {"agent_id": a.agent_id, "name": a.name,
+                 "cls": f"{type(a).__module__}:{type(a).__qualname__}",
+                 "memory_size": a.memory.size()}
+                for a in list(self.agents.values())
+            ]
+        else:  # delete_all
+            ids = list(self.agents)
+            for a in ids:
+                self.agents.pop(a, None)
+            pipe = self.r.pipeline(transaction=True)
+            for i in range(0, len(ids), 1000):
+                pipe.hdel(self.keys.agents, *ids[i : i + 1000])
+                pipe.delete(*[self.keys.memory(a) for a in ids[i : i + 1000]])
+            pipe.execute()
+            value = len(ids)
+        return Done(job.entry_id, e.call, self._ok_reply(value))
 
     # --- replies and the group commit --------------------------------------------------------
 
@@ -510,67 +575,70 @@ class Worker:
         return pack_reply(False, error=ErrorInfo(type=code, message=str(err), traceback=tb,
                                                  server=self.name))
 
-    def _finish(self, entry_id: bytes, call_id: str | None, reply: bytes) -> None:
-        self._commit(Done(entry_id, call_id or "", reply if call_id else b""))
-
     def _commit(self, done: Done) -> None:
-        self.done.append(done)
-        self._commit_wake.set()
+        with self.done_lock:
+            self.done.append(done)
+        self._flush()
 
-    async def _committer(self) -> None:
-        self._closing = False
+    def _flush(self) -> None:
+        """Write queued completions. Whoever gets the lock writes everyone's (group commit);
+        the others return at once."""
+        while True:
+            if not self.commit_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self.done_lock:
+                        batch = self.done[:COMMIT_BATCH]
+                        del self.done[:COMMIT_BATCH]
+                    if not batch:
+                        break
+                    self._write_retrying(batch)
+                    with self.cond:
+                        full = self.inflight >= MAX_INFLIGHT
+                        self.inflight -= len(batch)
+                        if full:
+                            self.cond.notify()  # reading was paused: someone may lead again
+            finally:
+                self.commit_lock.release()
+            with self.done_lock:
+                if not self.done:
+                    return  # else: added after our last look; loop to write it too
+
+    def _write_retrying(self, batch: list[Done]) -> None:
         backoff = 0.05
         while True:
-            if not self.done:
-                if self._closing:
-                    return
-                self._commit_wake.clear()
-                await self._commit_wake.wait()
-                continue
-            batch = self.done[:COMMIT_BATCH]
             try:
-                await self._write(batch)
-                backoff = 0.05
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-                # Nothing is acknowledged until written: retry until Redis is back.
+                self._write(batch)
+                return
+            except (redis.exceptions.RedisError, OSError) as e:
+                # Nothing is acknowledged until written: retry until Redis is back (or, for an
+                # out-of-memory refusal, has room again).
                 log.warning("writing replies failed (%s); retrying in %.2fs", e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                if self._closing and backoff >= 2.0:
+                if self.exiting and backoff >= 2.0:
+                    log.error("giving up on %d replies at exit; they stay pending", len(batch))
                     return
-                continue
-            del self.done[: len(batch)]
-            self.inflight -= len(batch)
-            if self.inflight < MAX_INFLIGHT:
-                self._room.set()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
-    async def _write(self, batch: list[Done]) -> None:
-        k = self.keys
-        ttl = self.settings.reply_ttl
-        pipe = self.r.pipeline(transaction=True)
-        ids = []
+    def _write(self, batch: list[Done]) -> None:
+        recs = []
         for d in batch:
-            ids.append(d.entry_id)
-            if d.call_id and d.reply:
-                rk = k.reply(d.call_id)
-                pipe.rpush(rk, d.reply)
-                pipe.expire(rk, ttl)
-            if d.agent_id is None:
-                continue
-            mk = k.memory(d.agent_id)
-            if d.drop_memory:
-                pipe.delete(mk)
-                pipe.hdel(k.agents, d.agent_id)
-                continue
-            if d.mem_cleared:
-                pipe.delete(mk)
-            if d.mem_new:
-                pipe.rpush(mk, *d.mem_new)
-        pipe.xack(self.inbox, GROUP, *ids)
-        pipe.xdel(self.inbox, *ids)
-        await pipe.execute()
+            op = 2 if d.drop else 1 if d.mem_cleared else 0
+            rec: list[Any] = [d.entry_id, d.call_id, d.reply, d.agent_id or "", op]
+            if d.mem_new and not d.drop:
+                rec.extend(d.mem_new)
+            recs.append(rec)
+        k = self.keys
+        args = (GROUP, self.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
+                msgpack.packb(recs, use_bin_type=False))  # Lua's cmsgpack predates bin types
+        try:
+            self.r.evalsha(self.bus.commit_sha, 2, self.inbox, k.agents, *args)
+        except redis.exceptions.NoScriptError:
+            self.bus.load_scripts()
+            self.r.evalsha(self.bus.commit_sha, 2, self.inbox, k.agents, *args)
 
 
 def run(name: str | None, modules: list[str], settings: Settings, **kw: Any) -> None:
     name = name or f"{socket.gethostname()}-{os.getpid()}"
-    asyncio.run(Worker(name, modules, settings, **kw).run())
+    Worker(name, modules, settings, **kw).run()
