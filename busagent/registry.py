@@ -37,11 +37,11 @@ class _Snapshot:
         self.servers: list[ServerInfo] = []
 
 
-_snapshots: dict[int, _Snapshot] = {}
-
-
 def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
-    snap = _snapshots.setdefault(id(b), _Snapshot())
+    snap: _Snapshot | None = getattr(b, "_placement", None)
+    if snap is None:
+        snap = _Snapshot()
+        b._placement = snap  # type: ignore[attr-defined]
     now = time.monotonic()
     if fresh or now - snap.at > SNAPSHOT_TTL:
         t = time.time()
@@ -51,7 +51,9 @@ def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
 
 
 def _load(s: ServerInfo) -> float:
-    return s.agents / max(s.capacity, 1) + s.cpu / 400.0
+    """Agents hosted, weighted up by how busy the CPU is: spreads agents evenly over idle servers
+    and steers new ones away from busy servers."""
+    return (s.agents + 1) * (1 + s.cpu / 100)
 
 
 def place(b: Bus, module: str, load: str, server: str | None) -> str:

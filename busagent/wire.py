@@ -77,7 +77,7 @@ class CreateBody(BaseModel):
 
 
 class ControlBody(BaseModel):
-    op: Literal["stop", "delete", "delete_all", "list", "ping"]
+    op: Literal["stop", "delete", "delete_all", "list", "ping", "wake"]
     agent: str | None = None
 
 

@@ -58,6 +58,7 @@ from busagent.wire import (
     ErrorInfo,
     Ref,
     ServerInfo,
+    pack,
     pack_reply,
     substitute,
     unpack,
@@ -119,6 +120,7 @@ class Worker:
         self.busy: set[str] = set()
         self.ready: deque[str] = deque()
         self.reading = False
+        self._start = "0"
         self.inflight = 0
         self.parked = 0  # agents waiting on the loop thread
         # Group commit state.
@@ -194,6 +196,19 @@ class Worker:
             self.stopping.set()
             with self.cond:
                 self.cond.notify_all()
+                reading = self.reading
+            if reading:
+                self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        """End the leader's blocking read now rather than at its timeout: an entry that the
+        worker acknowledges without replying."""
+        fields = {"v": VERSION, "call": f"wake-{_bus.new_id()}", "agent": "", "caller": self.name,
+                  "kind": "control", "body": pack({"op": "wake"})}
+        try:
+            self.r.xadd(self.inbox, fields)  # type: ignore[arg-type]
+        except redis.exceptions.RedisError:
+            pass  # the read times out on its own within a second
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + self.grace
@@ -262,7 +277,6 @@ class Worker:
     # --- leader / followers ------------------------------------------------------------------
 
     def _runner(self) -> None:
-        start = "0"  # a restart under the same name first re-reads its own pending entries
         while True:
             with self.cond:
                 while True:
@@ -280,7 +294,7 @@ class Worker:
             if agent is not None:
                 self._drain(agent)
                 continue
-            entries, start = self._read(start)
+            entries = self._read()
             with self.cond:
                 self.reading = False
                 for entry_id, fields in entries:
@@ -291,27 +305,31 @@ class Worker:
             if mine is not None:
                 self._drain(mine)
 
-    def _read(self, start: str) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], str]:
+    def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """One leader's read. Only one thread reads at a time, so stream order is dispatch
+        order."""
         block = int(min(self.settings.block_slice, 1.0) * 1000)
+        start = self._start
         try:
             # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
             # unseen): the short block bounds how long a stop waits instead.
             resp = self.r.xreadgroup(GROUP, self.name, {self.inbox: start}, count=READ_COUNT,
-                                     block=None if start == "0" else block)
+                                     block=None if start != ">" else block)
         except redis.exceptions.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
             log.warning("consumer group lost (Redis restarted or flushed); recreating it")
             self._ensure_group()
-            return [], start
+            return []
         except _REDIS_DOWN as e:
             log.warning("reading the inbox failed (%s); retrying", e)
             self.stopping.wait(0.5)  # back off; a stop ends the wait early
-            return [], start
+            return []
         entries = [e for _, es in resp or [] for e in es]
-        if start == "0" and not entries:
-            start = ">"
-        return [(i, f) for i, f in entries if f], start  # pending entries deleted meanwhile: {}
+        if start != ">":
+            # Our own pending entries (a restart under the same name), page by page, then new.
+            self._start = entries[-1][0].decode() if entries else ">"
+        return [(i, f) for i, f in entries if f]  # pending entries deleted meanwhile come as {}
 
     def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Called with ``cond`` held."""
@@ -531,6 +549,8 @@ class Worker:
             found = self.agents.pop(e.agent, None) is not None
             self.failed.pop(e.agent, None)
             return Done(job.entry_id, e.call, self._ok_reply(found), e.agent, drop=True)
+        if body.op == "wake":
+            return Done(job.entry_id, "", b"")
         if body.op == "stop":
             value = True
             self.stop()
@@ -570,8 +590,7 @@ class Worker:
 
     def _error_reply(self, err: BaseException) -> bytes:
         code = err.code if isinstance(err, BusagentError) else type(err).__name__
-        tb = "" if isinstance(err, BusagentError) else "".join(
-            traceback.format_exception(type(err), err, err.__traceback__))
+        tb = "" if isinstance(err, BusagentError) else _user_traceback(err)
         return pack_reply(False, error=ErrorInfo(type=code, message=str(err), traceback=tb,
                                                  server=self.name))
 
@@ -637,6 +656,15 @@ class Worker:
         except redis.exceptions.NoScriptError:
             self.bus.load_scripts()
             self.r.evalsha(self.bus.commit_sha, 2, self.inbox, k.agents, *args)
+
+
+def _user_traceback(err: BaseException) -> str:
+    """The traceback from the first frame outside the worker: the caller wants the agent's
+    frames, not ours."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(err), err, tb))
 
 
 def run(name: str | None, modules: list[str], settings: Settings, **kw: Any) -> None:
