@@ -10,6 +10,7 @@ does: XREADGROUP, write the reply, XACK+XDEL. Its caller does XADD then a blocki
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,10 +42,8 @@ def pct(xs: list[float], p: float) -> float:
 
 def _responder(url: str, stream: str, ready: Any) -> None:
     r = redis.Redis.from_url(url)
-    try:
+    with contextlib.suppress(redis.ResponseError):
         r.xgroup_create(stream, "g", id="0", mkstream=True)
-    except redis.ResponseError:
-        pass
     ready.set()
     while True:
         resp = r.xreadgroup("g", "c", {stream: ">"}, count=100, block=1000)

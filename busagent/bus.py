@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aredis
@@ -76,8 +77,8 @@ def socket_options(url: str, settings: Settings) -> dict[str, Any]:
 def connect(url: str, settings: Settings, **kw: Any) -> redis.Redis:
     """A redis-py client with the timeouts and retries busagent relies on."""
     return redis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), **socket_options(url, settings),
-        **kw,
+        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        **socket_options(url, settings), **kw,
     )
 
 
@@ -152,10 +153,9 @@ class Sender:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            try:
+            # _send reports failures to each op; nothing may kill this thread.
+            with contextlib.suppress(Exception):
                 self.flush()
-            except Exception:  # noqa: BLE001 - _send reports per op; never let the thread die
-                pass
 
     def _send(self, batch: list[Op]) -> None:
         client = self._bus.redis
@@ -200,6 +200,8 @@ class Bus:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self._embedded: embedded.Server | None = None
+        self.children: Any = None  # busagent.spawn.Children, made on first need
+        self._async: dict[int, aredis.Redis] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
             self._embedded = embedded.start()
@@ -224,8 +226,6 @@ class Bus:
         self.route_sha = self.commit_sha = ""
         self.load_scripts()
         self.sender = Sender(self)
-        self._async: dict[int, aredis.Redis] = {}
-        self.children: Any = None  # busagent.spawn.Children, made on first need
 
     @property
     def url_for_humans(self) -> str:
@@ -243,7 +243,7 @@ class Bus:
 
     # --- async client, one per event loop -------------------------------------------------
 
-    def aredis(self) -> aredis.Redis:
+    def async_client(self) -> aredis.Redis:
         loop = asyncio.get_running_loop()
         client = self._async.get(id(loop))
         if client is None:
@@ -282,11 +282,11 @@ class Bus:
 
     # --- resolving ----------------------------------------------------------------------------
 
-    def _deadline(self, timeout: float | None | object) -> float | None:
+    def _deadline(self, timeout: float | object | None) -> float | None:
         t = self.settings.call_timeout if timeout is _DEFAULT else timeout
         return None if t is None else time.monotonic() + float(t)  # type: ignore[arg-type]
 
-    def fetch(self, call_ids: Sequence[str], timeout: float | None | object = None,
+    def fetch(self, call_ids: Sequence[str], timeout: float | object | None = None,
               errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
         """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
         calls known to have failed before reaching Redis: they are skipped and reported by the
@@ -306,9 +306,11 @@ class Bus:
                         break
                 wait = self._slice(deadline, pending, out)
                 first = pending[0]
-                data = self.redis.blmove(keys.reply(first), keys.reply(first), wait, "RIGHT", "LEFT")
+                key = keys.reply(first)
+                # redis-py's hints say int; Redis takes fractional seconds since 6.0.
+                data = self.redis.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 if data is not None:
-                    out[first] = data
+                    out[first] = cast(bytes, data)
                     pending = pending[1:]
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise RedisUnavailable(
@@ -343,7 +345,7 @@ class Bus:
         # BLMOVE takes a float timeout; 0 would mean forever.
         return max(wait, 0.001)
 
-    async def afetch(self, call_ids: Sequence[str], timeout: float | None | object = None,
+    async def afetch(self, call_ids: Sequence[str], timeout: float | object | None = None,
                      errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
         """:meth:`fetch` for asyncio code: the queue is flushed on the sender thread and the
         event loop is never blocked."""
@@ -352,7 +354,7 @@ class Bus:
             queued = bool(self.sender._queue)
         if queued:
             await loop.run_in_executor(None, self.sender.flush)
-        client = self.aredis()
+        client = self.async_client()
         deadline = self._deadline(timeout)
         keys = self.keys
         out: dict[str, bytes] = {}
@@ -372,10 +374,10 @@ class Bus:
                     break
                 wait = self._slice(deadline, pending, out)
                 first = pending[0]
-                data = await client.blmove(keys.reply(first), keys.reply(first), wait, "RIGHT",
-                                           "LEFT")
+                key = keys.reply(first)
+                data = await client.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 if data is not None:
-                    out[first] = data
+                    out[first] = cast(bytes, data)
                     pending = pending[1:]
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise RedisUnavailable(

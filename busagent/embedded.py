@@ -28,7 +28,8 @@ import redis
 
 from .errors import ConfigError, RedisUnavailable
 
-STATE_FILE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "busagent" / "redis.json"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+STATE_FILE = CACHE / "busagent" / "redis.json"
 
 
 def binary() -> str:
@@ -123,7 +124,7 @@ def start(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent if owned else os.setsid,  # noqa: PLW1509
+        preexec_fn=_die_with_parent if owned else os.setsid,
     )
     server = Server(url, proc, d)
     deadline = time.monotonic() + timeout
@@ -138,7 +139,9 @@ def start(
                     server.stop()
                     log = Path(d, "redis.log")
                     tail = log.read_text()[-500:] if log.exists() else ""
-                    raise RedisUnavailable(f"embedded redis-server failed to start: {tail}") from None
+                    raise RedisUnavailable(
+                        f"embedded redis-server failed to start: {tail}"
+                    ) from None
                 time.sleep(0.02)  # polling a child process that has no readiness signal
     finally:
         client.close()
@@ -160,7 +163,9 @@ def shared_url() -> str | None:
     return url
 
 
-def start_shared(port: int | None = None, bind: str = "127.0.0.1", password: str | None = None) -> str:
+def start_shared(
+    port: int | None = None, bind: str = "127.0.0.1", password: str | None = None
+) -> str:
     """Start (or find) the shared embedded Redis and return its URL."""
     url = shared_url()
     if url:

@@ -8,24 +8,74 @@ what changed since the last save instead of rewriting the whole list.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from .message import Msg
+
+_MSG_FIELDS = ("name", "content", "role", "metadata", "url", "id", "timestamp")
+
+
+def _enc(v: Any) -> Any:
+    """JSON-able and still readable: bytes, nested Msgs and pydantic models are tagged so they
+    come back as they were (a recovered agent must get its memory back exactly)."""
+    if v is None or isinstance(v, str | int | float | bool):
+        return v
+    if isinstance(v, Msg):
+        return {"$msg": _msg_fields(v)}
+    if isinstance(v, bytes):
+        return {"$b64": base64.b64encode(v).decode()}
+    if isinstance(v, list | tuple):
+        return [_enc(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _enc(x) for k, x in v.items()}
+    if isinstance(v, BaseModel):
+        cls = type(v)
+        return {"$model": f"{cls.__module__}:{cls.__qualname__}", "data": _enc(v.model_dump())}
+    return repr(v)
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if len(v) == 1 and "$msg" in v:
+        return _msg(v["$msg"])
+    if len(v) == 1 and "$b64" in v:
+        return base64.b64decode(v["$b64"])
+    if len(v) == 2 and "$model" in v:
+        from .wire import _model_class
+
+        return _model_class(v["$model"]).model_validate(_dec(v["data"]))
+    return {k: _dec(x) for k, x in v.items()}
+
+
+def _msg_fields(m: Msg) -> dict[str, Any]:
+    return {"name": m.name, "content": _enc(m.content), "role": m.role,
+            "metadata": _enc(m.metadata), "url": m.url, "id": m.id, "timestamp": m.timestamp}
+
+
+def _msg(d: dict[str, Any]) -> Msg:
+    return Msg.model_validate({k: _dec(d.get(k)) for k in _MSG_FIELDS if k in d})
 
 
 def to_json(item: Any) -> str:
+    """One memory element as JSON; a Msg is stored as its plain fields, readable in redis-cli."""
     if isinstance(item, Msg):
-        return item.model_dump_json()
-    return json.dumps(item, default=repr)
+        return json.dumps(_msg_fields(item), ensure_ascii=False)
+    return json.dumps(_enc(item), ensure_ascii=False)
 
 
 def from_json(text: str | bytes) -> Any:
     data = json.loads(text)
     if isinstance(data, dict) and {"name", "id", "timestamp"} <= data.keys():
-        return Msg.model_validate_json(text)
-    return data
+        return _msg(data)
+    return _dec(data)
 
 
 class Memory:

@@ -52,7 +52,7 @@ class Placeholder:
         """True once the reply has been read (never blocks)."""
         return self._value is not _UNSET or self._error is not None
 
-    def result(self, timeout: float | None | object = _bus._DEFAULT) -> Any:
+    def result(self, timeout: float | object | None = _bus._DEFAULT) -> Any:
         """The reply's value; raises RemoteError if the remote code raised, CallTimeout (a
         TimeoutError) when ``timeout`` (default: the ``call_timeout`` setting) passes."""
         if not self.done():
@@ -98,8 +98,10 @@ async def _agather_one(p: Placeholder) -> Any:
 
 def _collect(placeholders: Sequence[Placeholder]) -> tuple[list[str], dict[str, BaseException]]:
     pending = [p.call_id for p in placeholders if not p.done()]
-    errors = {p.call_id: p._error for p in placeholders if p._error is not None}
-    return pending, errors  # type: ignore[return-value]
+    errors: dict[str, BaseException] = {
+        p.call_id: p._error for p in placeholders if p._error is not None
+    }
+    return pending, errors
 
 
 def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
@@ -115,7 +117,7 @@ def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
     return out
 
 
-def gather(placeholders: Iterable[Placeholder], timeout: float | None | object = _bus._DEFAULT,
+def gather(placeholders: Iterable[Placeholder], timeout: float | object | None = _bus._DEFAULT,
            return_exceptions: bool = False) -> list[Any]:
     """Wait for many placeholders with batched reads; values in the given order. The first error
     is raised unless ``return_exceptions``, which puts exceptions in the list instead."""
@@ -130,7 +132,7 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | None | object =
 
 
 async def agather(placeholders: Iterable[Placeholder],
-                  timeout: float | None | object = _bus._DEFAULT,
+                  timeout: float | object | None = _bus._DEFAULT,
                   return_exceptions: bool = False) -> list[Any]:
     """:func:`gather` for asyncio code."""
     ps = list(placeholders)

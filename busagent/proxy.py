@@ -11,7 +11,7 @@ from .agent import DistConf, class_path, is_remote
 from .errors import ConfigError, NotSerializable
 from .memory import from_json
 from .placeholder import Placeholder
-from .wire import AgentInfo, VERSION, pack
+from .wire import VERSION, AgentInfo, pack
 
 
 class RemoteAgent:

@@ -43,7 +43,7 @@ class Children:
                 self.procs[n] = subprocess.Popen(
                     [sys.executable, "-m", "busagent.cli", "worker", "--name", n, "--agents", load,
                      "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
-                    env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                    env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                 )
             deadline = time.monotonic() + START_TIMEOUT
             for n in names:

@@ -140,7 +140,7 @@ def test_unknown_server_and_module_fail_fast(workers: Workers) -> None:
 
     from tests.other_agents import Stranger
 
-    with pytest.raises(PlacementError, match="did not load module 'tests.other_agents'"):
+    with pytest.raises(PlacementError, match=r"did not load module 'tests\.other_agents'"):
         Stranger("s", to_dist=DistConf(server="w1"))
 
 
@@ -158,7 +158,7 @@ def test_constructor_error_reaches_caller(workers: Workers) -> None:
     b = BadInit("b", to_dist=DistConf(server="w1"))
     with pytest.raises(RemoteError, match="constructor failed on purpose"):
         b.ready()
-    with pytest.raises(UnknownAgent, match="could not be built|not registered"):
+    with pytest.raises(UnknownAgent, match=r"could not be built|not registered"):
         b(None).result(timeout=10)
 
 
@@ -187,7 +187,7 @@ def test_remote_methods(workers: Workers) -> None:
     a = Adder("a", inc=1, to_dist=DistConf(server="w1"))
     assert a.set_inc(10).result() == 1
     assert a(Msg("user", 1)).content == 11
-    with pytest.raises(AttributeError, match="@busagent.remote"):
+    with pytest.raises(AttributeError, match=r"@busagent\.remote"):
         a.secret  # noqa: B018
 
 

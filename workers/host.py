@@ -18,6 +18,7 @@ answered by one thread with no hand-off, and a burst is spread over the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -205,10 +206,9 @@ class Worker:
         worker acknowledges without replying."""
         fields = {"v": VERSION, "call": f"wake-{_bus.new_id()}", "agent": "", "caller": self.name,
                   "kind": "control", "body": pack({"op": "wake"})}
-        try:
+        # If this fails the read times out on its own within a second.
+        with contextlib.suppress(redis.exceptions.RedisError):
             self.r.xadd(self.inbox, fields)  # type: ignore[arg-type]
-        except redis.exceptions.RedisError:
-            pass  # the read times out on its own within a second
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + self.grace
@@ -265,7 +265,8 @@ class Worker:
 
     def _sweep(self) -> None:
         now = time.time()
-        for name, raw in self.r.hgetall(self.keys.servers).items():
+        servers: dict[bytes, bytes] = self.r.hgetall(self.keys.servers)  # type: ignore[assignment]
+        for name, raw in servers.items():
             try:
                 hb = ServerInfo.model_validate_json(raw).heartbeat
             except ValueError:
@@ -295,13 +296,18 @@ class Worker:
                 self._drain(agent)
                 continue
             entries = self._read()
+            rejected: list[Done] = []
             with self.cond:
                 self.reading = False
                 for entry_id, fields in entries:
-                    self._dispatch(entry_id, fields)
+                    bad = self._dispatch(entry_id, fields)
+                    if bad is not None:
+                        rejected.append(bad)
                 mine = self.ready.popleft() if self.ready else None
                 # Followers take the rest, and one more becomes the next leader.
                 self.cond.notify(len(self.ready) + 1)
+            for done in rejected:
+                self._commit(done)
             if mine is not None:
                 self._drain(mine)
 
@@ -313,8 +319,8 @@ class Worker:
         try:
             # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
             # unseen): the short block bounds how long a stop waits instead.
-            resp = self.r.xreadgroup(GROUP, self.name, {self.inbox: start}, count=READ_COUNT,
-                                     block=None if start != ">" else block)
+            resp: Any = self.r.xreadgroup(GROUP, self.name, {self.inbox: start},
+                                          count=READ_COUNT, block=None if start != ">" else block)
         except redis.exceptions.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -331,8 +337,9 @@ class Worker:
             self._start = entries[-1][0].decode() if entries else ">"
         return [(i, f) for i, f in entries if f]  # pending entries deleted meanwhile come as {}
 
-    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Called with ``cond`` held."""
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Done | None:
+        """Put an entry in its agent's mailbox, or return the error reply for a malformed one.
+        Called with ``cond`` held."""
         self.inflight += 1
         try:
             entry = Entry(
@@ -346,9 +353,8 @@ class Worker:
         except (KeyError, ValueError, UnicodeDecodeError) as e:
             call = fields.get(b"call")
             log.warning("malformed entry %s: %s", entry_id, e)
-            self.done.append(Done(entry_id, call.decode(errors="replace") if call else "",
-                                  self._error_reply(ProtocolError(f"malformed call entry: {e}"))))
-            return
+            return Done(entry_id, call.decode(errors="replace") if call else "",
+                        self._error_reply(ProtocolError(f"malformed call entry: {e}")))
         agent = entry.agent if entry.kind != "control" or entry.agent else CONTROL
         box = self.mailboxes.get(agent)
         if box is None:
@@ -357,6 +363,7 @@ class Worker:
         if agent not in self.busy:
             self.busy.add(agent)
             self.ready.append(agent)
+        return None
 
     def _drain(self, agent_id: str) -> None:
         """Run the agent's calls in order until its mailbox is empty (the actor loop)."""
@@ -428,7 +435,7 @@ class Worker:
         else:
             name = body.method or ""
             if not is_remote(type(agent), name):
-                raise UnknownAgent(f"{type(agent).__name__}.{name} is not marked @busagent.remote")
+                raise ProtocolError(f"{type(agent).__name__}.{name} is not marked @busagent.remote")
             fn = getattr(agent, name)
         if job.resolved is not None:
             args, kwargs = job.resolved
@@ -515,7 +522,7 @@ class Worker:
             if body.memory:
                 agent.memory = Memory(body.memory)
                 agent.memory._saved = 0  # persist the carried-over memory with this reply
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - the constructor's error goes to the caller
             self.failed[e.agent] = f"{type(err).__name__}: {err}"
             if len(self.failed) > FAILED_CREATES:
                 self.failed.pop(next(iter(self.failed)))

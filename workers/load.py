@@ -59,7 +59,7 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
                 continue
             code = compile(ast.Module(body=[stmt], type_ignores=[]), str(path), "exec")
             try:
-                exec(code, mod.__dict__)  # noqa: S102 - the operator named this file
+                exec(code, mod.__dict__)  # the operator named this file
             except _bus.SkipStatement:
                 continue
             except Exception as e:

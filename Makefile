@@ -1,0 +1,27 @@
+# The one place that says how to set up, lint, type-check, test and benchmark busagent.
+PYTHON ?= python3
+
+.PHONY: install lint type test check bench demo clean
+
+install:            ## install busagent and the development tools into the current Python
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+lint:               ## ruff
+	$(PYTHON) -m ruff check busagent cli workers tests examples benchmarks
+
+type:               ## mypy --strict on the package and its mapped folders
+	$(PYTHON) -m mypy
+
+test:               ## the test suite: real redis-server and worker processes, plus unit tests
+	$(PYTHON) -m pytest -q
+
+check: lint type test
+
+bench:              ## busagent vs the raw redis-py floor, side by side on one Redis
+	$(PYTHON) benchmarks/bench.py
+
+demo:
+	busagent demo
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,168 @@
+"""Unit tests: the codec, memory, settings, errors and placement (fakeredis, no processes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import fakeredis
+import pytest
+
+import busagent
+from busagent import Msg, registry
+from busagent.config import Settings
+from busagent.errors import (
+    ConfigError,
+    NotSerializable,
+    PlacementError,
+    ProtocolError,
+    RemoteError,
+    UnknownAgent,
+    from_wire,
+)
+from busagent.keys import Keys
+from busagent.memory import Memory, from_json, to_json
+from busagent.placeholder import Placeholder
+from busagent.wire import Ref, ServerInfo, pack, pack_reply, substitute, unpack, unpack_reply
+from tests.agents import Point
+
+
+def test_public_api_is_frozen() -> None:
+    assert sorted(busagent.__all__) == sorted([
+        "Agent", "BusagentError", "CallTimeout", "ConfigError", "DistConf", "Memory",
+        "MessageTooLarge", "Msg", "NotSerializable", "Placeholder", "PlacementError",
+        "ProtocolError", "RedisUnavailable", "RemoteAgent", "RemoteError", "ServerClient",
+        "Settings", "UnknownAgent", "UnknownClass", "agather", "agents", "gather", "init",
+        "remote", "servers", "shutdown",
+    ])
+
+
+def test_msg_positional_and_defaults() -> None:
+    m = Msg("user", {"k": [1, 2]})
+    assert (m.name, m.content, m.role, m.metadata, m.url) == ("user", {"k": [1, 2]}, "user",
+                                                              None, None)
+    assert len(m.id) == 32 and m.timestamp[:2] == "20"
+    assert Msg("a", 1).id != Msg("a", 1).id
+
+
+def test_codec_roundtrips_msgs_refs_models_nested() -> None:
+    inner = Msg("b", b"\x00bytes", role="assistant", metadata={"t": 1.5})
+    p = Placeholder("call-1")
+    value = {"msgs": [Msg("a", inner), inner], "ref": p, "point": Point(x=1, y=2),
+             "tuple": (1, 2), 3: None}
+    refs: list[Ref] = []
+    out = unpack(pack(value), refs)
+    assert out["msgs"][0].content == inner and out["msgs"][1] == inner
+    assert out["ref"] == Ref("call-1") and refs == [Ref("call-1")]
+    assert out["point"] == Point(x=1, y=2) and out["tuple"] == [1, 2] and out[3] is None
+    assert substitute(out, {"call-1": "resolved"})["ref"] == "resolved"
+    nested = substitute(Msg("x", [Ref("call-1")]), {"call-1": 7})
+    assert nested.content == [7]
+
+
+def test_codec_refuses_what_cannot_travel() -> None:
+    with pytest.raises(NotSerializable, match="object cannot travel"):
+        pack({"x": object()})
+    with pytest.raises(NotSerializable):
+        pack(lambda: 1)
+
+
+def test_codec_rejects_garbage_and_unknown_models() -> None:
+    import msgpack
+
+    unknown_ext = msgpack.packb(msgpack.ExtType(9, b""))
+    for data in (b"\xc1", b"\x92\x01", b"\x80\x04\x95garbage", unknown_ext):
+        with pytest.raises(ProtocolError):
+            unpack(data)
+    fake = msgpack.packb(msgpack.ExtType(3, pack(["not.loaded.module:Thing", {}])))
+    with pytest.raises(ProtocolError, match="not loaded"):
+        unpack(fake)
+    notmodel = msgpack.packb(msgpack.ExtType(3, pack(["os:system", {}])))
+    with pytest.raises(ProtocolError, match="not a pydantic model"):
+        unpack(notmodel)
+
+
+def test_reply_roundtrip_and_error_mapping() -> None:
+    r = unpack_reply(pack_reply(True, Msg("a", 1)))
+    assert r.ok and r.value.content == 1
+    e = from_wire("ValueError", "bad", "tb", "w1")
+    assert isinstance(e, RemoteError) and e.type == "ValueError" and "tb" in str(e)
+    assert isinstance(from_wire("UnknownAgent", "gone", "", "w1"), UnknownAgent)
+    with pytest.raises(ProtocolError):
+        unpack_reply(pack({"nope": 1}))
+
+
+def test_memory_tracks_changes_for_incremental_saves() -> None:
+    m = Memory()
+    m.add(Msg("a", 1))
+    m.add([Msg("a", 2), None])
+    m.add(None)
+    cleared, new = m.take_changes()
+    assert not cleared and [json.loads(x)["content"] for x in new] == [1, 2]
+    assert m.take_changes() == (False, [])
+    m.clear()
+    m.add("plain")
+    cleared, new = m.take_changes()
+    assert cleared and new == ['"plain"']
+    assert m.get(1) == ["plain"] and m.get(0) == [] and m.size() == 1
+    original = Msg("a", {"raw": b"\xff", "inner": Msg("b", [Point(x=1, y=2)])}, metadata={"k": 1})
+    back = from_json(to_json(original))
+    assert back == original
+    assert json.loads(to_json(original))["content"]["raw"] == {"$b64": "/w=="}
+
+
+def test_settings_from_env_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUSAGENT_PREFIX", "app1")
+    monkeypatch.setenv("BUSAGENT_CALL_TIMEOUT", "none")
+    s = Settings.load(heartbeat=0.5)
+    assert (s.prefix, s.call_timeout, s.heartbeat) == ("app1", None, 0.5)
+    assert s.block_slice < s.socket_timeout
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings.load(nonsense=1)
+    with pytest.raises(ConfigError, match="invalid"):
+        Settings.load(prefix="a b")
+    monkeypatch.setenv("BUSAGENT_HEARTBEAT", "-1")
+    with pytest.raises(ConfigError):
+        Settings.load()
+
+
+def test_keys_are_prefixed() -> None:
+    k = Keys("p")
+    assert [k.servers, k.agents, k.inbox("s"), k.reply("c"), k.memory("a"), k.ready("s")] == [
+        "p:servers", "p:agents", "p:inbox:s", "p:reply:c", "p:memory:a", "p:ready:s"]
+
+
+def _fake_bus() -> Any:
+    s = Settings.load(dead_after=10)
+    return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s)
+
+
+def _server(name: str, **kw: Any) -> str:
+    base = dict(name=name, host="h", pid=1, started=0.0, heartbeat=time.time(), capacity=100,
+                modules=["m"], agents=0, cpu=0.0)
+    return ServerInfo(**{**base, **kw}).model_dump_json()
+
+
+def test_placement_prefers_light_servers_and_spreads_bursts() -> None:
+    b = _fake_bus()
+    b.redis.hset(b.keys.servers, mapping={
+        "busy": _server("busy", cpu=90.0),
+        "idle1": _server("idle1"),
+        "idle2": _server("idle2"),
+        "dead": _server("dead", heartbeat=time.time() - 60),
+        "full": _server("full", agents=100),
+        "other": _server("other", modules=["x"]),
+    })
+    picks = [registry.place(b, "m", "m", None) for _ in range(30)]
+    assert set(picks) == {"idle1", "idle2", "busy"}
+    assert abs(picks.count("idle1") - picks.count("idle2")) <= 1
+    assert picks.count("busy") < picks.count("idle1")
+    assert registry.place(b, "x", "x", None) == "other"
+    with pytest.raises(PlacementError, match="did not load module 'm'"):
+        registry.place(b, "m", "m", "other")
+    with pytest.raises(PlacementError, match="no live server named 'dead'"):
+        registry.place(b, "m", "m", "dead")
+    with pytest.raises(PlacementError, match="full"):
+        registry.place(b, "m", "m", "full")
