@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py [--seq 2000] [--inflight 64] [--fanout 10000 --agents 1000]
 
-Prints a table and writes benchmarks/results/bench.json. Workers are child processes (two, as
+Prints medians of --repeat runs and writes benchmarks/results/bench.json. Workers are child processes (two, as
 on a 2-core machine); the floor's responder is one separate process doing by hand what a worker
 does: XREADGROUP, write the reply, XACK+XDEL. Its caller does XADD then a blocking read.
 """
@@ -151,10 +151,16 @@ def main() -> None:
     ap.add_argument("--fanout", type=int, default=10000)
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--redis", default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="runs; medians are reported")
     o = ap.parse_args()
     b = busagent.init(o.redis)
-    fl = floor(b.url, o.seq, o.inflight, o.inflight_calls)
-    ba = bench_busagent(o.seq, o.inflight, o.inflight_calls, o.fanout, o.agents)
+    runs = []
+    for _ in range(o.repeat):
+        runs.append((floor(b.url, o.seq, o.inflight, o.inflight_calls),
+                     bench_busagent(o.seq, o.inflight, o.inflight_calls, o.fanout, o.agents)))
+    # Medians over the repeats: this machine's neighbours make single runs noisy.
+    fl = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+    ba = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
     rows = [
         ("sequential p50 (ms)", fl["p50_ms"], ba["p50_ms"]),
         ("sequential p99 (ms)", fl["p99_ms"], ba["p99_ms"]),
@@ -163,7 +169,8 @@ def main() -> None:
         (f"fan-out {o.fanout} calls to {o.agents} agents, calls/s", None, ba["fanout_per_s"]),
         (f"create {o.agents} agents, agents/s", None, ba["create_per_s"]),
     ]
-    print(f"redis: {b.url_for_humans}   cpus: {os.cpu_count()}   python: {sys.version.split()[0]}")
+    print(f"redis: {b.url_for_humans}   cpus: {os.cpu_count()}   python: {sys.version.split()[0]}"
+          f"   medians of {o.repeat} runs")
     print(f"{'':48} {'raw floor':>10} {'busagent':>10} {'ratio':>7}")
     for name, f, v in rows:
         fs = f"{f:10.3f}" if f is not None else f"{'-':>10}"
@@ -171,8 +178,8 @@ def main() -> None:
         print(f"{name:48} {fs} {v:10.3f} {ratio}")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"floor": fl, "busagent": ba, "args": vars(o)},
-                                               indent=2))
+    (out / "bench.json").write_text(json.dumps({"floor": fl, "busagent": ba, "args": vars(o),
+                                                "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
