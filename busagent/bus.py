@@ -159,6 +159,11 @@ class Sender:
 
     def _send(self, batch: list[Op]) -> None:
         client = self._bus.redis
+        if len(batch) == 1 and batch[0].ncmds == 1:
+            # A lone command skips the pipeline machinery: the common case of a caller that
+            # resolves each call before making the next.
+            self._send_one(batch[0])
+            return
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
             for op in batch:
@@ -166,10 +171,7 @@ class Sender:
             try:
                 results = pipe.execute(raise_on_error=False)
             except (redis.exceptions.RedisError, OSError) as e:
-                err = RedisUnavailable(
-                    f"could not send to Redis at {self._bus.url_for_humans}: {e}; check the URL "
-                    "(BUSAGENT_REDIS_URL) and that the server is up"
-                )
+                err = self._unavailable(e)
                 for op in batch:
                     op.on_error(err)
                 return
@@ -191,6 +193,26 @@ class Sender:
                 return
             self._bus.load_scripts()
             batch = retry
+
+
+    def _send_one(self, op: Op) -> None:
+        client = self._bus.redis
+        try:
+            try:
+                op.add(client)
+            except redis.exceptions.NoScriptError:
+                self._bus.load_scripts()
+                op.add(client)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            op.on_error(self._unavailable(e))
+        except redis.exceptions.RedisError as e:
+            op.on_error(BusagentError(f"Redis refused a command: {e}"))
+
+    def _unavailable(self, e: BaseException) -> RedisUnavailable:
+        return RedisUnavailable(
+            f"could not send to Redis at {self._bus.url_for_humans}: {e}; check the URL "
+            "(BUSAGENT_REDIS_URL) and that the server is up"
+        )
 
 
 class Bus:
