@@ -37,10 +37,10 @@ from .errors import (
     from_wire,
 )
 from .keys import Keys
-from .wire import VERSION, Reply, unpack_reply
+from .wire import VERSION, Reply, signature, unpack_reply
 
-ROUTE_LUA = resources.files("busagent").joinpath("route.lua").read_text()
-COMMIT_LUA = resources.files("busagent").joinpath("commit.lua").read_text()
+SCRIPTS = ("route", "commit", "move", "heartbeat")
+LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
 BATCH = 1000
 #: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
 LINGER = 0.002
@@ -245,7 +245,8 @@ class Bus:
                 "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
-        self.route_sha = self.commit_sha = ""
+        self.route_sha = ""
+        self.sha: dict[str, str] = {}
         self.load_scripts()
         self.sender = Sender(self)
 
@@ -260,8 +261,16 @@ class Bus:
         return self.url
 
     def load_scripts(self) -> None:
-        self.route_sha = str(self.redis.script_load(ROUTE_LUA))
-        self.commit_sha = str(self.redis.script_load(COMMIT_LUA))
+        self.sha = {n: str(self.redis.script_load(src)) for n, src in LUA.items()}
+        self.route_sha = self.sha["route"]
+
+    def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one of busagent's Lua scripts (reloading it if Redis restarted empty)."""
+        try:
+            return self.redis.evalsha(self.sha[name], len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            self.load_scripts()
+            return self.redis.evalsha(self.sha[name], len(keys), *keys, *args)
 
     # --- async client, one per event loop -------------------------------------------------
 
@@ -290,8 +299,9 @@ class Bus:
               on_error: Callable[[BaseException], None]) -> None:
         """Queue a call to an agent (routed by its registry record)."""
         keys = self.keys
+        sig = signature(self.settings.secret, VERSION, call_id, agent_id, kind, body)
         args = (keys.inbox_prefix, self.settings.reply_ttl, VERSION, call_id, agent_id,
-                self.caller, kind, body)
+                self.caller, kind, body, sig)
 
         def add(pipe: Any) -> None:
             pipe.evalsha(self.route_sha, 3, keys.agents, keys.servers, keys.reply(call_id), *args)
@@ -301,6 +311,15 @@ class Bus:
     def send(self, add: Callable[[Any], None], ncmds: int,
              on_error: Callable[[BaseException], None]) -> None:
         self.sender.submit(Op(add, ncmds, on_error))
+
+    def entry(self, call_id: str, agent_id: str, kind: str, body: bytes) -> dict[str, Any]:
+        """The fields of a stream entry sent directly (not through the routing script)."""
+        fields: dict[str, Any] = {"v": VERSION, "call": call_id, "agent": agent_id,
+                                  "caller": self.caller, "kind": kind, "body": body}
+        sig = signature(self.settings.secret, VERSION, call_id, agent_id, kind, body)
+        if sig:
+            fields["sig"] = sig
+        return fields
 
     # --- resolving ----------------------------------------------------------------------------
 
@@ -318,8 +337,9 @@ class Bus:
         keys = self.keys
         out: dict[str, bytes] = {}
         pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
-        try:
-            while pending:
+        outage = _Outage(self, deadline)
+        while pending:
+            try:
                 if len(pending) > 1:  # one key: BLMOVE below returns at once if it is there
                     got = self._peek(pending)
                     out.update(got)
@@ -331,13 +351,13 @@ class Bus:
                 key = keys.reply(first)
                 # redis-py's hints say int; Redis takes fractional seconds since 6.0.
                 data = self.redis.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                if data is not None:
-                    out[first] = cast(bytes, data)
-                    pending = pending[1:]
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            raise RedisUnavailable(
-                f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
-            ) from None
+                outage.over()
+            except _REDIS_ERRORS as e:
+                time.sleep(outage.backoff(e))
+                continue
+            if data is not None:
+                out[first] = cast(bytes, data)
+                pending = pending[1:]
         return out
 
     def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
@@ -381,8 +401,9 @@ class Bus:
         keys = self.keys
         out: dict[str, bytes] = {}
         pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
-        try:
-            while pending:
+        outage = _Outage(self, deadline)
+        while pending:
+            try:
                 for i in range(0, len(pending), BATCH):
                     chunk = pending[i : i + BATCH]
                     pipe = client.pipeline(transaction=False)
@@ -398,13 +419,13 @@ class Bus:
                 first = pending[0]
                 key = keys.reply(first)
                 data = await client.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                if data is not None:
-                    out[first] = cast(bytes, data)
-                    pending = pending[1:]
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            raise RedisUnavailable(
-                f"lost Redis at {self.url_for_humans} while waiting for replies: {e}"
-            ) from None
+                outage.over()
+            except _REDIS_ERRORS as e:
+                await asyncio.sleep(outage.backoff(e))
+                continue
+            if data is not None:
+                out[first] = cast(bytes, data)
+                pending = pending[1:]
         return out
 
     def close(self) -> None:
@@ -422,6 +443,29 @@ class Bus:
 
 
 _DEFAULT: Any = object()
+
+
+class _Outage:
+    """Waiting through a Redis outage: back off, keep trying until the caller's deadline, then
+    say Redis was the problem (not the agent)."""
+
+    def __init__(self, bus: Bus, deadline: float | None) -> None:
+        self.bus = bus
+        self.deadline = deadline
+        self.delay = 0.05
+
+    def over(self) -> None:
+        self.delay = 0.05
+
+    def backoff(self, e: BaseException) -> float:
+        if self.deadline is not None and time.monotonic() + self.delay > self.deadline:
+            raise RedisUnavailable(
+                f"lost Redis at {self.bus.url_for_humans} while waiting for replies and it did "
+                f"not come back before the deadline: {e}"
+            ) from None
+        d = self.delay
+        self.delay = min(self.delay * 2, 1.0)
+        return d
 
 
 def decode(data: bytes) -> Any:

@@ -36,6 +36,12 @@ class Settings(BaseModel):
     child_workers: int = Field(2, ge=1)
     #: Redis socket timeout; blocking reads are sliced well below it so a dead peer is noticed.
     socket_timeout: float = Field(15.0, gt=1)
+    #: a call whose worker died this many times is dead-lettered instead of delivered again.
+    max_deliveries: int = Field(3, ge=1)
+    #: entries kept in the dead-letter stream (approximately).
+    deadletter_max: int = Field(10000, ge=1)
+    #: shared secret: callers sign calls (HMAC-SHA256), workers refuse calls without a valid one.
+    secret: str | None = Field(None, repr=False)
 
     @field_validator("prefix")
     @classmethod

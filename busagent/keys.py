@@ -10,6 +10,9 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:inbox:{server}``            | stream | calls for the agents one server hosts              |
 | ``{p}:reply:{call}``              | list   | one msgpack Reply; expires after ``reply_ttl``     |
 | ``{p}:memory:{agent}``            | list   | the agent's memory, one JSON Msg per element       |
+| ``{p}:specs``                     | hash   | agent id -> msgpack constructor call (to rebuild)  |
+| ``{p}:deadletter``                | stream | calls given up on, with the reason (capped)        |
+| ``{p}:lock:{server}``             | string | held by whoever moves a dead server's agents       |
 | ``{p}:ready:{server}``            | list   | a token pushed once when a worker is serving       |
 """
 
@@ -57,3 +60,14 @@ class Keys:
 
     def ready(self, server: str) -> str:
         return f"{self.prefix}:ready:{server}"
+
+    @property
+    def specs(self) -> str:
+        return f"{self.prefix}:specs"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}:deadletter"
+
+    def lock(self, server: str) -> str:
+        return f"{self.prefix}:lock:{server}"

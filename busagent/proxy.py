@@ -11,7 +11,7 @@ from .agent import DistConf, class_path, is_remote
 from .errors import ConfigError, NotSerializable
 from .memory import from_json
 from .placeholder import Placeholder
-from .wire import VERSION, AgentInfo, pack
+from .wire import AgentInfo, pack
 
 
 class RemoteAgent:
@@ -128,15 +128,15 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
     agent_id, call_id = _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
     keys = b.keys
-    fields = {"v": VERSION, "call": call_id, "agent": agent_id, "caller": b.caller,
-              "kind": "create", "body": body}
+    fields = b.entry(call_id, agent_id, "create", body)
 
     def add(pipe: Any) -> None:
         # The record first: calls sent right after this are routed by it and queue behind the
-        # create in the same inbox.
+        # create in the same inbox. The spec lets recovery rebuild the agent elsewhere.
         pipe.hset(keys.agents, agent_id, info.model_dump_json())
+        pipe.hset(keys.specs, agent_id, body)
         pipe.xadd(keys.inbox(server), fields)
 
     created = Placeholder(call_id, agent_id)
-    b.send(add, 2, created._fail)
+    b.send(add, 3, created._fail)
     return RemoteAgent(agent_id, name, cls, server, created)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ from .bus import Bus
 from .errors import BusagentError, PlacementError, UnknownAgent
 from .memory import from_json
 from .placeholder import Placeholder
-from .wire import VERSION, AgentInfo, ServerInfo, pack
+from .wire import AgentInfo, ServerInfo, pack
 
 #: how long a placement decision reuses its snapshot of the servers hash.
 SNAPSHOT_TTL = 1.0
@@ -162,16 +161,17 @@ class ServerClient:
         if self._info() is None:
             raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
         call_id = _bus.new_id()
-        fields = {"v": VERSION, "call": call_id, "agent": agent or "", "caller": b.caller,
-                  "kind": "control", "body": pack({"op": op, "agent": agent})}
+        fields = b.entry(call_id, agent or "", "control", pack({"op": op, "agent": agent}))
         p = Placeholder(call_id, agent or "")
         key = b.keys.inbox(self.server)
         b.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
         return p.result(timeout)
 
-    def stop(self, timeout: float | None = 30.0) -> bool:
-        """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged."""
-        return bool(self._control("stop", timeout=timeout))
+    def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
+        """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged.
+        With ``drain`` its agents move to other live servers, memory and waiting calls included,
+        instead of being deleted."""
+        return bool(self._control("drain" if drain else "stop", timeout=timeout))
 
     def get_agent_list(self, timeout: float | None = 30.0) -> list[dict[str, Any]]:
         """``[{agent_id, name, cls, memory_size}, ...]`` as the server sees them now."""
@@ -199,8 +199,41 @@ class ServerClient:
         return f"ServerClient({self.server!r})"
 
 
-def dump(obj: Any) -> str:
-    return json.dumps(obj, default=str)
+def deadletters(count: int = 100) -> list[dict[str, Any]]:
+    """The newest dead-lettered calls: id, call, agent, kind, reason, tries, server."""
+    b = _bus.current()
+    out = []
+    raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
+    for entry_id, fields in raw:
+        f = {k.decode(): v for k, v in fields.items()}
+        row = {"id": entry_id.decode()}
+        for name in ("call", "agent", "kind", "caller", "reason", "tries", "server"):
+            if name in f:
+                row[name] = f[name].decode(errors="replace")
+        out.append(row)
+    return out
 
 
-__all__ = ["BusagentError", "ServerClient", "agents", "place", "servers"]
+def replay(entry_id: str) -> str:
+    """Send a dead-lettered call again, to its agent's current server, under its call id (the
+    error reply it got is removed first so its reader sees the new one). Returns the call id."""
+    b = _bus.current()
+    raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)
+    if not raw:
+        raise UnknownAgent(f"no dead-letter entry {entry_id}; see `busagent deadletter`")
+    f = {k.decode(): v for k, v in raw[0][1].items()}
+    call: str = f.get("call", b"").decode()
+    agent: str = f.get("agent", b"").decode()
+    if not call or not agent:
+        raise BusagentError(f"dead-letter entry {entry_id} has no call or agent to replay")
+    b.redis.delete(b.keys.reply(call))
+    p = Placeholder(call, agent)
+    b.route(agent, call, f.get("kind", b"call").decode(), f.get("body", b""), p._fail)
+    b.sender.flush()
+    if p._error is not None:
+        raise p._error
+    b.redis.xdel(b.keys.deadletter, entry_id)
+    return call
+
+
+__all__ = ["ServerClient", "agents", "deadletters", "place", "replay", "servers"]

@@ -5,7 +5,7 @@
 -- KEYS[1] agents hash, KEYS[2] servers hash, KEYS[3] the call's reply key.
 -- The inbox key is derived from the agent's record (ARGV[1] .. server): busagent targets a single
 -- Redis (or a primary with replicas), not Redis Cluster.
--- ARGV: inbox prefix, reply ttl, version, call id, agent id, caller, kind, body
+-- ARGV: inbox prefix, reply ttl, version, call id, agent id, caller, kind, body, signature
 local rec = redis.call('HGET', KEYS[1], ARGV[5])
 local etype, emsg
 if not rec then
@@ -15,8 +15,13 @@ if not rec then
 else
   local server = cjson.decode(rec)['server']
   if redis.call('HEXISTS', KEYS[2], server) == 1 then
-    redis.call('XADD', ARGV[1] .. server, '*', 'v', ARGV[3], 'call', ARGV[4], 'agent', ARGV[5],
-      'caller', ARGV[6], 'kind', ARGV[7], 'body', ARGV[8])
+    if ARGV[9] ~= '' then
+      redis.call('XADD', ARGV[1] .. server, '*', 'v', ARGV[3], 'call', ARGV[4], 'agent', ARGV[5],
+        'caller', ARGV[6], 'kind', ARGV[7], 'body', ARGV[8], 'sig', ARGV[9])
+    else
+      redis.call('XADD', ARGV[1] .. server, '*', 'v', ARGV[3], 'call', ARGV[4], 'agent', ARGV[5],
+        'caller', ARGV[6], 'kind', ARGV[7], 'body', ARGV[8])
+    end
     return 1
   end
   etype = 'UnknownAgent'

@@ -7,6 +7,8 @@ already imported (its own code or a module it was told to load).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib
 import sys
 from typing import Any, Literal
@@ -56,6 +58,27 @@ class Entry(BaseModel):
     caller: str = Field(max_length=256)
     kind: Kind
     body: bytes
+    #: how many workers died holding this call (set when recovery moves it).
+    tries: int = 0
+    #: a create that rebuilds the agent from its spec and stored memory (recovery).
+    restore: bool = False
+    #: HMAC of the signed fields when a secret is configured.
+    sig: str = ""
+
+    def signed_part(self) -> bytes:
+        return sign_input(self.v, self.call, self.agent, self.kind, self.body)
+
+
+def sign_input(v: int, call: str, agent: str, kind: str, body: bytes) -> bytes:
+    return f"{v}|{call}|{agent}|{kind}|".encode() + body
+
+
+def signature(secret: str | None, v: int, call: str, agent: str, kind: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 of a call's identifying fields and body ("" without a secret)."""
+    if not secret:
+        return ""
+    return hmac.new(secret.encode(), sign_input(v, call, agent, kind, body),
+                    hashlib.sha256).hexdigest()
 
 
 class CallBody(BaseModel):
@@ -77,7 +100,7 @@ class CreateBody(BaseModel):
 
 
 class ControlBody(BaseModel):
-    op: Literal["stop", "delete", "delete_all", "list", "ping", "wake"]
+    op: Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake"]
     agent: str | None = None
 
 

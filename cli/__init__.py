@@ -139,11 +139,33 @@ def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
 
 
 @app.command()
-def stop(server: str, url: RedisOpt = None, prefix: PrefixOpt = None) -> None:
-    """Stop a server gracefully: in-flight calls finish."""
+def stop(
+    server: str,
+    drain: Annotated[bool, typer.Option(help="move its agents to other servers first")] = False,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Stop a server gracefully: in-flight calls finish; --drain moves its agents elsewhere."""
     _connect(url, prefix)
-    registry.ServerClient(server).stop()
-    out.print(f"stopping {server}")
+    registry.ServerClient(server).stop(drain=drain)
+    out.print(f"{'draining' if drain else 'stopping'} {server}")
+
+
+@app.command()
+def deadletter(
+    replay: Annotated[str | None, typer.Option(help="send this entry's call again")] = None,
+    count: Annotated[int, typer.Option(help="newest entries to show")] = 100,
+    url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List calls given up on (their workers kept dying, or they were malformed), or replay one."""
+    _connect(url, prefix)
+    if replay:
+        out.print(f"replayed call {registry.replay(replay)}")
+        return
+    rows = registry.deadletters(count)
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "call", "agent", "kind", "tries", "server", "reason"])
 
 
 @app.command()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import logging
 import os
@@ -49,7 +50,8 @@ from busagent.errors import (
     UnknownClass,
 )
 from busagent.keys import GROUP
-from busagent.memory import Memory
+from busagent.memory import Memory, from_json
+from busagent.registry import alive
 from busagent.wire import (
     VERSION,
     CallBody,
@@ -61,10 +63,12 @@ from busagent.wire import (
     ServerInfo,
     pack,
     pack_reply,
+    signature,
     substitute,
     unpack,
 )
 
+from . import recovery
 from .load import load
 
 log = logging.getLogger("busagent.worker")
@@ -98,6 +102,8 @@ class Done:
     mem_new: list[str] | None = None
     #: the agent was deleted: drop its memory and registry record.
     drop: bool = False
+    #: fields to keep in the dead-letter stream (a malformed entry nobody can be told about).
+    dead: dict[bytes, bytes] | None = None
 
 
 class Worker:
@@ -130,6 +136,10 @@ class Worker:
         self.commit_lock = threading.Lock()
         self.stopping = threading.Event()
         self.exiting = False
+        #: others declared this worker dead and moved its agents: stop, touch nothing of theirs.
+        self.fenced = False
+        #: on stop, move the agents to other servers instead of deleting them.
+        self.drain = False
         self.serving = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -159,7 +169,7 @@ class Worker:
         loop_ready.wait()
         asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
         self._ensure_group()
-        self._heartbeat_once()
+        self._adopt()
         for i in range(self.nthreads):
             self._spawn(self._runner, f"runner-{i}")
         self._spawn(self._heartbeat, "heartbeat")
@@ -168,6 +178,57 @@ class Worker:
         self.serving.set()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded),
                  self.bus.url_for_humans)
+
+    def _adopt(self) -> None:
+        """Take the name: refuse if a live worker has it; after a crash under this name, rebuild
+        the agents still registered to it (memory as of their last completed call) so that its
+        pending calls, read first, find them."""
+        raw = self.r.hget(self.keys.servers, self.name)
+        if raw is not None:
+            old = ServerInfo.model_validate_json(raw)
+            if alive(self.bus, old) and old.pid != os.getpid():
+                raise BusagentError(
+                    f"a worker named {self.name!r} is already running (pid {old.pid} on "
+                    f"{old.host}); pick another --name or stop it with `busagent stop {self.name}`"
+                )
+        deadline = time.monotonic() + recovery.LOCK_MS / 1000
+        while not recovery.lock(self.bus, self.name, self.name):
+            if time.monotonic() > deadline:
+                raise BusagentError(f"recovery of the previous {self.name!r} did not finish")
+            time.sleep(0.2)  # another worker is moving our predecessor's agents: let it finish
+        try:
+            for info in recovery.agents_of(self.bus, self.name):
+                try:
+                    self.agents[info.id] = self._restore(info.id)
+                except Exception as e:  # noqa: BLE001 - one bad agent must not stop the rest
+                    self.failed[info.id] = f"{type(e).__name__}: {e}"
+                    log.warning("could not rebuild agent %s: %s", info.id, e)
+            if self.agents:
+                log.warning("rebuilt %d agents of the previous %s", len(self.agents), self.name)
+            self.r.hset(self.keys.servers, self.name, self.info().model_dump_json())
+        finally:
+            recovery.unlock(self.bus, self.name, self.name)
+
+    def _restore(self, agent_id: str) -> Agent:
+        """Rebuild an agent from its spec, with its memory as stored in Redis."""
+        spec = self.r.hget(self.keys.specs, agent_id)
+        if spec is None:
+            raise UnknownAgent(f"agent {agent_id} has no stored spec to rebuild it from")
+        body = CreateBody.model_validate(unpack(spec))  # type: ignore[arg-type]
+        agent = self._build(agent_id, body)
+        items: Any = self.r.lrange(self.keys.memory(agent_id), 0, -1)
+        agent.memory = Memory(from_json(x) for x in items)  # already saved: nothing to rewrite
+        return agent
+
+    def _build(self, agent_id: str, body: CreateBody) -> Agent:
+        cls = self._class(body.cls)
+        token = assigning_id.set(agent_id)
+        try:
+            agent = cls(*body.args, **body.kwargs)
+        finally:
+            assigning_id.reset(token)
+        agent.agent_id = agent_id
+        return agent
 
     async def _setup_loop(self) -> None:
         s = self.settings
@@ -204,8 +265,7 @@ class Worker:
     def _wake_reader(self) -> None:
         """End the leader's blocking read now rather than at its timeout: an entry that the
         worker acknowledges without replying."""
-        fields = {"v": VERSION, "call": f"wake-{_bus.new_id()}", "agent": "", "caller": self.name,
-                  "kind": "control", "body": pack({"op": "wake"})}
+        fields = self.bus.entry(f"wake-{_bus.new_id()}", "", "control", pack({"op": "wake"}))
         # If this fails the read times out on its own within a second.
         with contextlib.suppress(redis.exceptions.RedisError):
             self.r.xadd(self.inbox, fields)  # type: ignore[arg-type]
@@ -218,18 +278,26 @@ class Worker:
             self.exiting = True
             self.cond.notify_all()
         self._flush()
-        self._deregister()
+        if self.drain and not self.fenced:
+            res = recovery.recover(self.bus, self.name, self.name, exclude={self.name})
+            log.info("drained %s: %s", self.name, res)
+        if not self.fenced:
+            self._deregister()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.bus.close()
 
     def _deregister(self) -> None:
+        """Remove this server, and the agents still registered to it (drained ones were moved
+        and are no longer ours)."""
         try:
+            ids = [a.id for a in recovery.agents_of(self.bus, self.name)]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.name)
-            ids = list(self.agents)
             for i in range(0, len(ids), 1000):
-                pipe.hdel(self.keys.agents, *ids[i : i + 1000])
-                pipe.delete(*[self.keys.memory(a) for a in ids[i : i + 1000]])
+                chunk = ids[i : i + 1000]
+                pipe.hdel(self.keys.agents, *chunk)
+                pipe.hdel(self.keys.specs, *chunk)
+                pipe.delete(*[self.keys.memory(a) for a in chunk])
             pipe.execute()
         except redis.exceptions.RedisError as e:
             log.warning("could not deregister %s: %s", self.name, e)
@@ -253,7 +321,15 @@ class Worker:
         )
 
     def _heartbeat_once(self) -> None:
-        self.r.hset(self.keys.servers, self.name, self.info().model_dump_json())
+        if self.fenced:
+            return
+        ok = self.bus.script("heartbeat", [self.keys.servers],
+                             [self.name, self.info().model_dump_json()])
+        if not ok:
+            log.error("worker %s was declared dead and its agents moved elsewhere; stopping",
+                      self.name)
+            self.fenced = True
+            self.stop()
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat):
@@ -264,16 +340,22 @@ class Worker:
                 log.warning("heartbeat failed: %s", e)
 
     def _sweep(self) -> None:
+        """Recover servers that stopped heart-beating; drop their records once empty and old."""
         now = time.time()
         servers: dict[bytes, bytes] = self.r.hgetall(self.keys.servers)  # type: ignore[assignment]
-        for name, raw in servers.items():
+        for raw in servers.values():
             try:
-                hb = ServerInfo.model_validate_json(raw).heartbeat
+                info = ServerInfo.model_validate_json(raw)
             except ValueError:
                 continue
-            if now - hb > self.settings.sweep_after:
-                log.info("sweeping dead server %s", name.decode())
-                self.r.hdel(self.keys.servers, name)
+            if info.name == self.name or self.stopping.is_set():
+                continue
+            if recovery.needs_recovery(self.bus, info, now):
+                recovery.recover(self.bus, info.name, self.name)
+            elif (info.status == "dead" and info.agents == 0
+                  and now - info.heartbeat > self.settings.sweep_after):
+                log.info("sweeping dead server %s", info.name)
+                self.r.hdel(self.keys.servers, info.name)
 
     # --- leader / followers ------------------------------------------------------------------
 
@@ -307,6 +389,8 @@ class Worker:
                 # Followers take the rest, and one more becomes the next leader.
                 self.cond.notify(len(self.ready) + 1)
             for done in rejected:
+                if done.dead is not None:
+                    self._deadletter(done.dead)
                 self._commit(done)
             if mine is not None:
                 self._drain(mine)
@@ -349,12 +433,18 @@ class Worker:
                 caller=fields.get(b"caller", b"").decode(),
                 kind=fields.get(b"kind", b"").decode(),  # type: ignore[arg-type]
                 body=fields.get(b"body", b""),
+                tries=int(fields.get(b"tries", b"0")),
+                restore=fields.get(b"restore") == b"1",
+                sig=fields.get(b"sig", b"").decode(),
             )
         except (KeyError, ValueError, UnicodeDecodeError) as e:
             call = fields.get(b"call")
             log.warning("malformed entry %s: %s", entry_id, e)
-            return Done(entry_id, call.decode(errors="replace") if call else "",
+            done = Done(entry_id, call.decode(errors="replace") if call else "",
                         self._error_reply(ProtocolError(f"malformed call entry: {e}")))
+            if not call:  # nobody to answer: keep it where an operator can look
+                done.dead = {**fields, b"reason": f"malformed, no call id: {e}".encode()}
+            return done
         agent = entry.agent if entry.kind != "control" or entry.agent else CONTROL
         box = self.mailboxes.get(agent)
         if box is None:
@@ -364,6 +454,14 @@ class Worker:
             self.busy.add(agent)
             self.ready.append(agent)
         return None
+
+    def _deadletter(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry: dict[Any, Any] = {**fields, b"server": self.name.encode()}
+            self.r.xadd(self.keys.deadletter, entry, maxlen=self.settings.deadletter_max,
+                        approximate=True)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not dead-letter an entry: %s", e)
 
     def _drain(self, agent_id: str) -> None:
         """Run the agent's calls in order until its mailbox is empty (the actor loop)."""
@@ -412,6 +510,11 @@ class Worker:
             raise ProtocolError(f"protocol version {e.v} is not {VERSION}; upgrade busagent on "
                                 "the caller or the worker so they match")
         self.bus.check_size(e.body, "the call")
+        secret = self.settings.secret
+        if secret and not hmac.compare_digest(
+                e.sig, signature(secret, e.v, e.call, e.agent, e.kind, e.body)):
+            raise ProtocolError("the call is not signed with this bus's shared secret "
+                                "(BUSAGENT_SECRET); refused")
         if e.kind == "create":
             return self._create(job)
         if e.kind == "control":
@@ -509,16 +612,14 @@ class Worker:
     def _create(self, job: Job) -> Done:
         e = job.entry
         try:
-            body = CreateBody.model_validate(unpack(e.body))
             if len(self.agents) >= self.capacity:
                 raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
-            cls = self._class(body.cls)
-            token = assigning_id.set(e.agent)
-            try:
-                agent = cls(*body.args, **body.kwargs)
-            finally:
-                assigning_id.reset(token)
-            agent.agent_id = e.agent
+            if e.restore:
+                # Moved here by recovery: rebuilt, not new. Nobody waits on this entry.
+                self.agents[e.agent] = self._restore(e.agent)
+                return Done(job.entry_id, "", b"")
+            body = CreateBody.model_validate(unpack(e.body))
+            agent = self._build(e.agent, body)
             if body.memory:
                 agent.memory = Memory(body.memory)
                 agent.memory._saved = 0  # persist the carried-over memory with this reply
@@ -526,8 +627,10 @@ class Worker:
             self.failed[e.agent] = f"{type(err).__name__}: {err}"
             if len(self.failed) > FAILED_CREATES:
                 self.failed.pop(next(iter(self.failed)))
-            return Done(job.entry_id, e.call,
-                        self._error_reply(err), e.agent, drop=True)
+            if e.restore:
+                log.warning("could not rebuild agent %s: %s", e.agent, err)
+                return Done(job.entry_id, "", b"")
+            return Done(job.entry_id, e.call, self._error_reply(err), e.agent, drop=True)
         self.agents[e.agent] = agent
         return self._done(job, agent, {"agent_id": e.agent, "server": self.name})
 
@@ -558,8 +661,9 @@ class Worker:
             return Done(job.entry_id, e.call, self._ok_reply(found), e.agent, drop=True)
         if body.op == "wake":
             return Done(job.entry_id, "", b"")
-        if body.op == "stop":
+        if body.op in ("stop", "drain"):
             value = True
+            self.drain = body.op == "drain"
             self.stop()
         elif body.op == "ping":
             value = self.name
@@ -656,13 +760,13 @@ class Worker:
                 rec.extend(d.mem_new)
             recs.append(rec)
         k = self.keys
-        args = (GROUP, self.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
-                msgpack.packb(recs, use_bin_type=False))  # Lua's cmsgpack predates bin types
-        try:
-            self.r.evalsha(self.bus.commit_sha, 2, self.inbox, k.agents, *args)
-        except redis.exceptions.NoScriptError:
-            self.bus.load_scripts()
-            self.r.evalsha(self.bus.commit_sha, 2, self.inbox, k.agents, *args)
+        fenced = self.bus.script(
+            "commit", [self.inbox, k.agents, k.specs],
+            [GROUP, self.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
+             msgpack.packb(recs, use_bin_type=False)],  # Lua's cmsgpack predates bin types
+        )
+        if fenced:
+            log.warning("%d replies refused: their calls were moved to another worker", fenced)
 
 
 def _user_traceback(err: BaseException) -> str:

@@ -1,0 +1,197 @@
+"""Moving agents off a server that died (or is draining), with their memory and waiting calls.
+
+Any live worker runs this for a server whose heartbeat stopped; one at a time per dead server
+(a lock). It marks the server dead first, which fences it: a frozen worker that wakes up finds
+itself dead at its next heartbeat and stops, and its commits of calls that were moved are
+refused (see commit.lua). Then, in batches, move.lua re-points each agent's record at a live
+server that loaded its module, queues a restore there and moves the agent's waiting calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis
+
+from busagent.bus import Bus
+from busagent.errors import UnknownAgent
+from busagent.keys import GROUP
+from busagent.registry import alive, read_servers
+from busagent.wire import VERSION, AgentInfo, ErrorInfo, ServerInfo, pack_reply, signature
+
+log = logging.getLogger("busagent.recovery")
+
+BATCH = 500
+LOCK_MS = 120_000
+
+
+@dataclass
+class Result:
+    moved_agents: int = 0
+    moved_calls: int = 0
+    deadlettered: int = 0
+    stranded: int = 0
+
+
+def agents_of(b: Bus, server: str) -> list[AgentInfo]:
+    out = []
+    for _, raw in b.redis.hscan_iter(b.keys.agents, count=1000):
+        info = AgentInfo.model_validate_json(raw)
+        if info.server == server:
+            out.append(info)
+    return out
+
+
+def needs_recovery(b: Bus, info: ServerInfo, now: float) -> bool:
+    dead = info.status == "dead" or now - info.heartbeat > b.settings.dead_after
+    if not dead:
+        return False
+    return info.status != "dead" or info.agents > 0 or b.redis.xlen(b.keys.inbox(info.name)) > 0
+
+
+def lock(b: Bus, server: str, owner: str) -> bool:
+    return bool(b.redis.set(b.keys.lock(server), owner, nx=True, px=LOCK_MS))
+
+
+def unlock(b: Bus, server: str, owner: str) -> None:
+    key = b.keys.lock(server)
+    if b.redis.get(key) == owner.encode():
+        b.redis.delete(key)
+
+
+def mark_dead(b: Bus, server: str) -> ServerInfo | None:
+    raw = b.redis.hget(b.keys.servers, server)
+    if raw is None:
+        return None
+    info = ServerInfo.model_validate_json(raw)
+    info.status = "dead"
+    b.redis.hset(b.keys.servers, server, info.model_dump_json())
+    return info
+
+
+def recover(b: Bus, server: str, owner: str, exclude: set[str] | None = None) -> Result | None:
+    """Move ``server``'s agents and waiting calls to live servers. None if someone else is on it."""
+    if not lock(b, server, owner):
+        return None
+    try:
+        return _recover(b, server, exclude or set())
+    finally:
+        unlock(b, server, owner)
+
+
+def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
+    k = b.keys
+    s = b.settings
+    info = mark_dead(b, server)
+    inbox = k.inbox(server)
+    res = Result()
+    agents = agents_of(b, server)
+
+    # A snapshot of the waiting calls, grouped by agent; the script also takes what arrives later.
+    by_agent: dict[str, list[bytes]] = defaultdict(list)
+    control: list[tuple[bytes, dict[bytes, bytes]]] = []
+    last = b"0-0"
+    for entry_id, fields in _entries(b, inbox):
+        last = entry_id
+        agent = fields.get(b"agent", b"").decode(errors="replace")
+        if agent:
+            by_agent[agent].append(entry_id)
+        else:
+            control.append((entry_id, fields))
+    _answer_control(b, inbox, control, server)
+
+    now = time.time()
+    live = [x for x in read_servers(b) if alive(b, x, now) and x.name != server
+            and x.name not in exclude]
+    batch: list[list[Any]] = []
+    for a in agents:
+        module = a.cls.split(":")[0]
+        fits = [x for x in live if module in x.modules and x.agents < x.capacity]
+        if not fits:
+            res.stranded += 1
+            continue
+        target = min(fits, key=lambda x: (x.agents + 1) * (1 + x.cpu / 100))
+        target.agents += 1
+        record = a.model_copy(update={"server": target.name}).model_dump_json()
+        call = f"restore-{a.id}"
+        sig = signature(s.secret, VERSION, call, a.id, "create", b"")
+        batch.append([a.id, target.name, record, sig, by_agent.get(a.id, [])])
+        if len(batch) == BATCH:
+            _move(b, server, inbox, last, batch, res)
+            batch = []
+    if batch:
+        _move(b, server, inbox, last, batch, res)
+
+    # Calls left for agents nobody has any more: answer them.
+    leftover = []
+    for entry_id, fields in _entries(b, inbox):
+        agent = fields.get(b"agent", b"").decode(errors="replace")
+        if not agent or b.redis.hexists(k.agents, agent):
+            continue
+        leftover.append((entry_id, fields))
+    _answer(b, inbox, leftover, UnknownAgent(
+        "the agent's server died and the agent is no longer registered"), server)
+
+    if info is not None:
+        info.agents = res.stranded
+        b.redis.hset(k.servers, server, info.model_dump_json())
+    if res.stranded == 0 and b.redis.xlen(inbox) == 0:
+        b.redis.delete(inbox)
+    log.warning("recovered %s: %d agents and %d calls moved, %d dead-lettered, %d stranded",
+                server, res.moved_agents, res.moved_calls, res.deadlettered, res.stranded)
+    return res
+
+
+def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[list[Any]],
+          res: Result) -> None:
+    k = b.keys
+    s = b.settings
+    moved, dead = b.script(
+        "move", [k.agents, inbox, k.deadletter],
+        [GROUP, k.inbox_prefix, k.reply_prefix, s.reply_ttl, s.max_deliveries, s.deadletter_max,
+         server, last, msgpack.packb(batch, use_bin_type=False)],
+    )
+    res.moved_agents += len(batch)
+    res.moved_calls += int(moved)
+    res.deadlettered += int(dead)
+
+
+def _entries(b: Bus, inbox: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    out: list[tuple[bytes, dict[bytes, bytes]]] = []
+    start = "-"
+    while True:
+        page: Any = b.redis.xrange(inbox, start, "+", count=1000)
+        out.extend(page)
+        if len(page) < 1000:
+            return out
+        start = "(" + page[-1][0].decode()
+
+
+def _answer_control(b: Bus, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]],
+                    server: str) -> None:
+    _answer(b, inbox, entries, UnknownAgent(f"server {server} died before answering"), server)
+
+
+def _answer(b: Bus, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]],
+            err: Exception, server: str) -> None:
+    if not entries:
+        return
+    reply = pack_reply(False, error=ErrorInfo(type=getattr(err, "code", type(err).__name__),
+                                              message=str(err), server=server))
+    pipe = b.redis.pipeline(transaction=True)
+    for entry_id, fields in entries:
+        call = fields.get(b"call", b"").decode(errors="replace")
+        if call and not call.startswith(("wake-", "restore-")):
+            pipe.rpush(b.keys.reply(call), reply)
+            pipe.expire(b.keys.reply(call), b.settings.reply_ttl)
+        pipe.xack(inbox, GROUP, entry_id)
+        pipe.xdel(inbox, entry_id)
+    try:
+        pipe.execute()
+    except redis.exceptions.RedisError as e:
+        log.warning("could not answer calls left on %s: %s", server, e)
