@@ -111,3 +111,10 @@ class Geo(Agent):
 
     def reply(self, p: Point) -> Point:
         return Point(x=p.x + self.origin.x, y=p.y + self.origin.y)
+
+
+class Killer(Agent):
+    """A poison call: takes its worker down with it."""
+
+    def reply(self, x: Msg | None = None) -> Msg:
+        os._exit(17)

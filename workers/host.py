@@ -186,7 +186,9 @@ class Worker:
         raw = self.r.hget(self.keys.servers, self.name)
         if raw is not None:
             old = ServerInfo.model_validate_json(raw)
-            if alive(self.bus, old) and old.pid != os.getpid():
+            # On this host a dead pid is proof enough; elsewhere, trust the heartbeat's age.
+            gone = old.host == socket.gethostname() and not psutil.pid_exists(old.pid)
+            if alive(self.bus, old) and old.pid != os.getpid() and not gone:
                 raise BusagentError(
                     f"a worker named {self.name!r} is already running (pid {old.pid} on "
                     f"{old.host}); pick another --name or stop it with `busagent stop {self.name}`"
@@ -290,6 +292,10 @@ class Worker:
         """Remove this server, and the agents still registered to it (drained ones were moved
         and are no longer ours)."""
         try:
+            # Calls nobody read before the stop: their agents go with this server, say so.
+            recovery.answer(self.bus, self.inbox, recovery.entries(self.bus, self.inbox),
+                            UnknownAgent(f"server {self.name} stopped before running the call "
+                                         "(stop with --drain to move agents instead)"), self.name)
             ids = [a.id for a in recovery.agents_of(self.bus, self.name)]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.name)

@@ -96,14 +96,14 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     by_agent: dict[str, list[bytes]] = defaultdict(list)
     control: list[tuple[bytes, dict[bytes, bytes]]] = []
     last = b"0-0"
-    for entry_id, fields in _entries(b, inbox):
+    for entry_id, fields in entries(b, inbox):
         last = entry_id
         agent = fields.get(b"agent", b"").decode(errors="replace")
         if agent:
             by_agent[agent].append(entry_id)
         else:
             control.append((entry_id, fields))
-    _answer_control(b, inbox, control, server)
+    answer(b, inbox, control, UnknownAgent(f"server {server} died before answering"), server)
 
     now = time.time()
     live = [x for x in read_servers(b) if alive(b, x, now) and x.name != server
@@ -129,12 +129,12 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
 
     # Calls left for agents nobody has any more: answer them.
     leftover = []
-    for entry_id, fields in _entries(b, inbox):
+    for entry_id, fields in entries(b, inbox):
         agent = fields.get(b"agent", b"").decode(errors="replace")
         if not agent or b.redis.hexists(k.agents, agent):
             continue
         leftover.append((entry_id, fields))
-    _answer(b, inbox, leftover, UnknownAgent(
+    answer(b, inbox, leftover, UnknownAgent(
         "the agent's server died and the agent is no longer registered"), server)
 
     if info is not None:
@@ -161,7 +161,7 @@ def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[list[Any]],
     res.deadlettered += int(dead)
 
 
-def _entries(b: Bus, inbox: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+def entries(b: Bus, inbox: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
     out: list[tuple[bytes, dict[bytes, bytes]]] = []
     start = "-"
     while True:
@@ -172,19 +172,15 @@ def _entries(b: Bus, inbox: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         start = "(" + page[-1][0].decode()
 
 
-def _answer_control(b: Bus, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]],
-                    server: str) -> None:
-    _answer(b, inbox, entries, UnknownAgent(f"server {server} died before answering"), server)
-
-
-def _answer(b: Bus, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]],
-            err: Exception, server: str) -> None:
-    if not entries:
+def answer(b: Bus, inbox: str, waiting: list[tuple[bytes, dict[bytes, bytes]]],
+           err: Exception, server: str) -> None:
+    """Answer waiting calls with ``err`` and remove them from the inbox."""
+    if not waiting:
         return
     reply = pack_reply(False, error=ErrorInfo(type=getattr(err, "code", type(err).__name__),
                                               message=str(err), server=server))
     pipe = b.redis.pipeline(transaction=True)
-    for entry_id, fields in entries:
+    for entry_id, fields in waiting:
         call = fields.get(b"call", b"").decode(errors="replace")
         if call and not call.startswith(("wake-", "restore-")):
             pipe.rpush(b.keys.reply(call), reply)
