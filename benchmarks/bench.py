@@ -3,8 +3,9 @@
     python benchmarks/bench.py [--seq 2000] [--inflight 64] [--fanout 10000] [--agents 1000]
 
 Prints medians of --repeat runs and writes benchmarks/results/bench.json. Workers are child
-processes (two, as on a 2-core machine); the floor's responder is one separate process doing by hand what a worker
-does: XREADGROUP, write the reply, XACK+XDEL. Its caller does XADD then a blocking read.
+processes (two, as on a 2-core machine); the floor's responder is one separate process doing by
+hand what a worker does: XREADGROUP, write the reply, XACK+XDEL. Its caller does XADD then a
+blocking read.
 """
 
 from __future__ import annotations
