@@ -42,6 +42,8 @@ from .wire import VERSION, Reply, signature, unpack_reply
 SCRIPTS = ("route", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
 BATCH = 1000
+#: how long sends wait out a Redis outage before their placeholders fail with RedisUnavailable.
+SEND_PATIENCE = 30.0
 #: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
 LINGER = 0.002
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -158,23 +160,43 @@ class Sender:
                 self.flush()
 
     def _send(self, batch: list[Op]) -> None:
+        """Send a batch, waiting out a Redis outage for up to SEND_PATIENCE seconds (what is
+        sent is idempotent: the routing script drops a call id it has already routed)."""
+        deadline = time.monotonic() + SEND_PATIENCE
+        delay = 0.05
+        while True:
+            try:
+                self._attempt(batch)
+                return
+            except (*_REDIS_ERRORS, OSError) as e:
+                if time.monotonic() + delay > deadline:
+                    err = self._unavailable(e)
+                    for op in batch:
+                        op.on_error(err)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _attempt(self, batch: list[Op]) -> None:
         client = self._bus.redis
         if len(batch) == 1 and batch[0].ncmds == 1:
             # A lone command skips the pipeline machinery: the common case of a caller that
             # resolves each call before making the next.
-            self._send_one(batch[0])
+            op = batch[0]
+            try:
+                try:
+                    op.add(client)
+                except redis.exceptions.NoScriptError:
+                    self._bus.load_scripts()
+                    op.add(client)
+            except (redis.exceptions.ResponseError, redis.exceptions.DataError) as e:
+                op.on_error(BusagentError(f"Redis refused a command: {e}"))
             return
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
             for op in batch:
                 op.add(pipe)
-            try:
-                results = pipe.execute(raise_on_error=False)
-            except (redis.exceptions.RedisError, OSError) as e:
-                err = self._unavailable(e)
-                for op in batch:
-                    op.on_error(err)
-                return
+            results = pipe.execute(raise_on_error=False)
             retry: list[Op] = []
             i = 0
             for op in batch:
@@ -193,20 +215,6 @@ class Sender:
                 return
             self._bus.load_scripts()
             batch = retry
-
-
-    def _send_one(self, op: Op) -> None:
-        client = self._bus.redis
-        try:
-            try:
-                op.add(client)
-            except redis.exceptions.NoScriptError:
-                self._bus.load_scripts()
-                op.add(client)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-            op.on_error(self._unavailable(e))
-        except redis.exceptions.RedisError as e:
-            op.on_error(BusagentError(f"Redis refused a command: {e}"))
 
     def _unavailable(self, e: BaseException) -> RedisUnavailable:
         return RedisUnavailable(
@@ -304,7 +312,8 @@ class Bus:
                 self.caller, kind, body, sig)
 
         def add(pipe: Any) -> None:
-            pipe.evalsha(self.route_sha, 3, keys.agents, keys.servers, keys.reply(call_id), *args)
+            pipe.evalsha(self.route_sha, 4, keys.agents, keys.servers, keys.reply(call_id),
+                         keys.sent(call_id), *args)
 
         self.sender.submit(Op(add, 1, on_error, scripted=True))
 

@@ -189,6 +189,10 @@ class ServerClient:
         """Delete every agent on the server now; returns how many."""
         return int(self._control("delete_all", timeout=timeout))
 
+    def state(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The worker's scheduler state (mailboxes, busy agents, reader), for diagnosis."""
+        return dict(self._control("state", timeout=timeout))
+
     def ping(self, timeout: float | None = 10.0) -> float:
         """Round trip through the server's inbox, in seconds."""
         t = time.perf_counter()

@@ -100,7 +100,7 @@ class CreateBody(BaseModel):
 
 
 class ControlBody(BaseModel):
-    op: Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake"]
+    op: Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake", "state"]
     agent: str | None = None
 
 

@@ -74,6 +74,8 @@ from .load import load
 log = logging.getLogger("busagent.worker")
 
 READ_COUNT = 256
+#: seconds between re-reads of this worker's own pending entries.
+HISTORY_EVERY = 5.0
 COMMIT_BATCH = 1000
 #: stop reading new calls while this many are read and not yet answered.
 MAX_INFLIGHT = 20000
@@ -128,6 +130,10 @@ class Worker:
         self.ready: deque[str] = deque()
         self.reading = False
         self._start = "0"
+        self._history_at = 0.0
+        #: entries dispatched here and not yet committed: a re-read of our own pending
+        #: entries (after a reconnect) must not run them twice.
+        self.held: set[bytes] = set()
         self.inflight = 0
         self.parked = 0  # agents waiting on the loop thread
         # Group commit state.
@@ -326,6 +332,18 @@ class Worker:
             status="stopping" if self.stopping.is_set() else "up", version=VERSION,
         )
 
+    def state(self) -> dict[str, Any]:
+        """The scheduler's state, for diagnosing a stuck worker (``ServerClient.state()``)."""
+        with self.cond:
+            return {
+                "reading": self.reading, "inflight": self.inflight, "parked": self.parked,
+                "ready": list(self.ready)[:50], "busy": sorted(self.busy)[:50],
+                "mailboxes": {a: len(q) for a, q in list(self.mailboxes.items())[:50]},
+                "done_queued": len(self.done), "agents": len(self.agents),
+                "threads_alive": sum(t.is_alive() for t in self.threads),
+                "stopping": self.stopping.is_set(), "fenced": self.fenced,
+            }
+
     def _heartbeat_once(self) -> None:
         if self.fenced:
             return
@@ -366,6 +384,13 @@ class Worker:
     # --- leader / followers ------------------------------------------------------------------
 
     def _runner(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("a runner thread of %s died", self.name)
+            raise
+
+    def _serve(self) -> None:
         while True:
             with self.cond:
                 while True:
@@ -405,6 +430,13 @@ class Worker:
         """One leader's read. Only one thread reads at a time, so stream order is dispatch
         order."""
         block = int(min(self.settings.block_slice, 1.0) * 1000)
+        if self._start == ">" and time.monotonic() - self._history_at > HISTORY_EVERY:
+            # redis-py retries a command whose connection broke; if the broken XREADGROUP had
+            # already delivered entries, they sit in our pending list unseen. Look there now
+            # and then.
+            self._start = "0"
+        if self._start == "0":
+            self._history_at = time.monotonic()
         start = self._start
         try:
             # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
@@ -430,6 +462,9 @@ class Worker:
     def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Done | None:
         """Put an entry in its agent's mailbox, or return the error reply for a malformed one.
         Called with ``cond`` held."""
+        if entry_id in self.held:
+            return None  # already here (a re-read of our pending entries)
+        self.held.add(entry_id)
         self.inflight += 1
         try:
             entry = Entry(
@@ -622,8 +657,12 @@ class Worker:
                 raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
             if e.restore:
                 # Moved here by recovery: rebuilt, not new. Nobody waits on this entry.
-                self.agents[e.agent] = self._restore(e.agent)
+                if e.agent not in self.agents:  # (a retried move may queue it twice)
+                    self.agents[e.agent] = self._restore(e.agent)
                 return Done(job.entry_id, "", b"")
+            if e.agent in self.agents:  # a create sent twice (a retried send): same agent
+                return self._done(job, self.agents[e.agent],
+                                  {"agent_id": e.agent, "server": self.name})
             body = CreateBody.model_validate(unpack(e.body))
             agent = self._build(e.agent, body)
             if body.memory:
@@ -673,6 +712,8 @@ class Worker:
             self.stop()
         elif body.op == "ping":
             value = self.name
+        elif body.op == "state":
+            value = self.state()
         elif body.op == "list":
             value = [
                 {"agent_id": a.agent_id, "name": a.name,
@@ -733,6 +774,7 @@ class Worker:
                     with self.cond:
                         full = self.inflight >= MAX_INFLIGHT
                         self.inflight -= len(batch)
+                        self.held.difference_update(d.entry_id for d in batch)
                         if full:
                             self.cond.notify()  # reading was paused: someone may lead again
             finally:

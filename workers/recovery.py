@@ -79,6 +79,13 @@ def recover(b: Bus, server: str, owner: str, exclude: set[str] | None = None) ->
     if not lock(b, server, owner):
         return None
     try:
+        # Decided from a snapshot: under the lock, look again. A worker restarted under this
+        # name registers under the same lock, and must not be taken apart as its predecessor.
+        raw = b.redis.hget(b.keys.servers, server)
+        if raw is not None and server not in (exclude or set()):
+            info = ServerInfo.model_validate_json(raw)
+            if not needs_recovery(b, info, time.time()):
+                return None
         return _recover(b, server, exclude or set())
     finally:
         unlock(b, server, owner)

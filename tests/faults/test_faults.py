@@ -280,3 +280,20 @@ def test_caller_death_leaves_only_expiring_replies(workers: Workers, redis_url: 
 def test_unreachable_redis_is_a_clear_error() -> None:
     with pytest.raises(busagent.RedisUnavailable, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/"):
         busagent.init("redis://127.0.0.1:1/0")
+
+
+def test_restart_under_same_name_with_calls_in_flight(workers: Workers) -> None:
+    p1 = workers.start("w1")
+    b = busagent.bus.current()
+    recs = [Recorder(f"r{i}", hold=0.1, to_dist=DistConf(server="w1")) for i in range(10)]
+    ps = [recs[i % 10](Msg("m", i)) for i in range(100)]
+    b.sender.flush()
+    wait_for(lambda: b.redis.xpending(b.keys.inbox("w1"), "workers")["pending"] > 0,
+             what="calls read by w1")
+    p1.send_signal(signal.SIGKILL)
+    p1.wait()
+    workers.start("w1")
+    busagent.gather(ps, timeout=30)
+    answered_once(b, ps)
+    for i, r in enumerate(recs):
+        assert [m.content for m in r.memory.get()] == list(range(i, 100, 10))
