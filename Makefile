@@ -1,7 +1,7 @@
 # The one place that says how to set up, lint, type-check, test and benchmark busagent.
 PYTHON ?= python3
 
-.PHONY: install lint type test check bench demo clean
+.PHONY: install lint type test check bench soak demo clean
 
 install:            ## install busagent and the development tools into the current Python
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -19,6 +19,9 @@ check: lint type test
 
 bench:              ## busagent vs the raw redis-py floor, side by side on one Redis
 	$(PYTHON) benchmarks/bench.py
+
+soak:               ## 100,000 calls while killing workers and restarting Redis; audits every call
+	$(PYTHON) benchmarks/soak.py --calls 100000 --kills 20 --redis-restarts 2
 
 demo:
 	busagent demo

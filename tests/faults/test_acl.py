@@ -1,0 +1,72 @@
+"""The least-privilege ACL the README documents is enough for callers and workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+import busagent
+from busagent import DistConf, Msg, ServerClient, embedded
+from tests.agents import Adder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_acl() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"ACL SETUSER busagent (.*?)\n\s*```", text, re.S)
+    assert block, "the README documents an ACL"
+    return block.group(1).replace(">PASSWORD", ">pw").split()
+
+
+@pytest.fixture
+def tcp_redis() -> Iterator[str]:
+    server = embedded.start(unix=False)
+    yield server.url
+    server.stop()
+
+
+def test_documented_acl_is_enough(tcp_redis: str) -> None:
+    admin = redis.Redis.from_url(tcp_redis)
+    admin.execute_command("ACL", "SETUSER", "busagent", *readme_acl())
+    admin.acl_log_reset()
+    url = tcp_redis.replace("redis://", "redis://busagent:pw@")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    w = subprocess.Popen([sys.executable, "-m", "busagent.cli", "worker", "--name", "aclw",
+                          "--redis", url, "--agents", "tests.agents", "--log-level", "WARNING"],
+                         cwd=ROOT, env=env)
+    try:
+        b = busagent.init(url)
+        while b.redis.blpop([b.keys.ready("aclw")], timeout=1) is None:
+            assert w.poll() is None, "the worker could not start under the ACL"
+        a = Adder("a", to_dist=DistConf(server="aclw"))
+        assert a(Msg("user", 1)).content == 2
+        assert [m.content for m in a.memory.get()] == [1]
+        sc = ServerClient("aclw")
+        assert [x["name"] for x in sc.get_agent_list()] == ["a"]
+        assert sc.delete_all_agent() == 1
+        assert sc.stop()
+        assert w.wait(20) == 0
+        denied = {e["object"] for e in admin.acl_log()}
+        version = tuple(int(x) for x in admin.info()["redis_version"].split(".")[:2])
+        if version < (7, 2):
+            # redis-py tries CLIENT SETINFO, which Redis added in 7.2 (and ignores the refusal);
+            # ACL rules cannot name a subcommand the server does not know.
+            denied.discard("client")
+        assert not denied, f"commands the ACL denied: {denied}"
+        # And a user without rights is refused with a clear error.
+        admin.execute_command("ACL", "SETUSER", "nobody", "on", ">x", "-@all")
+        with pytest.raises(busagent.RedisUnavailable):
+            busagent.init(tcp_redis.replace("redis://", "redis://nobody:x@"))
+    finally:
+        if w.poll() is None:
+            w.kill()
+        busagent.shutdown()
+        admin.close()
