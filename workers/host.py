@@ -384,11 +384,12 @@ class Worker:
     # --- leader / followers ------------------------------------------------------------------
 
     def _runner(self) -> None:
-        try:
-            self._serve()
-        except BaseException:
-            log.exception("a runner thread of %s died", self.name)
-            raise
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception:  # a bug must cost one call at most, never a thread
+                log.exception("a runner thread of %s failed; it goes on", self.name)
 
     def _serve(self) -> None:
         while True:
@@ -408,7 +409,12 @@ class Worker:
             if agent is not None:
                 self._drain(agent)
                 continue
-            entries = self._read()
+            try:
+                entries = self._read()
+            except BaseException:
+                with self.cond:
+                    self.reading = False
+                raise
             rejected: list[Done] = []
             with self.cond:
                 self.reading = False
@@ -444,10 +450,14 @@ class Worker:
             resp: Any = self.r.xreadgroup(GROUP, self.name, {self.inbox: start},
                                           count=READ_COUNT, block=None if start != ">" else block)
         except redis.exceptions.ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            log.warning("consumer group lost (Redis restarted or flushed); recreating it")
-            self._ensure_group()
+            # NOGROUP (6.2) or UNBLOCKED (7.x, the stream was deleted under a blocked read):
+            # Redis lost our data. Recreate the group and go on, without spinning.
+            log.warning("reading the inbox failed (%s); recreating the consumer group", e)
+            self.stopping.wait(0.1)
+            try:
+                self._ensure_group()
+            except redis.exceptions.RedisError as e2:
+                log.warning("could not recreate the consumer group: %s", e2)
             return []
         except _REDIS_DOWN as e:
             log.warning("reading the inbox failed (%s); retrying", e)
