@@ -77,6 +77,8 @@ READ_COUNT = 256
 #: seconds between re-reads of this worker's own pending entries.
 HISTORY_EVERY = 5.0
 COMMIT_BATCH = 1000
+#: calls to one agent run back to back before their replies are written together.
+DRAIN_BATCH = 64
 #: stop reading new calls while this many are read and not yet answered.
 MAX_INFLIGHT = 20000
 #: remembered constructor failures, so calls that queued behind a failed create say why.
@@ -515,22 +517,37 @@ class Worker:
             log.warning("could not dead-letter an entry: %s", e)
 
     def _drain(self, agent_id: str) -> None:
-        """Run the agent's calls in order until its mailbox is empty (the actor loop)."""
-        while True:
-            with self.cond:
-                box = self.mailboxes.get(agent_id)
-                if not box:
-                    self.mailboxes.pop(agent_id, None)
-                    self.busy.discard(agent_id)
-                    return
-                job = box.popleft()
-            try:
-                done = self._execute(job)
-            except Exception as e:  # noqa: BLE001 - a worker survives whatever it runs
-                done = Done(job.entry_id, job.entry.call, self._error_reply(e))
-            if done is None:
-                return  # parked on the loop thread, which hands the agent back
-            self._commit(done)
+        """Run the agent's calls in order until its mailbox is empty (the actor loop).
+
+        While more calls wait in the mailbox, finished ones are committed together (up to
+        DRAIN_BATCH): a queue of calls to one agent costs one round trip per batch, not per
+        call, and a lone call is committed at once."""
+        unflushed = 0
+        try:
+            while True:
+                with self.cond:
+                    box = self.mailboxes.get(agent_id)
+                    if not box:
+                        self.mailboxes.pop(agent_id, None)
+                        self.busy.discard(agent_id)
+                        return
+                    job = box.popleft()
+                    more = bool(box)
+                try:
+                    done = self._execute(job)
+                except Exception as e:  # noqa: BLE001 - a worker survives whatever it runs
+                    done = Done(job.entry_id, job.entry.call, self._error_reply(e))
+                if done is None:
+                    return  # parked on the loop thread, which hands the agent back
+                with self.done_lock:
+                    self.done.append(done)
+                unflushed += 1
+                if not more or unflushed >= DRAIN_BATCH:
+                    self._flush()
+                    unflushed = 0
+        finally:
+            if unflushed:
+                self._flush()
 
     def _park(self, agent_id: str, coro: Any) -> None:
         with self.cond:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 import busagent
 from busagent import DistConf, Msg, Placeholder, RemoteError, ServerClient, embedded
@@ -297,3 +299,24 @@ def test_restart_under_same_name_with_calls_in_flight(workers: Workers) -> None:
     answered_once(b, ps)
     for i, r in enumerate(recs):
         assert [m.content for m in r.memory.get()] == list(range(i, 100, 10))
+
+
+def test_blocking_reads_recover_after_redis_stalls(workers: Workers) -> None:
+    """R9: Redis stops answering for a while (DEBUG SLEEP): blocked readers and the worker's
+    reader come back by themselves."""
+    workers.start("w1")
+    b = busagent.bus.current()
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    assert a(None).content == 1
+    try:
+        b.redis.execute_command("DEBUG", "SLEEP", "0")
+    except redis.exceptions.ResponseError:
+        pytest.skip("this Redis refuses DEBUG (enable-debug-command no)")
+    p = a(Msg("user", 1))
+    b.sender.flush()
+    stall = subprocess.Popen([sys.executable, "-c",
+                              "import redis,sys; redis.Redis.from_url(sys.argv[1])"
+                              ".execute_command('DEBUG', 'SLEEP', '3')", b.url])
+    assert p.result(timeout=30).content == 2
+    assert stall.wait(30) == 0
+    assert a(Msg("user", 2)).result(timeout=30).content == 3
