@@ -43,7 +43,7 @@ SCRIPTS = ("route", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
 BATCH = 1000
 #: how long sends wait out a Redis outage before their placeholders fail with RedisUnavailable.
-SEND_PATIENCE = 30.0
+SEND_PATIENCE = 20.0
 #: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
 LINGER = 0.002
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)

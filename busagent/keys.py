@@ -9,7 +9,7 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:agents``                    | hash   | agent id -> JSON AgentInfo (class, name, server)   |
 | ``{p}:inbox:{server}``            | stream | calls for the agents one server hosts              |
 | ``{p}:reply:{call}``              | list   | one msgpack Reply; expires after ``reply_ttl``     |
-| ``{p}:sent:{call}``               | string | marks a routed call for 60 s (sends are retried)   |
+| ``{p}:sent:{call}``               | string | marks a routed call for 30 s (sends are retried)   |
 | ``{p}:memory:{agent}``            | list   | the agent's memory, one JSON Msg per element       |
 | ``{p}:specs``                     | hash   | agent id -> msgpack constructor call (to rebuild)  |
 | ``{p}:deadletter``                | stream | calls given up on, with the reason (capped)        |

@@ -3,13 +3,14 @@
 -- is unknown the error reply is written at once: the caller gets a clear error, never a hang.
 --
 -- Idempotent: a call sent twice (a send retried after its connection broke, when the first
--- attempt may have landed) is routed once; KEYS[4] remembers the call id for a minute.
+-- attempt may have landed) is routed once; KEYS[4] remembers the call id for 30 s, longer
+-- than a sender keeps resending (SEND_PATIENCE).
 --
 -- KEYS[1] agents hash, KEYS[2] servers hash, KEYS[3] the call's reply key, KEYS[4] its sent mark.
 -- The inbox key is derived from the agent's record (ARGV[1] .. server): busagent targets a single
 -- Redis (or a primary with replicas), not Redis Cluster.
 -- ARGV: inbox prefix, reply ttl, version, call id, agent id, caller, kind, body, signature
-if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 60) then return 2 end
+if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', 30) then return 2 end
 local rec = redis.call('HGET', KEYS[1], ARGV[5])
 local etype, emsg
 if not rec then

@@ -34,8 +34,12 @@ class Children:
             env = dict(os.environ)
             # The children must import what this program imports: same path, same settings.
             env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
+            # And the same settings (reply_ttl, secret, ...), whether they came from the
+            # environment or from init() arguments.
+            for name, value in b.settings.model_dump().items():
+                if value is not None:
+                    env[f"BUSAGENT_{name.upper()}"] = str(value)
             env["BUSAGENT_REDIS_URL"] = b.url
-            env["BUSAGENT_PREFIX"] = b.settings.prefix
             base = f"child-{socket.gethostname()}-{os.getpid()}-{len(self.procs)}"
             names = [f"{base}-{i}" for i in range(b.settings.child_workers)]
             for n in names:

@@ -133,6 +133,7 @@ class Worker:
         self.reading = False
         self._start = "0"
         self._history_at = 0.0
+        self._held_before: set[bytes] = set()
         #: entries dispatched here and not yet committed: a re-read of our own pending
         #: entries (after a reconnect) must not run them twice.
         self.held: set[bytes] = set()
@@ -446,6 +447,11 @@ class Worker:
         if self._start == "0":
             self._history_at = time.monotonic()
         start = self._start
+        if start != ">":
+            # What this process holds before the read: an entry it holds can be committed, and
+            # leave `held`, between this read and its dispatch; it must not run again.
+            with self.cond:
+                self._held_before = set(self.held)
         try:
             # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
             # unseen): the short block bounds how long a stop waits instead.
@@ -466,7 +472,9 @@ class Worker:
             self.stopping.wait(0.5)  # back off; a stop ends the wait early
             return []
         entries = [e for _, es in resp or [] for e in es]
-        if start != ">":
+        if start == ">":
+            self._held_before = set()
+        else:
             # Our own pending entries (a restart under the same name), page by page, then new.
             self._start = entries[-1][0].decode() if entries else ">"
         return [(i, f) for i, f in entries if f]  # pending entries deleted meanwhile come as {}
@@ -474,7 +482,7 @@ class Worker:
     def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Done | None:
         """Put an entry in its agent's mailbox, or return the error reply for a malformed one.
         Called with ``cond`` held."""
-        if entry_id in self.held:
+        if entry_id in self.held or entry_id in self._held_before:
             return None  # already here (a re-read of our pending entries)
         self.held.add(entry_id)
         self.inflight += 1
