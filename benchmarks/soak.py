@@ -29,6 +29,7 @@ import psutil
 
 import busagent
 from busagent import Agent, Msg, embedded
+from busagent.spawn import stop_processes
 
 HERE = Path(__file__).resolve()
 FAST = {"BUSAGENT_HEARTBEAT": "0.3", "BUSAGENT_DEAD_AFTER": "1.5", "BUSAGENT_SWEEP_AFTER": "30"}
@@ -75,13 +76,7 @@ class Chaos:
         return name
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values())
 
 
 def diagnose(b: busagent.bus.Bus, ps: list[Any]) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .bus import Bus
@@ -65,17 +66,23 @@ class Children:
             return names
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
         self.procs.clear()
         self.by_load.clear()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM (a graceful stop for a worker), then SIGKILL whatever outlives ``grace``."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def ensure_children(b: Bus, load: str) -> list[str]:

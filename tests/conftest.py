@@ -16,6 +16,7 @@ import redis
 
 import busagent
 from busagent import embedded
+from busagent.spawn import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,15 +97,7 @@ class Workers:
         return p
 
     def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture
