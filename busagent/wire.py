@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import sys
 from typing import Any, Literal
 
@@ -64,9 +63,6 @@ class Entry(BaseModel):
     restore: bool = False
     #: HMAC of the signed fields when a secret is configured.
     sig: str = ""
-
-    def signed_part(self) -> bytes:
-        return sign_input(self.v, self.call, self.agent, self.kind, self.body)
 
 
 def sign_input(v: int, call: str, agent: str, kind: str, body: bytes) -> bytes:
@@ -251,13 +247,4 @@ def substitute(obj: Any, values: dict[str, Any]) -> Any:
         if content is not obj.content:
             return obj.model_copy(update={"content": content})
         return obj
-    return obj
-
-
-def import_class(path: str) -> Any:
-    """Import ``module:qualname`` (for the caller's own use: never on a remote's word)."""
-    module, _, qual = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qual.split("."):
-        obj = getattr(obj, part)
     return obj
