@@ -150,6 +150,7 @@ class Worker:
         #: on stop, move the agents to other servers instead of deleting them.
         self.drain = False
         self.serving = threading.Event()
+        self._cpu_sampled = False
         self.threads: list[threading.Thread] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -327,9 +328,14 @@ class Worker:
     # --- heartbeat ---------------------------------------------------------------------------
 
     def info(self) -> ServerInfo:
+        # psutil's first sample covers start-up (imports, connecting): a spike that would
+        # steer placement away from a worker that is in fact idle. Report it from the second.
+        cpu = self.proc.cpu_percent(None)
+        if not self._cpu_sampled:
+            self._cpu_sampled, cpu = True, 0.0
         return ServerInfo(
             name=self.name, host=socket.gethostname(), pid=os.getpid(), started=self.started,
-            heartbeat=time.time(), cpu=self.proc.cpu_percent(None),
+            heartbeat=time.time(), cpu=cpu,
             mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
             inflight=self.inflight, capacity=self.capacity, modules=list(self.loaded),
             status="stopping" if self.stopping.is_set() else "up", version=VERSION,
