@@ -1,7 +1,7 @@
 # The one place that says how to set up, lint, type-check, test and benchmark busagent.
 PYTHON ?= python3
 
-.PHONY: install lint type test check bench soak demo clean
+.PHONY: install lint type test pytest bench soak demo clean
 
 install:            ## install busagent and the development tools into the current Python
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -12,10 +12,11 @@ lint:               ## ruff
 type:               ## mypy --strict on the package and its mapped folders
 	$(PYTHON) -m mypy
 
-test:               ## the test suite: real redis-server and worker processes, plus unit tests
+test: lint type     ## what CI runs: lint, types, then the whole test suite
 	$(PYTHON) -m pytest -q
 
-check: lint type test
+pytest:             ## only the test suite: real redis-server and worker processes, plus unit tests
+	$(PYTHON) -m pytest -q
 
 bench:              ## busagent vs the raw redis-py floor, side by side on one Redis
 	$(PYTHON) benchmarks/bench.py
