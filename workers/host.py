@@ -149,7 +149,6 @@ class Worker:
         self.fenced = False
         #: on stop, move the agents to other servers instead of deleting them.
         self.drain = False
-        self.serving = threading.Event()
         self._cpu_sampled = False
         self.threads: list[threading.Thread] = []
 
@@ -185,7 +184,6 @@ class Worker:
         self._spawn(self._heartbeat, "heartbeat")
         self.r.rpush(self.keys.ready(self.name), "1")
         self.r.expire(self.keys.ready(self.name), 60)
-        self.serving.set()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded),
                  self.bus.url_for_humans)
 
