@@ -1,0 +1,54 @@
+"""Agents of the guess-2/3-of-the-average game (the seeds' large-scale simulation).
+
+Workers load this module (``--agents examples/guess_two_thirds/agents.py``, or the program
+starts child workers for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import busagent
+from busagent import Agent, Msg, RemoteAgent
+
+
+class RandomParticipant(Agent):
+    """Answers a uniformly random integer in [0, max_value] after ``sleep_time`` seconds (the
+    paper's stand-in for a model call, so it waits like one: asynchronously, and thousands of
+    waits overlap on a worker). Keeps no memory: a million of them must stay cheap."""
+
+    def __init__(self, name: str, max_value: int = 100, sleep_time: float = 1.0) -> None:
+        super().__init__(name)
+        self.max_value = max_value
+        self.sleep_time = sleep_time
+
+    def reply(self, x: Msg | None = None) -> Any:
+        if self.sleep_time:
+            return self._answer_later()  # the worker awaits it on its event loop
+        return random.randint(0, self.max_value)
+
+    async def _answer_later(self) -> int:
+        await asyncio.sleep(self.sleep_time)
+        return random.randint(0, self.max_value)
+
+
+class Group(Agent):
+    """A shard: fans a round's prompt out to its participants, waits for them all with one
+    batched gather, and returns their valid values with their sum and count."""
+
+    def __init__(self, name: str, participants: list[str], max_value: int = 100) -> None:
+        super().__init__(name)
+        # Handles built from ids: the shard calls participants directly, never through the
+        # moderator.
+        self.participants = [RemoteAgent(pid, pid, Agent, "") for pid in participants]
+        self.max_value = max_value
+
+    async def reply(self, x: Msg | None = None) -> dict[str, Any]:
+        prompt = Msg("Moderator", x.content if x else "", role="user")
+        values = await busagent.agather([p(prompt) for p in self.participants],
+                                        return_exceptions=True)
+        valid = [v for v in values if isinstance(v, int) and 0 <= v <= self.max_value]
+        return {"sum": sum(valid), "cnt": len(valid), "values": valid,
+                "invalid": len(values) - len(valid)}
