@@ -356,8 +356,10 @@ class Bus:
                     if not pending:
                         break
                 wait = self._slice(deadline, pending, out)
-                first = pending[0]
-                key = keys.reply(first)
+                # Wait on the newest: replies to a fan-out tend to arrive in order, so once it is
+                # there most of the others are too, and one more peek collects them.
+                last = pending[-1]
+                key = keys.reply(last)
                 # redis-py's hints say int; Redis takes fractional seconds since 6.0.
                 data = self.redis.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 outage.over()
@@ -365,8 +367,8 @@ class Bus:
                 time.sleep(outage.backoff(e))
                 continue
             if data is not None:
-                out[first] = cast(bytes, data)
-                pending = pending[1:]
+                out[last] = cast(bytes, data)
+                pending = pending[:-1]
         return out
 
     def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
@@ -425,16 +427,18 @@ class Bus:
                 if not pending:
                     break
                 wait = self._slice(deadline, pending, out)
-                first = pending[0]
-                key = keys.reply(first)
+                # Wait on the newest: replies to a fan-out tend to arrive in order, so once it is
+                # there most of the others are too, and one more peek collects them.
+                last = pending[-1]
+                key = keys.reply(last)
                 data = await client.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 outage.over()
             except _REDIS_ERRORS as e:
                 await asyncio.sleep(outage.backoff(e))
                 continue
             if data is not None:
-                out[first] = cast(bytes, data)
-                pending = pending[1:]
+                out[last] = cast(bytes, data)
+                pending = pending[:-1]
         return out
 
     def close(self) -> None:
