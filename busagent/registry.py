@@ -55,6 +55,18 @@ def _load(s: ServerInfo) -> float:
     return (s.agents + 1) * (1 + s.cpu / 100)
 
 
+def pick(candidates: list[ServerInfo], module: str) -> ServerInfo | None:
+    """The least loaded of ``candidates`` that loaded ``module`` and has room. The placement is
+    counted on the snapshot, so a burst of placements spreads before the next heartbeat reports
+    the new numbers."""
+    fits = [s for s in candidates if module in s.modules and s.agents < s.capacity]
+    if not fits:
+        return None
+    best = min(fits, key=_load)
+    best.agents += 1
+    return best
+
+
 def place(b: Bus, module: str, load: str, server: str | None) -> str:
     """The server a new agent of ``module`` goes to: the named one (which must be alive and have
     loaded the module), else the least loaded live server that loaded it, else worker processes
@@ -77,22 +89,15 @@ def place(b: Bus, module: str, load: str, server: str | None) -> str:
             f"--agents {load}` against the same Redis, or see `busagent servers`"
         )
     for fresh in (False, True):
-        fits = [s for s in _live(b, fresh) if module in s.modules and s.agents < s.capacity]
-        if fits:
-            best = min(fits, key=_load)
-            # Count the placement locally so a burst of creations spreads before the next
-            # heartbeat reports the new numbers.
-            best.agents += 1
+        best = pick(_live(b, fresh), module)
+        if best is not None:
             return best.name
     from .spawn import ensure_children
 
     names = ensure_children(b, load)
-    snap = _live(b, fresh=True)
-    fits = [s for s in snap if s.name in names]
-    if not fits:
+    best = pick([s for s in _live(b, fresh=True) if s.name in names], module)
+    if best is None:
         raise PlacementError(f"worker processes for {load} started but are not registered")
-    best = min(fits, key=_load)
-    best.agents += 1
     return best.name
 
 

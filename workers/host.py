@@ -304,17 +304,20 @@ class Worker:
             recovery.answer(self.bus, self.inbox, recovery.entries(self.bus, self.inbox),
                             UnknownAgent(f"server {self.name} stopped before running the call "
                                          "(stop with --drain to move agents instead)"), self.name)
-            ids = [a.id for a in recovery.agents_of(self.bus, self.name)]
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.name)
-            for i in range(0, len(ids), 1000):
-                chunk = ids[i : i + 1000]
-                pipe.hdel(self.keys.agents, *chunk)
-                pipe.hdel(self.keys.specs, *chunk)
-                pipe.delete(*[self.keys.memory(a) for a in chunk])
+            self._forget(pipe, [a.id for a in recovery.agents_of(self.bus, self.name)])
             pipe.execute()
         except redis.exceptions.RedisError as e:
             log.warning("could not deregister %s: %s", self.name, e)
+
+    def _forget(self, pipe: Any, ids: list[str]) -> None:
+        """Queue on ``pipe`` the removal of agents' records, specs and memory."""
+        for i in range(0, len(ids), 1000):
+            chunk = ids[i : i + 1000]
+            pipe.hdel(self.keys.agents, *chunk)
+            pipe.hdel(self.keys.specs, *chunk)
+            pipe.delete(*[self.keys.memory(a) for a in chunk])
 
     def _ensure_group(self) -> None:
         try:
@@ -765,9 +768,7 @@ class Worker:
             for a in ids:
                 self.agents.pop(a, None)
             pipe = self.r.pipeline(transaction=True)
-            for i in range(0, len(ids), 1000):
-                pipe.hdel(self.keys.agents, *ids[i : i + 1000])
-                pipe.delete(*[self.keys.memory(a) for a in ids[i : i + 1000]])
+            self._forget(pipe, ids)
             pipe.execute()
             value = len(ids)
         return Done(job.entry_id, e.call, self._ok_reply(value))

@@ -21,7 +21,7 @@ import redis
 from busagent.bus import Bus
 from busagent.errors import UnknownAgent
 from busagent.keys import GROUP
-from busagent.registry import alive, read_servers
+from busagent.registry import alive, pick, read_servers
 from busagent.wire import VERSION, AgentInfo, ErrorInfo, ServerInfo, pack_reply, signature
 
 log = logging.getLogger("busagent.recovery")
@@ -117,13 +117,10 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
             and x.name not in exclude]
     batch: list[list[Any]] = []
     for a in agents:
-        module = a.cls.split(":")[0]
-        fits = [x for x in live if module in x.modules and x.agents < x.capacity]
-        if not fits:
+        target = pick(live, a.cls.split(":")[0])
+        if target is None:
             res.stranded += 1
             continue
-        target = min(fits, key=lambda x: (x.agents + 1) * (1 + x.cpu / 100))
-        target.agents += 1
         record = a.model_copy(update={"server": target.name}).model_dump_json()
         call = f"restore-{a.id}"
         sig = signature(s.secret, VERSION, call, a.id, "create", b"")
