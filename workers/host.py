@@ -554,11 +554,10 @@ class Worker:
                     done = Done(job.entry_id, job.entry.call, self._error_reply(e))
                 if done is None:
                     return  # parked on the loop thread, which hands the agent back
-                with self.done_lock:
-                    self.done.append(done)
                 unflushed += 1
-                if not more or unflushed >= DRAIN_BATCH:
-                    self._flush()
+                flush = not more or unflushed >= DRAIN_BATCH
+                self._commit(done, flush)
+                if flush:
                     unflushed = 0
         finally:
             if unflushed:
@@ -792,10 +791,12 @@ class Worker:
         return pack_reply(False, error=ErrorInfo(type=code, message=str(err), traceback=tb,
                                                  server=self.name))
 
-    def _commit(self, done: Done) -> None:
+    def _commit(self, done: Done, flush: bool = True) -> None:
+        """Queue a finished call; write the queue now unless more of the agent's calls follow."""
         with self.done_lock:
             self.done.append(done)
-        self._flush()
+        if flush:
+            self._flush()
 
     def _flush(self) -> None:
         """Write queued completions. Whoever gets the lock writes everyone's (group commit);
