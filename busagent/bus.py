@@ -121,6 +121,10 @@ class Sender:
             if n == 1 or n == BATCH:
                 self._cond.notify()
 
+    def queued(self) -> bool:
+        with self._cond:
+            return bool(self._queue)
+
     def flush(self) -> None:
         """Send everything queued before this call returns."""
         with self._send_lock:
@@ -231,6 +235,7 @@ class Bus:
         self.keys = Keys(settings.prefix)
         self._embedded: embedded.Server | None = None
         self.children: Any = None  # busagent.spawn.Children, made on first need
+        self.placement: Any = None  # busagent.registry's snapshot of live servers
         self._async: dict[int, aredis.Redis] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
@@ -403,9 +408,7 @@ class Bus:
         """:meth:`fetch` for asyncio code: the queue is flushed on the sender thread and the
         event loop is never blocked."""
         loop = asyncio.get_running_loop()
-        with self.sender._cond:
-            queued = bool(self.sender._queue)
-        if queued:
+        if self.sender.queued():
             await loop.run_in_executor(None, self.sender.flush)
         client = self.async_client()
         deadline = self._deadline(timeout)

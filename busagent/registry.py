@@ -37,10 +37,9 @@ class _Snapshot:
 
 
 def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
-    snap: _Snapshot | None = getattr(b, "_placement", None)
+    snap: _Snapshot | None = b.placement
     if snap is None:
-        snap = _Snapshot()
-        b._placement = snap  # type: ignore[attr-defined]
+        snap = b.placement = _Snapshot()
     now = time.monotonic()
     if fresh or now - snap.at > SNAPSHOT_TTL:
         t = time.time()

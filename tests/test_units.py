@@ -136,7 +136,7 @@ def test_keys_are_prefixed() -> None:
 
 def _fake_bus() -> Any:
     s = Settings.load(dead_after=10)
-    return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s)
+    return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s, placement=None)
 
 
 def _server(name: str, **kw: Any) -> str:
