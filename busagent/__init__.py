@@ -9,6 +9,7 @@
     print(p.content)                       # blocks until the reply is there
 """
 
+from . import models
 from .agent import Agent, DistConf, remote
 from .bus import init, shutdown
 from .config import Settings
@@ -17,6 +18,7 @@ from .errors import (
     CallTimeout,
     ConfigError,
     MessageTooLarge,
+    ModelError,
     NotSerializable,
     PlacementError,
     ProtocolError,
@@ -27,6 +29,7 @@ from .errors import (
 )
 from .memory import Memory
 from .message import Msg
+from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather
 from .proxy import RemoteAgent
 from .registry import ServerClient, agents, servers
@@ -41,6 +44,8 @@ __all__ = [
     "DistConf",
     "Memory",
     "MessageTooLarge",
+    "ModelConfig",
+    "ModelError",
     "Msg",
     "NotSerializable",
     "Placeholder",
@@ -57,6 +62,8 @@ __all__ = [
     "agents",
     "gather",
     "init",
+    "load_model_configs",
+    "models",
     "remote",
     "servers",
     "shutdown",

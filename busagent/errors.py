@@ -11,6 +11,7 @@ the problem.
     ├── UnknownAgent           the agent id is not (or no longer) registered
     ├── UnknownClass           a worker was asked for a class it did not load
     ├── CallTimeout            a deadline passed (also a TimeoutError)
+    ├── ModelError             a model endpoint failed after its retries
     └── RemoteError            the remote code raised; carries type, message, traceback, server
 """
 
@@ -60,6 +61,10 @@ class UnknownClass(BusagentError):
 
 class CallTimeout(BusagentError, TimeoutError):
     code = "CallTimeout"
+
+
+class ModelError(BusagentError):
+    code = "ModelError"
 
 
 class RemoteError(BusagentError):

@@ -15,6 +15,11 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:deadletter``                | stream | calls given up on, with the reason (capped)        |
 | ``{p}:lock:{server}``             | string | held by whoever moves a dead server's agents       |
 | ``{p}:ready:{server}``            | list   | a token pushed once when a worker is serving       |
+| ``{p}:models``                    | hash   | config_name -> JSON model config, for every worker |
+| ``{p}:models:{server}``           | hash   | config_name -> JSON model config, one server's     |
+| ``{p}:hub:{hub}``                 | stream | a hub's messages in their one order (its history)  |
+| ``{p}:hub:{hub}:members``         | hash   | agent id -> JSON Member (name, role, watcher)      |
+| ``{p}:chunks:{call}``             | stream | a streamed reply's events; expires like replies    |
 """
 
 from __future__ import annotations
@@ -75,3 +80,15 @@ class Keys:
 
     def lock(self, server: str) -> str:
         return f"{self.prefix}:lock:{server}"
+
+    def models(self, server: str | None = None) -> str:
+        return f"{self.prefix}:models:{server}" if server else f"{self.prefix}:models"
+
+    def hub(self, name: str) -> str:
+        return f"{self.prefix}:hub:{name}"
+
+    def members(self, hub: str) -> str:
+        return f"{self.prefix}:hub:{hub}:members"
+
+    def chunks(self, call_id: str) -> str:
+        return f"{self.prefix}:chunks:{call_id}"

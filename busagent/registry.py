@@ -160,6 +160,15 @@ class ServerClient:
         b = _bus.current()
         return {**info.model_dump(), "alive": alive(b, info)}
 
+    def set_model_configs(self, configs: Any) -> list[str]:
+        """Model configs for this server only (a JSON file, a dict or a list of dicts); they
+        override the global ones of the same name. Returns the config names."""
+        if self._info() is None:
+            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+        from .models import load_model_configs
+
+        return load_model_configs(configs, server=self.server)
+
     def _control(self, op: str, agent: str | None = None, timeout: float | None = 30.0) -> Any:
         b = _bus.current()
         if self._info() is None:

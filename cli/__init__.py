@@ -205,6 +205,46 @@ def redis_cmd(
 
 
 @app.command()
+def models(
+    load: Annotated[str | None, typer.Option(help="store the configs of this JSON file")] = None,
+    server: Annotated[str | None, typer.Option(help="only for this server")] = None,
+    url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List model configs, or store a JSON file of them (--load) for every worker."""
+    from busagent import models as _models
+
+    _connect(url, prefix)
+    if load:
+        names = _models.load_model_configs(load, server=server)
+        out.print(f"stored {len(names)} model config(s): {', '.join(names)}")
+        return
+    rows = [{**c.model_dump(), "api_key": "***" if c.api_key else None}
+            for c in _models.list_model_configs(server).values()]
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["config_name", "model_type", "model_name", "base_url", "concurrency"])
+
+
+@app.command(name="fake-llm")
+def fake_llm(
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    latency: Annotated[float, typer.Option(help="seconds each answer takes")] = 0.0,
+    fail_every: Annotated[int, typer.Option(help="answer every Nth request with 503")] = 0,
+) -> None:
+    """Serve a fake OpenAI-compatible chat endpoint (for trying LLM agents without a model)."""
+    from busagent.fakellm import FakeLLM
+
+    fake = FakeLLM(host, port, latency=latency, fail_every=fail_every)
+    print(f"fake OpenAI-compatible endpoint on {fake.url} (Ctrl-C stops it)", flush=True)
+    try:
+        fake.server.serve_forever()
+    finally:
+        fake.server.server_close()
+
+
+@app.command()
 def demo(url: RedisOpt = None) -> None:
     """Run the quickstart: a DAG of agents that each sleep 1 s, run in parallel."""
     from busagent.demo import main as demo_main

@@ -7,11 +7,19 @@ starts child workers for it).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
+from pathlib import Path
 from typing import Any
 
 import busagent
-from busagent import Agent, Msg, RemoteAgent
+from busagent import Agent, Msg, RemoteAgent, models
+
+#: prompts are data: system prompts and user prompts by id, as in the paper's configs
+PROMPTS: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parent / "configs" / "prompts.json").read_text())
+NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
 
 
 class RandomParticipant(Agent):
@@ -34,6 +42,38 @@ class RandomParticipant(Agent):
         return random.randint(0, self.max_value)
 
 
+class LLMParticipant(Agent):
+    """Asks a model for its number, then asks again to extract the number from that answer (two
+    model calls a round, as in the paper). Its memory grows by the round's prompt and its answer,
+    so later rounds see the earlier ones; it is saved to Redis with each reply and survives a
+    worker's death. Answers -1 (counted invalid) when no number can be extracted."""
+
+    def __init__(self, name: str, model_config_name: str, max_value: int = 100,
+                 ratio: str = "2/3", sys_id: str = "1", background: str | None = None) -> None:
+        super().__init__(name)
+        self.model = models.get(model_config_name)
+        self.max_value = max_value
+        system = PROMPTS["SYSTEM"][sys_id].format(max_value=max_value, ratio=ratio,
+                                                  background=background or "")
+        self.system = Msg("system", system, role="system")
+
+    async def reply(self, x: Msg | None = None) -> float:
+        self.memory.add(x)
+        raw = (await self.model.acall([self.system, *self.memory.get()])).text
+        value = await self.parse_value(raw)
+        self.memory.add(Msg(self.name, raw, role="assistant"))
+        return value
+
+    async def parse_value(self, text: str) -> float:
+        parse = PROMPTS["PARSE"]
+        answer = (await self.model.acall([
+            Msg("system", parse["system"].format(text=text), role="system"),
+            Msg("user", parse["user"], role="user"),
+        ])).text
+        found = NUMBER.findall(answer)
+        return float(found[0]) if found else -1.0
+
+
 class Group(Agent):
     """A shard: fans a round's prompt out to its participants, waits for them all with one
     batched gather, and returns their valid values with their sum and count."""
@@ -49,6 +89,7 @@ class Group(Agent):
         prompt = Msg("Moderator", x.content if x else "", role="user")
         values = await busagent.agather([p(prompt) for p in self.participants],
                                         return_exceptions=True)
-        valid = [v for v in values if isinstance(v, int) and 0 <= v <= self.max_value]
+        valid = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
+                 and 0 <= v <= self.max_value]
         return {"sum": sum(valid), "cnt": len(valid), "values": valid,
                 "invalid": len(values) - len(valid)}

@@ -1,13 +1,18 @@
 """Guess 2/3 of the average: N participants, S shards, R rounds.
 
     python examples/guess_two_thirds/main.py --agents 1000 --shards 4 --rounds 3 --sleep 0
+    python examples/guess_two_thirds/main.py --agent-type llm --agents 100 --fake-llm 0.5
+    python examples/guess_two_thirds/main.py --agent-type llm --model-config \
+        examples/guess_two_thirds/configs/model_configs.json --config-name vllm
     BUSAGENT_REDIS_URL=redis://host:6379/0 python examples/guess_two_thirds/main.py ...  # workers
         already running elsewhere with --agents examples/guess_two_thirds/agents.py
+    python examples/guess_two_thirds/main.py --table result     # round times across runs
 
 Per round it prints the average and the time the round took, and writes result_<r>.json
-(``data``, ``stats {win, cnt, avg, med, std, max, min, time}``) and, when matplotlib is installed,
-a 101-bin histogram with a line at the winning value, as PNG and PDF, under
-``result/<exp>/random/<N>-<S>-<ratio>/<timestamp>/``.
+(``data``, ``stats {win, cnt, avg, med, std, max, min, time, invalid}``) and, when matplotlib is
+installed, a 101-bin histogram with a line at the winning value, as PNG and PDF, under
+``result/<exp>/<random|config name>/<N>-<S>-<ratio>-<sleep>/<timestamp>/`` with ``run.json``
+(the settings, creation time and per-round times) beside them.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import busagent
 from busagent import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agents import Group, RandomParticipant
+from agents import PROMPTS, Group, LLMParticipant, RandomParticipant
 
-PROMPT = ("You are playing a game: pick an integer from 0 to {max}. The winner is whoever is "
-          "closest to {ratio} of the average of all numbers.{last}")
+NEXT_ROUND = "The winning number of the last round was {win:.2f}. On to the next round.\n"
 
 
 def progress(label: str, done: int, total: int) -> None:
+    if not sys.stdout.isatty() and done < total:
+        return  # a log file gets the finished bars only
     width = 30
     filled = width * done // max(total, 1)
     end = "\n" if done >= total else ""
@@ -40,34 +46,61 @@ def progress(label: str, done: int, total: int) -> None:
           flush=True)
 
 
-def create(n: int, shards: int, max_value: int, sleep: float) -> list[Any]:
+def participant(i: int, args: argparse.Namespace) -> Any:
+    if args.agent_type == "random":
+        return RandomParticipant(f"p{i}", args.max_value, args.sleep, to_dist=True)
+    personas = PROMPTS["PERSONAS"]
+    return LLMParticipant(f"p{i}", args.config_name, args.max_value, args.ratio, args.sys_id,
+                          personas[i % len(personas)] if args.persona else None, to_dist=True)
+
+
+def create(args: argparse.Namespace) -> list[Any]:
     """Create participants in bulk, then the shards that own them (no participant dropped:
     the first n % shards shards get one more)."""
+    n, shards = args.agents, args.shards
     ps = []
+    step = max(1, n // 100)
     for i in range(n):
-        ps.append(RandomParticipant(f"p{i}", max_value, sleep, to_dist=True))
-        if i % 1000 == 999 or i == n - 1:
+        ps.append(participant(i, args))
+        if i % step == step - 1 or i == n - 1:
             progress("creating participants", i + 1, n)
-    busagent.gather([p._created for p in ps], timeout=600)
+    busagent.gather([p._created for p in ps], timeout=3600)
     groups = [[p.agent_id for p in ps[s::shards]] for s in range(shards)]
-    gs = [Group(f"group{s}", ids, max_value, to_dist=True) for s, ids in enumerate(groups)]
+    gs = [Group(f"group{s}", ids, args.max_value, to_dist=True) for s, ids in enumerate(groups)]
     busagent.gather([g._created for g in gs], timeout=600)
     return gs
 
 
 def play(args: argparse.Namespace) -> Path:
     busagent.init(child_workers=args.workers)
+    if args.fake_llm is not None:
+        from busagent.fakellm import FakeLLM
+
+        fake = FakeLLM(latency=args.fake_llm).start()
+        busagent.load_model_configs(fake.config(args.config_name, concurrency=256))
+    elif args.model_config:
+        busagent.load_model_configs(args.model_config)
     ratio = Fraction(args.ratio)
-    settings = f"{args.agents}-{args.shards}-{args.ratio.replace('/', '_')}"
-    out = (Path(args.out) / args.exp / "random" / settings
+    kind = "random" if args.agent_type == "random" else args.config_name
+    settings = f"{args.agents}-{args.shards}-{args.ratio.replace('/', '_')}-{args.sleep:g}"
+    out = (Path(args.out) / args.exp / kind / settings
            / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    shards = create(args.agents, args.shards, args.max_value, args.sleep)
-    last = ""
+    t = time.perf_counter()
+    shards = create(args)
+    run = {"agents": args.agents, "shards": args.shards, "ratio": args.ratio, "kind": kind,
+           "sleep": args.sleep if kind == "random" else None, "workers": args.workers,
+           "create_s": round(time.perf_counter() - t, 3), "rounds": []}
+    user = PROMPTS["USER"][args.usr_id]
+    prompt = user
     for r in range(1, args.rounds + 1):
-        prompt = PROMPT.format(max=args.max_value, ratio=ratio, last=last)
         t = time.perf_counter()
-        results = busagent.gather([g(Msg("Moderator", prompt)) for g in shards], timeout=3600)
+        pending = [g(Msg("Moderator", prompt)) for g in shards]
+        results, got = [], 0
+        for p in pending:  # in order: the round ends when the slowest shard has answered
+            results.append(p.result(timeout=3600))
+            got += results[-1]["cnt"] + results[-1]["invalid"]
+            progress(f"round {r} replies", got, args.agents)
         took = time.perf_counter() - t
         data = [v for res in results for v in res["values"]]
         total, cnt = sum(res["sum"] for res in results), sum(res["cnt"] for res in results)
@@ -76,11 +109,48 @@ def play(args: argparse.Namespace) -> Path:
         print(f"Moderator: The average value of round {r} is {avg:.2f} [takes {took:.3f} s]")
         stats = {"win": win, "cnt": cnt, "avg": avg, "med": statistics.median(data) if data else 0,
                  "std": statistics.pstdev(data) if data else 0, "max": max(data, default=0),
-                 "min": min(data, default=0), "time": took}
+                 "min": min(data, default=0), "time": took,
+                 "invalid": sum(res["invalid"] for res in results)}
         (out / f"result_{r}.json").write_text(json.dumps({"data": data, "stats": stats}))
         histogram(data, win, args.max_value, out / f"result_{r}")
-        last = f" The winning number of the last round was {win:.2f}."
+        run["rounds"].append(round(took, 4))
+        (out / "run.json").write_text(json.dumps(run, indent=1))
+        prompt = NEXT_ROUND.format(win=win) + user
     return out
+
+
+def table(root: Path, plot: bool) -> None:
+    """Every run under ``root``: agents, kind, sleep, creation time, median round time."""
+    runs = []
+    for f in sorted(root.rglob("run.json")):
+        run = json.loads(f.read_text())
+        if run["rounds"]:
+            runs.append({**run, "round_s": statistics.median(run["rounds"])})
+    runs.sort(key=lambda r: (r["kind"], r["sleep"] or 0, r["agents"]))
+    print(f"{'agents':>9} {'shards':>6} {'kind':>8} {'sleep':>5} {'create s':>9} "
+          f"{'round s (median)':>17} {'rounds':>6}")
+    for r in runs:
+        print(f"{r['agents']:>9} {r['shards']:>6} {r['kind']:>8} {r['sleep'] or 0:>5g} "
+              f"{r['create_s']:>9.2f} {r['round_s']:>17.3f} {len(r['rounds']):>6}")
+    if plot and runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        series: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            series.setdefault(f"{r['kind']} sleep={r['sleep'] or 0:g}", []).append(r)
+        for label, rs in series.items():
+            ax.plot([r["agents"] for r in rs], [r["round_s"] for r in rs], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("agents")
+        ax.set_ylabel("seconds per round")
+        ax.legend()
+        fig.savefig(root / "round_times.png", bbox_inches="tight")
+        print(f"plot: {root / 'round_times.png'}")
 
 
 def histogram(data: list[int], win: float, max_value: int, base: Path) -> None:
@@ -106,13 +176,27 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=100)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ratio", default="2/3")
+    ap.add_argument("--ratio", default="2/3", choices=["1/2", "2/3", "3/5", "51/100", "67/100"])
     ap.add_argument("--max-value", type=int, default=100)
-    ap.add_argument("--sleep", type=float, default=1.0, help="seconds each participant takes")
+    ap.add_argument("--agent-type", choices=["random", "llm"], default="random")
+    ap.add_argument("--sleep", type=float, default=1.0,
+                    help="seconds each random participant takes")
+    ap.add_argument("--model-config", help="JSON file of model configs to store for workers")
+    ap.add_argument("--config-name", default="fake", help="the model config LLM agents use")
+    ap.add_argument("--fake-llm", type=float, metavar="LATENCY",
+                    help="serve a local fake endpoint answering in LATENCY s, as --config-name")
+    ap.add_argument("--sys-id", default="1", choices=sorted(PROMPTS["SYSTEM"]))
+    ap.add_argument("--usr-id", default="1", choices=sorted(PROMPTS["USER"]))
+    ap.add_argument("--persona", action="store_true", help="give LLM agents a background")
     ap.add_argument("--workers", type=int, default=2, help="child worker processes, when needed")
     ap.add_argument("--exp", default="guess_two_thirds")
     ap.add_argument("--out", default="result")
+    ap.add_argument("--table", metavar="DIR", help="print the runs under DIR and exit")
+    ap.add_argument("--plot", action="store_true", help="with --table: plot round time vs agents")
     args = ap.parse_args()
+    if args.table:
+        table(Path(args.table), args.plot)
+        return
     print(f"results in {play(args)}")
 
 

@@ -1,0 +1,354 @@
+"""Model configs and model wrappers, looked up by ``config_name`` as in AgentScope.
+
+Configs live in Redis so that every worker sees the same ones (``{p}:models``), and a server may
+override them for itself (``{p}:models:{server}``, set with ``ServerClient.set_model_configs``):
+the paper's setup, where each machine talks to its own local vLLM, is one global config whose
+``base_url`` says ``localhost``, or one override per server.
+
+    busagent.load_model_configs("configs/model_configs.json")
+    model = busagent.models.get("qwen")           # inside an agent, on any worker
+    text = (await model.acall(messages)).text     # async: hundreds in flight per worker
+    text = model(messages).text                   # or blocking, from a plain reply
+
+Model types: ``openai_chat`` (any ``/v1/chat/completions`` endpoint: vLLM, llama.cpp, OpenAI)
+and ``scripted`` (canned lines, for examples and tests that need no model at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import bus as _bus
+from .errors import ConfigError, ModelError
+from .message import Msg
+
+#: how long a worker trusts its cached copy of a config before it looks again
+REFRESH = 5.0
+#: HTTP statuses worth retrying: rate limits and a busy or restarting server
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class ModelConfig(BaseModel):
+    """One model config. Unknown fields are kept (AgentScope configs carry many)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    config_name: str
+    model_type: str
+    model_name: str = ""
+    api_key: str | None = None
+    base_url: str | None = None
+    #: AgentScope puts base_url here: ``{"base_url": ...}``
+    client_args: dict[str, Any] = Field(default_factory=dict)
+    generate_args: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = 60.0
+    max_retries: int = 3
+    #: requests one worker process keeps in flight to this model at most
+    concurrency: int = 64
+    #: for ``scripted``: the lines it says, in turn
+    lines: list[str] = Field(default_factory=list)
+
+
+class ModelResponse(BaseModel):
+    text: str
+    raw: dict[str, Any] | None = None
+
+
+Messages = Sequence[Msg | dict[str, Any]]
+
+
+def format_messages(msgs: Messages | Msg) -> list[dict[str, Any]]:
+    """Chat-completion messages from Msgs (or dicts already in that shape)."""
+    items: Iterable[Msg | dict[str, Any]] = [msgs] if isinstance(msgs, Msg) else msgs
+    out = []
+    for m in items:
+        if isinstance(m, Msg):
+            out.append({"role": m.role if m.role in ("system", "user", "assistant") else "user",
+                        "name": m.name, "content": m.content if isinstance(m.content, str)
+                        else json.dumps(m.content, default=str)})
+        else:
+            out.append(dict(m))
+    return out
+
+
+class Model:
+    """Base class: ``await model.acall(messages)``, ``model(messages)``, ``model.astream(...)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.config_name = config.config_name
+
+    async def acall(self, messages: Messages | Msg, **kwargs: Any) -> ModelResponse:
+        raise NotImplementedError
+
+    async def astream(self, messages: Messages | Msg, **kwargs: Any) -> AsyncIterator[str]:
+        """The reply in pieces as they come (the whole reply at once unless overridden)."""
+        yield (await self.acall(messages, **kwargs)).text
+
+    def __call__(self, messages: Messages | Msg, **kwargs: Any) -> ModelResponse:
+        """Blocking call, for a plain (not async) reply running on a worker thread. It runs on
+        one background loop per process, so blocking callers share the pool and the cap."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run_coroutine_threadsafe(self.acall(messages, **kwargs),
+                                                    _background()).result()
+        raise ConfigError("model(...) blocks; inside async code use `await model.acall(...)`")
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _background() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="busagent-models",
+                             daemon=True).start()
+        return _loop
+
+
+class ScriptedModel(Model):
+    """Says its ``lines`` in turn (with ``{name}`` and ``{last}`` filled in: the speaker's name
+    and the last message's text); without lines, a short acknowledgement of the last message."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def _next(self, messages: Messages | Msg, name: str) -> str:
+        msgs = format_messages(messages)
+        last = str(msgs[-1]["content"]) if msgs else ""
+        with self._lock:
+            turn = self._turn
+            self._turn += 1
+        if not self.config.lines:
+            return f"{name or 'I'} heard: {last[:80]}"
+        return self.config.lines[turn % len(self.config.lines)].format(name=name, last=last)
+
+    async def acall(self, messages: Messages | Msg, **kwargs: Any) -> ModelResponse:
+        return ModelResponse(text=self._next(messages, str(kwargs.get("name", ""))))
+
+    async def astream(self, messages: Messages | Msg, **kwargs: Any) -> AsyncIterator[str]:
+        text = self._next(messages, str(kwargs.get("name", "")))
+        for i, word in enumerate(text.split(" ")):
+            yield word if i == 0 else " " + word
+
+
+class OpenAIChatModel(Model):
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint.
+
+    Every request has a timeout; connection errors, timeouts and the statuses in
+    ``RETRY_STATUS`` are retried ``max_retries`` times with jittered exponential backoff (a 429's
+    ``Retry-After`` is honoured); at most ``concurrency`` requests per process are in flight, the
+    rest wait their turn instead of overloading the server.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        base = config.base_url or config.client_args.get("base_url")
+        if not base:
+            raise ConfigError(
+                f"model config {config.config_name!r} has no base_url: set \"base_url\" (or "
+                "client_args.base_url) to the endpoint, e.g. http://localhost:8000/v1"
+            )
+        self.url = str(base).rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        # One client and one cap per event loop: httpx's async pool is bound to the loop that
+        # made it, and a worker has one loop, the calling program another.
+        self._per_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
+        ] = weakref.WeakKeyDictionary()
+
+    def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        got = self._per_loop.get(loop)
+        if got is None:
+            n = max(1, self.config.concurrency)
+            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+            got = (httpx.AsyncClient(timeout=self.config.timeout, limits=limits),
+                   asyncio.Semaphore(n))
+            self._per_loop[loop] = got
+        return got
+
+    def _body(self, messages: Messages | Msg, stream: bool, kwargs: dict[str, Any]
+              ) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.config.model_name,
+                                "messages": format_messages(messages)}
+        body.update(self.config.generate_args)
+        body.update({k: v for k, v in kwargs.items() if k != "name"})
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def acall(self, messages: Messages | Msg, **kwargs: Any) -> ModelResponse:
+        body = self._body(messages, False, kwargs)
+        client, cap = self._client()
+        async with cap:
+            for attempt in range(self.config.max_retries + 1):
+                try:
+                    r = await client.post(self.url, json=body, headers=self.headers)
+                except httpx.TransportError as e:  # timeouts and refused connections included
+                    await self._retry(attempt, f"{type(e).__name__}: {e}", None)
+                    continue
+                if r.status_code in RETRY_STATUS:
+                    await self._retry(attempt, f"HTTP {r.status_code}: {r.text[:200]}", r)
+                    continue
+                if r.status_code != 200:
+                    raise ModelError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]} "
+                                     f"(check model config {self.config_name!r})")
+                return self._parse(r)
+        raise AssertionError("unreachable: _retry raises on the last attempt")
+
+    async def astream(self, messages: Messages | Msg, **kwargs: Any) -> AsyncIterator[str]:
+        """Server-sent events, one content delta at a time. Retries only before the first piece:
+        a stream that broke halfway cannot be resumed without repeating text."""
+        body = self._body(messages, True, kwargs)
+        client, cap = self._client()
+        async with cap:
+            for attempt in range(self.config.max_retries + 1):
+                try:
+                    async with client.stream("POST", self.url, json=body,
+                                             headers=self.headers) as r:
+                        if r.status_code in RETRY_STATUS:
+                            await r.aread()
+                            await self._retry(attempt, f"HTTP {r.status_code}", r)
+                            continue
+                        if r.status_code != 200:
+                            await r.aread()
+                            raise ModelError(f"{self.url} answered HTTP {r.status_code}: "
+                                             f"{r.text[:300]}")
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                return
+                            delta = json.loads(data)["choices"][0].get("delta", {})
+                            if delta.get("content"):
+                                yield delta["content"]
+                        return
+                except httpx.TransportError as e:
+                    await self._retry(attempt, f"{type(e).__name__}: {e}", None)
+
+    async def _retry(self, attempt: int, why: str, r: httpx.Response | None) -> None:
+        if attempt >= self.config.max_retries:
+            raise ModelError(f"{self.url} failed {attempt + 1} times, last: {why} (is the "
+                             f"endpoint of model config {self.config_name!r} up?)")
+        delay = min(10.0, 0.2 * 2 ** attempt) * (0.5 + random.random())
+        if r is not None and r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
+            delay = min(30.0, float(r.headers["retry-after"]))
+        await asyncio.sleep(delay)
+
+    def _parse(self, r: httpx.Response) -> ModelResponse:
+        try:
+            raw = r.json()
+            text = raw["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ModelError(f"{self.url} sent a reply that is not a chat completion: "
+                             f"{r.text[:300]!r}") from e
+        return ModelResponse(text=text, raw=raw)
+
+
+MODEL_TYPES: dict[str, type[Model]] = {
+    "openai_chat": OpenAIChatModel,
+    "openai": OpenAIChatModel,
+    "vllm": OpenAIChatModel,
+    "scripted": ScriptedModel,
+}
+
+# config_name -> (raw JSON, model, fetched at). Models are shared by every agent of a process,
+# so the concurrency cap and the connection pool are per worker, not per agent.
+_cache: dict[str, tuple[str, Model, float]] = {}
+_cache_lock = threading.Lock()
+#: the worker this process serves as (its own overrides come first)
+serving_as: str | None = None
+
+
+def parse_configs(configs: Any) -> list[ModelConfig]:
+    """Configs from a JSON file path, a dict or a list of dicts."""
+    if isinstance(configs, str | Path):
+        try:
+            configs = json.loads(Path(configs).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read model configs from {configs}: {e}") from e
+    if isinstance(configs, dict | ModelConfig):
+        configs = [configs]
+    out = []
+    for c in configs:
+        try:
+            cfg = c if isinstance(c, ModelConfig) else ModelConfig.model_validate(c)
+        except ValidationError as e:
+            raise ConfigError(f"bad model config {c!r}: {e}") from e
+        if cfg.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model config {cfg.config_name!r}: unknown model_type "
+                              f"{cfg.model_type!r}; use one of {sorted(MODEL_TYPES)}")
+        out.append(cfg)
+    return out
+
+
+def load_model_configs(configs: Any, server: str | None = None) -> list[str]:
+    """Store configs in Redis for every worker (or for one ``server``); returns their names."""
+    parsed = parse_configs(configs)
+    b = _bus.current()
+    if parsed:
+        b.redis.hset(b.keys.models(server),
+                     mapping={c.config_name: c.model_dump_json() for c in parsed})
+    return [c.config_name for c in parsed]
+
+
+def clear_model_configs(server: str | None = None) -> None:
+    b = _bus.current()
+    b.redis.delete(b.keys.models(server))
+
+
+def list_model_configs(server: str | None = None) -> dict[str, ModelConfig]:
+    b = _bus.current()
+    raw = dict(b.redis.hgetall(b.keys.models(None)))
+    if server:
+        raw.update(b.redis.hgetall(b.keys.models(server)))
+    return {(k.decode() if isinstance(k, bytes) else k): ModelConfig.model_validate_json(v)
+            for k, v in raw.items()}
+
+
+def get(config_name: str) -> Model:
+    """The model of a config name: this server's override, else the global config."""
+    now = time.monotonic()
+    hit = _cache.get(config_name)
+    if hit is not None and now - hit[2] < REFRESH:
+        return hit[1]
+    b = _bus.current()
+    pipe = b.redis.pipeline(transaction=False)
+    if serving_as:
+        pipe.hget(b.keys.models(serving_as), config_name)
+    pipe.hget(b.keys.models(None), config_name)
+    found = [v for v in pipe.execute() if v]
+    if not found:
+        raise ConfigError(f"no model config named {config_name!r}: load it with "
+                          "busagent.load_model_configs(...) or `busagent models load FILE`")
+    raw = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
+    with _cache_lock:
+        hit = _cache.get(config_name)
+        if hit is not None and hit[0] == raw:  # unchanged: keep the pool and the cap
+            _cache[config_name] = (raw, hit[1], now)
+            return hit[1]
+        cfg = ModelConfig.model_validate_json(raw)
+        model = MODEL_TYPES[cfg.model_type](cfg)
+        _cache[config_name] = (raw, model, now)
+        return model
