@@ -12,6 +12,7 @@
 from . import models
 from .agent import Agent, DistConf, remote
 from .bus import init, shutdown
+from .center import StepEvent, TaskCenter
 from .config import Settings
 from .errors import (
     BusagentError,
@@ -27,21 +28,32 @@ from .errors import (
     UnknownAgent,
     UnknownClass,
 )
+from .hub import Broadcast, Direct, Function, Hub, HubMessage, Member, Random, RoundRobin
+from .human import Human
 from .memory import Memory
 from .message import Msg
 from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather
 from .proxy import RemoteAgent
 from .registry import ServerClient, agents, servers
+from .stream import Event
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "Broadcast",
     "BusagentError",
     "CallTimeout",
     "ConfigError",
+    "Direct",
     "DistConf",
+    "Event",
+    "Function",
+    "Hub",
+    "HubMessage",
+    "Human",
+    "Member",
     "Memory",
     "MessageTooLarge",
     "ModelConfig",
@@ -51,11 +63,15 @@ __all__ = [
     "Placeholder",
     "PlacementError",
     "ProtocolError",
+    "Random",
     "RedisUnavailable",
     "RemoteAgent",
     "RemoteError",
+    "RoundRobin",
     "ServerClient",
     "Settings",
+    "StepEvent",
+    "TaskCenter",
     "UnknownAgent",
     "UnknownClass",
     "agather",

@@ -112,6 +112,21 @@ class Agent(metaclass=AgentMeta):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.reply(*args, **kwargs)
 
+    @remote
+    def catch_up(self, hub: str) -> int:
+        """Observe the messages of ``hub`` addressed to this agent that it has not seen yet, in
+        the hub's order; returns how many. Hubs call it on their members."""
+        from .hub import Hub
+
+        return Hub(hub).deliver(self)
+
+    @remote
+    def speak(self, hub: str) -> Any:
+        """A turn in a hub's conversation: catch up, then ``reply()`` from memory (what
+        AgentScope's msghub does). The task center calls it and publishes the result."""
+        self.catch_up(hub)
+        return self.reply()
+
     def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
         memory, and return the proxy."""

@@ -40,6 +40,8 @@ class Settings(BaseModel):
     max_deliveries: int = Field(3, ge=1)
     #: entries kept in the dead-letter stream (approximately).
     deadletter_max: int = Field(10000, ge=1)
+    #: messages a hub keeps as history (approximately; older ones are trimmed).
+    hub_history: int = Field(100_000, ge=10)
     #: shared secret: callers sign calls (HMAC-SHA256), workers refuse calls without a valid one.
     secret: str | None = Field(None, repr=False)
 

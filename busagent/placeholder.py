@@ -9,7 +9,7 @@ the receiving worker reads the value from Redis itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import bus as _bus
@@ -62,6 +62,15 @@ class Placeholder:
             if self._error is None:
                 self._settle(got[self.call_id])
         return self._unwrap()
+
+    def stream(self, timeout: float | None = None) -> Iterator[Any]:
+        """The call's stream events (:class:`busagent.stream.Event`) from the start: ``start``,
+        ``chunk``..., then ``end`` or ``error``. Only calls whose reply streams (a generator, or
+        a call made with ``agent.stream(...)``) have them; others time out."""
+        from .stream import follow
+
+        _forbid_blocking_in_loop()
+        yield from follow([self.call_id], timeout)
 
     def _unwrap(self) -> Any:
         if self._error is not None:

@@ -30,11 +30,13 @@ class RemoteAgent:
         self._created = created
 
     def _call(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              method: str | None = None) -> Placeholder:
+              method: str | None = None, stream: bool = False) -> Placeholder:
         b = _bus.current()
         body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
         if method:
             body["method"] = method
+        if stream:
+            body["stream"] = True
         timeout = b.settings.call_timeout
         if timeout is not None:
             body["deadline"] = time.time() + timeout
@@ -55,6 +57,18 @@ class RemoteAgent:
 
     def observe(self, x: Any) -> Placeholder:
         return self._call("observe", (x,), {})
+
+    def stream(self, *args: Any, **kwargs: Any) -> Placeholder:
+        """Call ``reply`` with its output as stream events (``placeholder.stream()``), whether
+        or not ``reply`` is a generator."""
+        return self._call("call", args, kwargs, stream=True)
+
+    def call_method(self, name: str, *args: Any, stream: bool = False, **kwargs: Any
+                    ) -> Placeholder:
+        """Call a ``@busagent.remote`` method by name (``stream=True``: as stream events)."""
+        if not is_remote(self.cls, name):
+            raise AttributeError(f"{self.cls.__name__}.{name} is not marked @busagent.remote")
+        return self._call("method", args, kwargs, method=name, stream=stream)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or not is_remote(self.cls, name):

@@ -84,6 +84,8 @@ class CallBody(BaseModel):
     method: str | None = None
     #: epoch seconds after which the caller no longer waits; the worker then skips the call.
     deadline: float | None = None
+    #: write the reply as stream events even if ``reply`` is not a generator
+    stream: bool = False
 
 
 class CreateBody(BaseModel):

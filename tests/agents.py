@@ -118,3 +118,42 @@ class Killer(Agent):
 
     def reply(self, x: Msg | None = None) -> Msg:
         os._exit(17)
+
+
+class Member(Agent):
+    """A hub member: speaks a line that counts what it has heard; ``heard`` lists the hub
+    messages it observed, in the order it observed them."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        super().__init__(name)
+        self.delay = delay
+
+    def reply(self, x: Msg | None = None) -> str:
+        if self.delay:
+            time.sleep(self.delay)
+        return f"{self.name} heard {len(self.memory)}"
+
+    @busagent.remote
+    def heard(self) -> list[list[str]]:
+        return [[m.metadata["seq"], str(m.content)] for m in self.memory.get()
+                if isinstance(m, Msg) and m.metadata and "seq" in m.metadata]
+
+
+class Streamer(Agent):
+    """Streams its reply word by word (an async generator, like LLM tokens)."""
+
+    async def reply(self, x: Msg | None = None) -> Any:  # type: ignore[override]
+        text = str(x.content) if x is not None else f"{self.name} says hello to everyone"
+        for i, word in enumerate(text.split(" ")):
+            await asyncio.sleep(0.01)
+            yield word if i == 0 else " " + word
+
+
+class SyncStreamer(Agent):
+    """Streams from a plain generator, then fails halfway when asked to."""
+
+    def reply(self, x: Msg | None = None) -> Any:
+        for i in range(3):
+            yield f"part{i}"
+        if x is not None and x.content == "fail":
+            raise ValueError("broke after three parts")

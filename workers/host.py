@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ import psutil
 import redis
 
 from busagent import bus as _bus
-from busagent import models
+from busagent import models, stream
 from busagent.agent import Agent, assigning_id, is_remote
 from busagent.config import Settings
 from busagent.errors import (
@@ -636,12 +636,16 @@ class Worker:
                     return None
                 args, kwargs = substitute(args, values), substitute(kwargs, values)
         if inspect.iscoroutinefunction(fn):
-            self._park(e.agent, self._run_async(job, agent, fn, args, kwargs))
+            self._park(e.agent, self._run_async(job, agent, fn, args, kwargs, body.stream))
             return None
         value = fn(*args, **kwargs)
-        if inspect.isawaitable(value):
-            self._park(e.agent, self._finish_async(job, agent, value))
+        if inspect.isawaitable(value) or inspect.isasyncgen(value):
+            self._park(e.agent, self._finish_async(job, agent, value, body.stream))
             return None
+        if inspect.isgenerator(value):
+            value = self._stream_sync(e.call, agent, value)
+        elif body.stream:
+            self._stream_sync(e.call, agent, [value])
         return self._done(job, agent, value)
 
     def _done(self, job: Job, agent: Agent, value: Any) -> Done:
@@ -650,14 +654,60 @@ class Worker:
                     cleared, new)
 
     async def _run_async(self, job: Job, agent: Agent, fn: Callable[..., Any], args: list[Any],
-                         kwargs: dict[str, Any]) -> Done:
-        return await self._finish_async(job, agent, fn(*args, **kwargs))
+                         kwargs: dict[str, Any], stream: bool) -> Done:
+        return await self._finish_async(job, agent, fn(*args, **kwargs), stream)
 
-    async def _finish_async(self, job: Job, agent: Agent, aw: Any) -> Done:
+    async def _finish_async(self, job: Job, agent: Agent, aw: Any, stream: bool) -> Done:
         try:
-            return self._done(job, agent, await aw)
+            if inspect.isasyncgen(aw):
+                value = await self._stream_async(job.entry.call, agent, aw)
+            else:
+                value = await aw
+                if stream:
+                    await self._stream_async(job.entry.call, agent, _once(value))
+            return self._done(job, agent, value)
         except Exception as err:  # noqa: BLE001
             return Done(job.entry_id, job.entry.call, self._error_reply(err))
+
+    # --- streamed replies (busagent.stream) ---------------------------------------------------
+
+    def _stream_sync(self, call: str, agent: Agent, pieces: Iterable[Any]) -> Any:
+        """Write a generator's pieces as events; returns the joined reply. A call run again
+        after a crash starts its stream over (a new ``start``), so the key is reset first."""
+        key, got = self.keys.chunks(call), []
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(key)
+        pipe.xadd(key, stream.fields(0, "start", {"agent": agent.agent_id, "name": agent.name}))
+        pipe.expire(key, self.settings.reply_ttl)
+        pipe.execute()
+        try:
+            for piece in pieces:
+                got.append(piece)
+                self.r.xadd(key, stream.fields(len(got), "chunk", piece))
+        except Exception as err:
+            self.r.xadd(key, stream.fields(len(got) + 1, "error", _error_data(err)))
+            raise
+        self.r.xadd(key, stream.fields(len(got) + 1, "end"))
+        return stream.joined(got)
+
+    async def _stream_async(self, call: str, agent: Agent, pieces: AsyncIterator[Any]) -> Any:
+        key, got = self.keys.chunks(call), []
+        ar = self.bus.async_client()
+        async with ar.pipeline(transaction=False) as pipe:
+            pipe.delete(key)
+            pipe.xadd(key, stream.fields(0, "start", {"agent": agent.agent_id,
+                                                      "name": agent.name}))
+            pipe.expire(key, self.settings.reply_ttl)
+            await pipe.execute()
+        try:
+            async for piece in pieces:
+                got.append(piece)
+                await ar.xadd(key, stream.fields(len(got), "chunk", piece))
+        except Exception as err:
+            await ar.xadd(key, stream.fields(len(got) + 1, "error", _error_data(err)))
+            raise
+        await ar.xadd(key, stream.fields(len(got) + 1, "end"))
+        return stream.joined(got)
 
     async def _await_inputs(self, job: Job, refs: list[Ref], deadline: float | None) -> None:
         try:
@@ -858,6 +908,15 @@ class Worker:
         )
         if fenced:
             log.warning("%d replies refused: their calls were moved to another worker", fenced)
+
+
+async def _once(value: Any) -> AsyncIterator[Any]:
+    yield value
+
+
+def _error_data(err: BaseException) -> dict[str, str]:
+    code = err.code if isinstance(err, BusagentError) else type(err).__name__
+    return {"type": code, "message": str(err)}
 
 
 def _user_traceback(err: BaseException) -> str:

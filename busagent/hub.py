@@ -1,0 +1,355 @@
+"""Hubs: named conversation spaces on the bus.
+
+A hub is a Redis stream (``{p}:hub:{name}``): XADD gives every message its place in one order,
+and the stream is the history. Members are recorded in ``{p}:hub:{name}:members``. Publishing is
+one XADD plus a fire-and-forget notice to each addressed member, so it never waits on a slow
+receiver (AgentScope's broadcast was one blocking call per member).
+
+A member reads the hub itself (``Agent.catch_up``): from its cursor to the end, in stream
+order, observing the messages addressed to it. Notices can arrive in any order or twice; the
+cursor makes that harmless, so every member sees its messages in the hub's one order. A member
+that joins late reads the history (``join(history=True)``); one rebuilt after a crash finds its
+cursor again in its restored memory (each observed message carries its ``seq``).
+
+    hub = Hub("room")
+    hub.join(alice, role="writer"); hub.join(bob, role="critic"); hub.join(log, watcher=True)
+    hub.publish(Msg("user", "hi"))                       # everyone
+    hub.publish(Msg("user", "review"), send_to="critic")  # a role (or a name, or an agent)
+    hub.publish(msg, routing=RoundRobin(role="critic"))   # a policy picks the receivers
+    for m in hub.watch(): print(m.sent_from, m.msg.content)
+"""
+
+from __future__ import annotations
+
+import json
+import random as _random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from . import bus as _bus
+from .errors import ConfigError
+from .message import Msg
+from .wire import pack, unpack
+
+EVERYONE = "*"
+
+
+class Member(BaseModel):
+    id: str
+    name: str
+    role: str
+    watcher: bool = False
+    #: hub seq the member starts reading after ("0-0": the whole history)
+    since: str = "0-0"
+    joined: float = 0.0
+
+
+class HubMessage(BaseModel):
+    """One message of a hub, as stored: ``seq`` is its stream id (its place in the one order),
+    ``send_to`` the targets it was published to: ``"*"``, ``"role:<r>"``, ``"name:<n>"`` or agent
+    ids."""
+
+    hub: str
+    seq: str
+    sent_from: str
+    sender: str = ""
+    send_to: list[str]
+    msg: Msg
+
+    def to(self, member: Member) -> bool:
+        """Whether this message is addressed to ``member`` (watchers see everything)."""
+        if member.watcher:
+            return True
+        if member.id == self.sender:
+            return False  # a speaker already has its own words
+        return any(t == EVERYONE or t == member.id or t == f"role:{member.role}"
+                   or t == f"name:{member.name}" for t in self.send_to)
+
+
+class Routing(Protocol):
+    """A routing policy: picks the receivers of a message among the hub's members."""
+
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str
+                 ) -> list[str]: ...
+
+
+class Broadcast:
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str) -> list[str]:
+        return [EVERYONE]
+
+
+class Direct:
+    """To the named roles, names, agent ids or agents."""
+
+    def __init__(self, *targets: Any) -> None:
+        self.targets = targets
+
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str) -> list[str]:
+        return hub.targets(list(self.targets), members)
+
+
+def _candidates(members: list[Member], sender: str, role: str | None) -> list[Member]:
+    return [m for m in members if not m.watcher and m.id != sender
+            and (role is None or m.role == role)]
+
+
+class RoundRobin:
+    """One receiver at a time, in turn (among one role's members, or all). The turn is kept in
+    Redis, so several publishers share one rotation."""
+
+    def __init__(self, role: str | None = None) -> None:
+        self.role = role
+
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str) -> list[str]:
+        cands = _candidates(members, sender, self.role)
+        if not cands:
+            raise ConfigError(f"hub {hub.name!r}: nobody to route to (role {self.role!r})")
+        b = _bus.current()
+        turn = int(b.redis.hincrby(b.keys.members(hub.name), f"~turn:{self.role or ''}", 1))
+        return [cands[(turn - 1) % len(cands)].id]
+
+
+class Random:
+    """``k`` receivers drawn at random (among one role's members, or all)."""
+
+    def __init__(self, k: int = 1, role: str | None = None, seed: int | None = None) -> None:
+        self.k, self.role = k, role
+        self.rng = _random.Random(seed)
+
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str) -> list[str]:
+        cands = _candidates(members, sender, self.role)
+        if not cands:
+            raise ConfigError(f"hub {hub.name!r}: nobody to route to (role {self.role!r})")
+        return [m.id for m in self.rng.sample(cands, min(self.k, len(cands)))]
+
+
+class Function:
+    """A user function ``fn(msg, members) -> members, names, roles or ids``."""
+
+    def __init__(self, fn: Callable[[Msg, list[Member]], Sequence[Any]]) -> None:
+        self.fn = fn
+
+    def __call__(self, hub: Hub, msg: Msg, members: list[Member], sender: str) -> list[str]:
+        cands = _candidates(members, sender, None)
+        return hub.targets(list(self.fn(msg, cands)), members)
+
+
+def _id_of(agent: Any) -> str:
+    agent_id = getattr(agent, "agent_id", None)
+    if not isinstance(agent_id, str):
+        raise ConfigError(f"{agent!r} is not an agent (no agent_id)")
+    return agent_id
+
+
+class Hub:
+    """A named conversation space. Cheap to construct: all state is in Redis, so any process
+    (or agent) can open the same hub by name."""
+
+    def __init__(self, name: str) -> None:
+        if not name or any(c in name for c in " :{}"):
+            raise ConfigError(f"hub name {name!r}: use letters, digits, - and _")
+        self.name = name
+        #: agents of this process that are members: they are delivered to directly
+        self.local: dict[str, Any] = {}
+
+    # --- membership --------------------------------------------------------------------------
+
+    def join(self, agent: Any, role: str | None = None, watcher: bool = False,
+             history: bool = True) -> Member:
+        """Add an agent (local or distributed) with a role (default: its name). ``history``:
+        it catches up on the messages published before it joined; else it starts from now."""
+        b = _bus.current()
+        since = "0-0" if history else self.last_seq()
+        m = Member(id=_id_of(agent), name=agent.name, role=role or agent.name, watcher=watcher,
+                   since=since, joined=time.time())
+        b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
+        from .proxy import RemoteAgent
+
+        if not isinstance(agent, RemoteAgent):
+            self.local[m.id] = agent
+        if history:
+            self._notify([m])
+        return m
+
+    def last_seq(self) -> str:
+        """The seq of the newest message ("0-0" when there is none)."""
+        b = _bus.current()
+        last: Any = b.redis.xrevrange(b.keys.hub(self.name), count=1)
+        return str(last[0][0].decode()) if last else "0-0"
+
+    def leave(self, agent: Any) -> None:
+        b = _bus.current()
+        agent_id = _id_of(agent)
+        b.redis.hdel(b.keys.members(self.name), agent_id)
+        self.local.pop(agent_id, None)
+
+    def members(self) -> list[Member]:
+        """In the order they joined, watchers included."""
+        b = _bus.current()
+        raw: Any = b.redis.hgetall(b.keys.members(self.name))
+        ms = [Member.model_validate_json(v) for k, v in raw.items() if not k.startswith(b"~")]
+        return sorted(ms, key=lambda m: (m.joined, m.id))
+
+    def member(self, agent_id: str) -> Member | None:
+        b = _bus.current()
+        raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
+        return None if raw is None else Member.model_validate_json(raw)
+
+    def targets(self, send_to: list[Any], members: list[Member]) -> list[str]:
+        """Targets for names, roles, agent ids or agents; an unknown one is an error (a message
+        to nobody would be lost silently)."""
+        out = []
+        for t in send_to:
+            if isinstance(t, Member):
+                out.append(t.id)
+            elif not isinstance(t, str):
+                out.append(_id_of(t))
+            elif t in ("all", EVERYONE):
+                out.append(EVERYONE)
+            elif any(m.role == t for m in members):
+                out.append(f"role:{t}")
+            elif any(m.name == t for m in members):
+                out.append(f"name:{t}")
+            elif any(m.id == t for m in members):
+                out.append(t)
+            else:
+                raise ConfigError(f"hub {self.name!r} has no member, role or name {t!r}; "
+                                  f"members: {sorted({m.role for m in members})}")
+        return out
+
+    # --- publishing --------------------------------------------------------------------------
+
+    def publish(self, msg: Msg, send_to: Any = None, routing: Routing | None = None,
+                sent_from: Any = None) -> str:
+        """Append ``msg`` to the hub for ``send_to`` (None or "all": everyone; a role, name,
+        agent, or a list of them) or for whom ``routing`` picks. Returns its seq. Watchers may
+        not publish."""
+        b = _bus.current()
+        members = self.members()
+        sender = ""
+        if sent_from is not None:
+            sender = sent_from if isinstance(sent_from, str) else _id_of(sent_from)
+            me = next((m for m in members if m.id == sender or m.name == sender), None)
+            if me is not None and me.watcher:
+                raise ConfigError(f"{me.name} is a watcher of hub {self.name!r}: watchers "
+                                  "see everything and never publish")
+            sender = me.id if me is not None else sender
+        if routing is not None:
+            to = routing(self, msg, members, sender)
+        elif send_to is None:
+            to = [EVERYONE]
+        else:
+            to = self.targets(list(send_to) if isinstance(send_to, list | tuple) else [send_to],
+                              members)
+        fields: Any = {"from": msg.name, "sender": sender, "to": json.dumps(to), "msg": pack(msg)}
+        raw_seq: Any = b.redis.xadd(b.keys.hub(self.name), fields,
+                                    maxlen=b.settings.hub_history, approximate=True)
+        seq = raw_seq.decode() if isinstance(raw_seq, bytes) else str(raw_seq)
+        probe = HubMessage(hub=self.name, seq=seq, sent_from=msg.name, sender=sender,
+                           send_to=to, msg=msg)
+        self._notify([m for m in members if probe.to(m)])
+        return seq
+
+    def _notify(self, members: list[Member]) -> None:
+        from .agent import Agent
+        from .proxy import RemoteAgent
+
+        for m in members:
+            local = self.local.get(m.id)
+            if local is not None:
+                self.deliver(local)
+            else:
+                RemoteAgent(m.id, m.name, Agent, "").call_method("catch_up", self.name)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _decode(self, entry_id: bytes, f: dict[bytes, bytes]) -> HubMessage:
+        return HubMessage(hub=self.name, seq=entry_id.decode(), sent_from=f[b"from"].decode(),
+                          sender=f[b"sender"].decode(), send_to=json.loads(f[b"to"]),
+                          msg=unpack(f[b"msg"]))
+
+    def history(self, start: str = "-", count: int | None = None) -> list[HubMessage]:
+        """Messages from ``start`` (a seq, inclusive) in their one order."""
+        b = _bus.current()
+        got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
+        return [self._decode(i, f) for i, f in got]
+
+    def watch(self, start: str = "$", timeout: float | None = None,
+              block_ms: int = 1000) -> Iterator[HubMessage]:
+        """Every message as it is published (``start="0"``: the history first). Ends when
+        ``timeout`` seconds pass with nothing new; runs until broken out of otherwise."""
+        b = _bus.current()
+        key = b.keys.hub(self.name)
+        cursor = self.last_seq() if start == "$" else start
+        idle = time.monotonic()
+        while True:
+            got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
+            if not got:
+                if timeout is not None and time.monotonic() - idle > timeout:
+                    return
+                continue
+            idle = time.monotonic()
+            for entry_id, f in got[0][1]:
+                cursor = entry_id.decode()
+                yield self._decode(entry_id, f)
+
+    def deliver(self, agent: Any) -> int:
+        """Have ``agent`` observe the messages addressed to it that it has not seen, in order;
+        returns how many. Runs where the agent lives (``Agent.catch_up``)."""
+        # A local agent can be delivered to by several publishing threads at once; on a worker
+        # its mailbox already runs one call at a time.
+        with agent.__dict__.setdefault("_hub_lock", threading.Lock()):
+            return self._deliver(agent)
+
+    def _deliver(self, agent: Any) -> int:
+        me = self.member(agent.agent_id)
+        if me is None:
+            return 0
+        b = _bus.current()
+        cursors: dict[str, str] = agent.__dict__.setdefault("_hub_cursors", {})
+        mark = f"~cursor:{me.id}"
+        cursor = cursors.get(self.name) or _cursor_in_memory(agent, self.name)
+        if cursor is None:  # a memory that was cleared: the last cursor it saved
+            saved: Any = b.redis.hget(b.keys.members(self.name), mark)
+            cursor = saved.decode() if saved else me.since
+        cursor = max(cursor, me.since, key=_seq_key)
+        start = cursor
+        n = 0
+        while True:
+            entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+", count=500)
+            if not entries:
+                break
+            for entry_id, f in entries:
+                hm = self._decode(entry_id, f)
+                cursor = hm.seq
+                if hm.to(me):
+                    meta = {**(hm.msg.metadata or {}), "hub": self.name, "seq": hm.seq,
+                            "sent_from": hm.sent_from, "send_to": hm.send_to}
+                    agent.observe(hm.msg.model_copy(update={"metadata": meta}))
+                    n += 1
+        cursors[self.name] = cursor
+        if cursor != start:
+            b.redis.hset(b.keys.members(self.name), mark, cursor)
+        return n
+
+
+def _seq_key(seq: str) -> tuple[int, int]:
+    ms, _, n = seq.partition("-")
+    return int(ms), int(n or 0)
+
+
+def _cursor_in_memory(agent: Any, hub: str) -> str | None:
+    """The newest seq of this hub in the agent's memory: where a rebuilt agent resumes, so its
+    cursor always agrees with the memory it got back."""
+    memory = getattr(agent, "memory", None)
+    if memory is None:
+        return None
+    for item in reversed(memory.get()):
+        meta = getattr(item, "metadata", None)
+        if isinstance(meta, dict) and meta.get("hub") == hub and isinstance(meta.get("seq"), str):
+            return str(meta["seq"])
+    return None
