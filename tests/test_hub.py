@@ -11,11 +11,11 @@ import pytest
 
 import busagent
 from busagent import (
-    DistConf,
     Direct,
+    DistConf,
     Function,
-    Human,
     Hub,
+    Human,
     Msg,
     Random,
     RemoteError,
@@ -215,8 +215,8 @@ def test_human_timeout_is_skipped_not_a_hang(workers: Workers) -> None:
 
     # terminal mode reads a line from its terminal, or times out
     r, w = os.pipe()
-    with os.fdopen(r) as rf, os.fdopen(w, "w") as wf:
-        h = Human("bob", mode="terminal", timeout=0.2, stdin=rf, stdout=open(os.devnull, "w"))
+    with os.fdopen(r) as rf, os.fdopen(w, "w") as wf, open(os.devnull, "w") as null:
+        h = Human("bob", mode="terminal", timeout=0.2, stdin=rf, stdout=null)
         assert h.reply() is None
         wf.write("hello\n")
         wf.flush()
@@ -243,7 +243,7 @@ def test_three_roles_over_two_workers(workers: Workers) -> None:
     assert [e.type for e in events if e.role == "writer" and e.round == 1][:2] == [
         "start", "chunk"]
     history = center.hub.history()
-    assert [h.sent_from for h in history][0] == "user"
+    assert history[0].sent_from == "user"
     assert len(history) == 1 + 1 + 2 + 3
     assert {h.sent_from for h in history} == {"user", "writer", "critic", "editor"}
     # the task was for the writer only; the critic's first message is the writer's line
