@@ -278,10 +278,11 @@ class Hub:
         got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
         return [self._decode(i, f) for i, f in got]
 
-    def watch(self, start: str = "$", timeout: float | None = None,
-              block_ms: int = 1000) -> Iterator[HubMessage]:
+    def watch(self, start: str = "$", timeout: float | None = None, block_ms: int = 1000,
+              stop: threading.Event | None = None) -> Iterator[HubMessage]:
         """Every message as it is published (``start="0"``: the history first). Ends when
-        ``timeout`` seconds pass with nothing new; runs until broken out of otherwise."""
+        ``timeout`` seconds pass with nothing new, or once ``stop`` is set and it has caught
+        up; runs until broken out of otherwise."""
         b = _bus.current()
         key = b.keys.hub(self.name)
         cursor = self.last_seq() if start == "$" else start
@@ -289,7 +290,8 @@ class Hub:
         while True:
             got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
             if not got:
-                if timeout is not None and time.monotonic() - idle > timeout:
+                if (timeout is not None and time.monotonic() - idle > timeout) or (
+                        stop is not None and stop.is_set()):
                     return
                 continue
             idle = time.monotonic()

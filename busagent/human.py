@@ -21,7 +21,7 @@ from .message import Msg
 class Human(Agent):
     def __init__(self, name: str = "user", mode: Literal["terminal", "chatbot"] = "terminal",
                  timeout: float = 60.0, prompt: str = "> ", stdin: IO[str] | None = None,
-                 stdout: IO[str] | None = None) -> None:
+                 stdout: IO[str] | None = None, echo: bool = True) -> None:
         super().__init__(name)
         if mode not in ("terminal", "chatbot"):
             raise ConfigError(f"Human mode {mode!r}: use 'terminal' or 'chatbot'")
@@ -30,6 +30,9 @@ class Human(Agent):
         self.prompt = prompt
         self.stdin = stdin
         self.stdout = stdout
+        #: terminal mode: print what was said since the last turn (off when the program
+        #: already shows the conversation)
+        self.echo = echo
         self._answers: queue.Queue[str] = queue.Queue()
         self._shown = 0
 
@@ -52,7 +55,7 @@ class Human(Agent):
     def _read_terminal(self) -> str | None:
         out = self.stdout or sys.stdout
         items = self.memory.get()
-        for m in items[self._shown:]:
+        for m in items[self._shown:] if self.echo else []:
             if isinstance(m, Msg):
                 out.write(f"{m.name}: {m.content}\n")
         self._shown = len(items)
