@@ -34,7 +34,7 @@ from .memory import Memory
 from .message import Msg
 from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather
-from .proxy import RemoteAgent
+from .proxy import RemoteAgent, create_many, fanout
 from .registry import ServerClient, agents, servers
 from .stream import Event
 
@@ -76,6 +76,8 @@ __all__ = [
     "UnknownClass",
     "agather",
     "agents",
+    "create_many",
+    "fanout",
     "gather",
     "init",
     "load_model_configs",

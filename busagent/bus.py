@@ -15,12 +15,12 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
 
+import msgpack
 import redis
 import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
@@ -36,12 +36,15 @@ from .errors import (
     RedisUnavailable,
     from_wire,
 )
+from .ids import new_id
 from .keys import Keys
 from .wire import VERSION, Reply, signature, unpack_reply
 
-SCRIPTS = ("route", "commit", "move", "heartbeat")
+SCRIPTS = ("route", "fanout", "collect", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
 BATCH = 1000
+#: replies peeked at per collect.lua call
+PEEK = 2000
 #: how long sends wait out a Redis outage before their placeholders fail with RedisUnavailable.
 SEND_PATIENCE = 20.0
 #: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
@@ -56,10 +59,6 @@ class SkipStatement(BusagentError):
 
 #: set while a worker loads a user's script: see :func:`busagent.workers.load.load_script`.
 loading_script = False
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def socket_options(url: str, settings: Settings) -> dict[str, Any]:
@@ -322,6 +321,28 @@ class Bus:
 
         self.sender.submit(Op(add, 1, on_error, scripted=True))
 
+    def fanout(self, call_ids: Sequence[str], agent_ids: Sequence[str], kind: str, body: bytes,
+               on_error: Callable[[list[str], BaseException], None]) -> None:
+        """Queue one call body to many agents (fanout.lua: a thousand calls a script call)."""
+        keys, secret = self.keys, self.settings.secret
+        for i in range(0, len(call_ids), BATCH):
+            chunk = [[c, a, signature(secret, VERSION, c, a, kind, body)]
+                     for c, a in zip(call_ids[i : i + BATCH], agent_ids[i : i + BATCH],
+                                     strict=True)]
+            packed = msgpack.packb(chunk, use_bin_type=False)  # Lua's cmsgpack: no bin type
+
+            def add(pipe: Any, packed: bytes = packed) -> None:
+                pipe.evalsha(self.sha["fanout"], 2, keys.agents, keys.servers,
+                             keys.inbox_prefix, keys.reply_prefix, keys.sent_prefix,
+                             self.settings.reply_ttl, VERSION, self.caller, kind, body, packed)
+
+            ids = [c[0] for c in chunk]
+
+            def failed(e: BaseException, ids: list[str] = ids) -> None:
+                on_error(ids, e)
+
+            self.sender.submit(Op(add, 1, failed, scripted=True))
+
     def send(self, add: Callable[[Any], None], ncmds: int,
              on_error: Callable[[BaseException], None]) -> None:
         self.sender.submit(Op(add, ncmds, on_error))
@@ -377,15 +398,28 @@ class Bus:
         return out
 
     def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
-        keys = self.keys
         got: dict[str, bytes] = {}
-        for i in range(0, len(call_ids), BATCH):
-            chunk = call_ids[i : i + BATCH]
-            pipe = self.redis.pipeline(transaction=False)
-            for c in chunk:
-                pipe.lindex(keys.reply(c), 0)
-            for c, v in zip(chunk, pipe.execute(), strict=True):
-                if v is not None:
+        for i in range(0, len(call_ids), PEEK):
+            chunk = call_ids[i : i + PEEK]
+            values = self.script("collect", [], [self.keys.reply_prefix, *chunk])
+            for c, v in zip(chunk, values, strict=True):
+                if v:
+                    got[c] = v
+        return got
+
+    async def _apeek(self, client: aredis.Redis, call_ids: list[str]) -> dict[str, bytes]:
+        got: dict[str, bytes] = {}
+        for i in range(0, len(call_ids), PEEK):
+            chunk = call_ids[i : i + PEEK]
+            try:
+                values = await client.evalsha(
+                    self.sha["collect"], 0, self.keys.reply_prefix, *chunk)
+            except redis.exceptions.NoScriptError:
+                self.load_scripts()
+                values = await client.evalsha(
+                    self.sha["collect"], 0, self.keys.reply_prefix, *chunk)
+            for c, v in zip(chunk, values, strict=True):
+                if v:
                     got[c] = v
         return got
 
@@ -418,14 +452,7 @@ class Bus:
         outage = _Outage(self, deadline)
         while pending:
             try:
-                for i in range(0, len(pending), BATCH):
-                    chunk = pending[i : i + BATCH]
-                    pipe = client.pipeline(transaction=False)
-                    for c in chunk:
-                        pipe.lindex(keys.reply(c), 0)
-                    for c, v in zip(chunk, await pipe.execute(), strict=True):
-                        if v is not None:
-                            out[c] = v
+                out.update(await self._apeek(client, pending))
                 pending = [c for c in pending if c not in out]
                 if not pending:
                     break

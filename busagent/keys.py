@@ -57,8 +57,12 @@ class Keys:
     def reply(self, call_id: str) -> str:
         return f"{self.reply_prefix}{call_id}"
 
+    @property
+    def sent_prefix(self) -> str:
+        return f"{self.prefix}:sent:"
+
     def sent(self, call_id: str) -> str:
-        return f"{self.prefix}:sent:{call_id}"
+        return f"{self.sent_prefix}{call_id}"
 
     @property
     def memory_prefix(self) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .ids import new_id
 
 _second: tuple[int, str] = (0, "")
 
@@ -35,7 +36,7 @@ class Msg(BaseModel):
     role: str = "user"
     metadata: dict[str, Any] | None = None
     url: str | list[str] | None = None
-    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = Field(default_factory=new_id)
     timestamp: str = Field(default_factory=_now)
 
     def __init__(

@@ -54,19 +54,19 @@ def _load(s: ServerInfo) -> float:
     return (s.agents + 1) * (1 + s.cpu / 100)
 
 
-def pick(candidates: list[ServerInfo], module: str) -> ServerInfo | None:
+def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInfo | None:
     """The least loaded of ``candidates`` that loaded ``module`` and has room. The placement is
     counted on the snapshot, so a burst of placements spreads before the next heartbeat reports
     the new numbers."""
-    fits = [s for s in candidates if module in s.modules and s.agents < s.capacity]
+    fits = [s for s in candidates if module in s.modules and s.agents + count <= s.capacity]
     if not fits:
         return None
     best = min(fits, key=_load)
-    best.agents += 1
+    best.agents += count
     return best
 
 
-def place(b: Bus, module: str, load: str, server: str | None) -> str:
+def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) -> str:
     """The server a new agent of ``module`` goes to: the named one (which must be alive and have
     loaded the module), else the least loaded live server that loaded it, else worker processes
     started for this program."""
@@ -79,22 +79,22 @@ def place(b: Bus, module: str, load: str, server: str | None) -> str:
                         f"{s.modules}); restart it with `busagent worker --name {server} "
                         f"--agents {load}`"
                     )
-                if s.agents >= s.capacity:
+                if s.agents + count > s.capacity:
                     raise PlacementError(f"server {server!r} is full ({s.capacity} agents)")
-                s.agents += 1
+                s.agents += count
                 return server
         raise PlacementError(
             f"no live server named {server!r}; start it with `busagent worker --name {server} "
             f"--agents {load}` against the same Redis, or see `busagent servers`"
         )
     for fresh in (False, True):
-        best = pick(_live(b, fresh), module)
+        best = pick(_live(b, fresh), module, count)
         if best is not None:
             return best.name
     from .spawn import ensure_children
 
     names = ensure_children(b, load)
-    best = pick([s for s in _live(b, fresh=True) if s.name in names], module)
+    best = pick([s for s in _live(b, fresh=True) if s.name in names], module, count)
     if best is None:
         raise PlacementError(f"worker processes for {load} started but are not registered")
     return best.name

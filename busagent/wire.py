@@ -97,6 +97,12 @@ class CreateBody(BaseModel):
     memory: list[Any] = []
 
 
+class CreateBatch(BaseModel):
+    """``busagent.create_many``: ``[agent id, encoded CreateBody]`` per agent."""
+
+    batch: list[tuple[str, bytes]]
+
+
 class ControlBody(BaseModel):
     op: Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake", "state"]
     agent: str | None = None

@@ -298,3 +298,27 @@ def test_server_client_methods(workers: Workers) -> None:
     assert workers.procs["w1"].wait(20) == 0
     assert not sc.is_alive()
     assert [s["name"] for s in busagent.servers()] == []
+
+
+def test_fanout_and_bulk_creation(workers: Workers) -> None:
+    workers.start("w1")
+    workers.start("w2")
+    agents = busagent.create_many(Adder, [("a0",), {"name": "a1", "inc": 5}, (("a2",), {"inc": 7})]
+                                  + [f"x{i}" for i in range(2500)], chunk=1000)
+    assert [a.name for a in agents[:3]] == ["a0", "a1", "a2"]
+    for a in agents:
+        a.ready(timeout=30)
+    # placed a chunk at a time on the least loaded server: both servers got some
+    assert {a.server for a in agents} == {"w1", "w2"}
+    values = busagent.gather(busagent.fanout(agents, Msg("user", 1)), timeout=30)
+    assert [v.content for v in values[:3]] == [2, 6, 8] and len(values) == 2503
+    assert all(v.content == 2 for v in values[3:])
+    # an unknown agent in a fan-out gets its own error; the others are answered
+    ghost = busagent.RemoteAgent("no-such-agent", "ghost", Adder, "")
+    got = busagent.gather(busagent.fanout([agents[0], ghost], Msg("user", 1)), timeout=10,
+                          return_exceptions=True)
+    assert got[0].content == 2 and isinstance(got[1], busagent.UnknownAgent)
+    # a constructor that fails fails only its own agent
+    bad = busagent.create_many(BadInit, ["b0"])
+    with pytest.raises(busagent.RemoteError, match="constructor failed on purpose"):
+        bad[0].ready(timeout=10)

@@ -36,6 +36,10 @@ def test_public_api_is_frozen() -> None:
         "ProtocolError", "RedisUnavailable", "RemoteAgent", "RemoteError", "ServerClient",
         "Settings", "UnknownAgent", "UnknownClass", "agather", "agents", "gather", "init",
         "remote", "servers", "shutdown",
+        # models, hubs, the task center, streaming, humans, bulk calls
+        "ModelConfig", "ModelError", "load_model_configs", "models", "Hub", "HubMessage",
+        "Member", "Broadcast", "Direct", "Function", "Random", "RoundRobin", "TaskCenter",
+        "StepEvent", "Event", "Human", "fanout", "create_many",
     ])
 
 
@@ -43,7 +47,7 @@ def test_msg_positional_and_defaults() -> None:
     m = Msg("user", {"k": [1, 2]})
     assert (m.name, m.content, m.role, m.metadata, m.url) == ("user", {"k": [1, 2]}, "user",
                                                               None, None)
-    assert len(m.id) == 32 and m.timestamp[:2] == "20"
+    assert len(m.id) == 24 and m.timestamp[:2] == "20"
     assert Msg("a", 1).id != Msg("a", 1).id
 
 
@@ -166,3 +170,19 @@ def test_placement_prefers_light_servers_and_spreads_bursts() -> None:
         registry.place(b, "m", "m", "dead")
     with pytest.raises(PlacementError, match="full"):
         registry.place(b, "m", "m", "full")
+
+
+def test_ids_are_unique_across_a_fork() -> None:
+    import os
+
+    from busagent.ids import new_id
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes its first id and leaves at once
+        os.write(w, new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64).decode()
+    mine = {new_id() for _ in range(1000)}
+    assert len(mine) == 1000 and child not in mine and child[:16] != next(iter(mine))[:16]

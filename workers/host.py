@@ -55,8 +55,10 @@ from busagent.memory import Memory, from_json
 from busagent.registry import alive
 from busagent.wire import (
     VERSION,
+    AgentInfo,
     CallBody,
     ControlBody,
+    CreateBatch,
     CreateBody,
     Entry,
     ErrorInfo,
@@ -745,6 +747,8 @@ class Worker:
 
     def _create(self, job: Job) -> Done:
         e = job.entry
+        if not e.agent:
+            return self._create_batch(job)
         try:
             if len(self.agents) >= self.capacity:
                 raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
@@ -771,6 +775,39 @@ class Worker:
             return Done(job.entry_id, e.call, self._error_reply(err), e.agent, drop=True)
         self.agents[e.agent] = agent
         return self._done(job, agent, {"agent_id": e.agent, "server": self.name})
+
+    def _create_batch(self, job: Job) -> Done:
+        """``busagent.create_many``: build a chunk of agents from one entry. An agent whose
+        record no longer names this server (recovery moved the chunk's agents while the entry
+        waited) is left to the server that has it, so none is built twice."""
+        e = job.entry
+        batch = CreateBatch.model_validate(unpack(e.body)).batch
+        ids = [agent_id for agent_id, _ in batch]
+        records: Any = self.r.hmget(self.keys.agents, ids)
+        failed: dict[str, str] = {}
+        built = 0
+        for (agent_id, spec), rec in zip(batch, records, strict=True):
+            if agent_id in self.agents or rec is None:
+                continue
+            if AgentInfo.model_validate_json(rec).server != self.name:
+                continue
+            try:
+                if len(self.agents) >= self.capacity:
+                    raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
+                self.agents[agent_id] = self._build(agent_id,
+                                                    CreateBody.model_validate(unpack(spec)))
+                built += 1
+            except Exception as err:  # noqa: BLE001 - reported per agent to the caller
+                failed[agent_id] = f"{type(err).__name__}: {err}"
+                self.failed[agent_id] = failed[agent_id]
+        if failed:
+            pipe = self.r.pipeline(transaction=False)
+            self._forget(pipe, list(failed))
+            pipe.execute()
+            while len(self.failed) > FAILED_CREATES:
+                self.failed.pop(next(iter(self.failed)))
+        return Done(job.entry_id, e.call, self._ok_reply(
+            {"server": self.name, "created": built, "failed": failed}))
 
     def _class(self, path: str) -> type[Agent]:
         module, _, qual = path.partition(":")

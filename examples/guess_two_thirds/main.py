@@ -46,25 +46,27 @@ def progress(label: str, done: int, total: int) -> None:
           flush=True)
 
 
-def participant(i: int, args: argparse.Namespace) -> Any:
-    if args.agent_type == "random":
-        return RandomParticipant(f"p{i}", args.max_value, args.sleep, to_dist=True)
-    personas = PROMPTS["PERSONAS"]
-    return LLMParticipant(f"p{i}", args.config_name, args.max_value, args.ratio, args.sys_id,
-                          personas[i % len(personas)] if args.persona else None, to_dist=True)
-
-
 def create(args: argparse.Namespace) -> list[Any]:
-    """Create participants in bulk, then the shards that own them (no participant dropped:
-    the first n % shards shards get one more)."""
+    """Create participants in bulk (a chunk of a thousand per message), then the shards that
+    own them (no participant dropped: the first n % shards shards get one more)."""
     n, shards = args.agents, args.shards
-    ps = []
-    step = max(1, n // 100)
-    for i in range(n):
-        ps.append(participant(i, args))
-        if i % step == step - 1 or i == n - 1:
-            progress("creating participants", i + 1, n)
-    busagent.gather([p._created for p in ps], timeout=3600)
+    if args.agent_type == "random":
+        cls: type = RandomParticipant
+        items: list[Any] = [(f"p{i}", args.max_value, args.sleep) for i in range(n)]
+    else:
+        cls = LLMParticipant
+        personas = PROMPTS["PERSONAS"]
+        items = [(f"p{i}", args.config_name, args.max_value, args.ratio, args.sys_id,
+                  personas[i % len(personas)] if args.persona else None) for i in range(n)]
+    ps: list[Any] = []
+    step = 10_000
+    for i in range(0, n, step):
+        ps.extend(busagent.create_many(cls, items[i : i + step]))
+        progress("creating participants", len(ps), n)
+    created = {id(p._created): p._created for p in ps}.values()
+    busagent.gather(list(created), timeout=3600)
+    for p in ps:
+        p.ready()  # raises the first constructor error, if any (the replies are in hand)
     groups = [[p.agent_id for p in ps[s::shards]] for s in range(shards)]
     gs = [Group(f"group{s}", ids, args.max_value, to_dist=True) for s, ids in enumerate(groups)]
     busagent.gather([g._created for g in gs], timeout=600)
