@@ -96,7 +96,10 @@ def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) ->
     names = ensure_children(b, load)
     best = pick([s for s in _live(b, fresh=True) if s.name in names], module, count)
     if best is None:
-        raise PlacementError(f"worker processes for {load} started but are not registered")
+        raise PlacementError(
+            f"worker processes for {load} started but none can take {count} more agent(s): "
+            "they are full or not registered; raise their capacity (BUSAGENT_CAPACITY, "
+            "`busagent worker --capacity`) or child_workers")
     return best.name
 
 
