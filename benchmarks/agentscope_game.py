@@ -70,7 +70,7 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             t = time.perf_counter()
             replies = [p(Msg("Moderator", "pick a number", role="user")) for p in ps]
-            values = [x.content for x in replies]
+            values = [int(x.content) for x in replies]  # 0.1.6 returns the content as text
             took = time.perf_counter() - t
             times.append(took)
             print(f"Moderator: The average value of round {r} is "
