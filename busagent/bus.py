@@ -40,7 +40,7 @@ from .ids import new_id
 from .keys import Keys
 from .wire import VERSION, Reply, signature, unpack_reply
 
-SCRIPTS = ("route", "fanout", "collect", "commit", "move", "heartbeat")
+SCRIPTS = ("route", "collect", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
 BATCH = 1000
 #: replies peeked at per collect.lua call
@@ -257,7 +257,6 @@ class Bus:
                 "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
-        self.route_sha = ""
         self.sha: dict[str, str] = {}
         self.load_scripts()
         self.sender = Sender(self)
@@ -274,7 +273,6 @@ class Bus:
 
     def load_scripts(self) -> None:
         self.sha = {n: str(self.redis.script_load(src)) for n, src in LUA.items()}
-        self.route_sha = self.sha["route"]
 
     def script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one of busagent's Lua scripts (reloading it if Redis restarted empty)."""
@@ -310,20 +308,11 @@ class Bus:
     def route(self, agent_id: str, call_id: str, kind: str, body: bytes,
               on_error: Callable[[BaseException], None]) -> None:
         """Queue a call to an agent (routed by its registry record)."""
-        keys = self.keys
-        sig = signature(self.settings.secret, VERSION, call_id, agent_id, kind, body)
-        args = (keys.inbox_prefix, self.settings.reply_ttl, VERSION, call_id, agent_id,
-                self.caller, kind, body, sig)
+        self.route_many([call_id], [agent_id], kind, body, lambda _ids, e: on_error(e))
 
-        def add(pipe: Any) -> None:
-            pipe.evalsha(self.route_sha, 4, keys.agents, keys.servers, keys.reply(call_id),
-                         keys.sent(call_id), *args)
-
-        self.sender.submit(Op(add, 1, on_error, scripted=True))
-
-    def fanout(self, call_ids: Sequence[str], agent_ids: Sequence[str], kind: str, body: bytes,
-               on_error: Callable[[list[str], BaseException], None]) -> None:
-        """Queue one call body to many agents (fanout.lua: a thousand calls a script call)."""
+    def route_many(self, call_ids: Sequence[str], agent_ids: Sequence[str], kind: str,
+                   body: bytes, on_error: Callable[[list[str], BaseException], None]) -> None:
+        """Queue one call body to many agents (route.lua: a thousand calls a script call)."""
         keys, secret = self.keys, self.settings.secret
         for i in range(0, len(call_ids), BATCH):
             chunk = [[c, a, signature(secret, VERSION, c, a, kind, body)]
@@ -332,7 +321,7 @@ class Bus:
             packed = msgpack.packb(chunk, use_bin_type=False)  # Lua's cmsgpack: no bin type
 
             def add(pipe: Any, packed: bytes = packed) -> None:
-                pipe.evalsha(self.sha["fanout"], 2, keys.agents, keys.servers,
+                pipe.evalsha(self.sha["route"], 2, keys.agents, keys.servers,
                              keys.inbox_prefix, keys.reply_prefix, keys.sent_prefix,
                              self.settings.reply_ttl, VERSION, self.caller, kind, body, packed)
 

@@ -27,12 +27,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from .agent import Agent
 from .errors import BusagentError, CallTimeout, ConfigError
 from .hub import Hub, Member, _seq_key
 from .message import Msg
 from .placeholder import Placeholder
 from .proxy import RemoteAgent
-from .stream import Event, follow
+from .stream import Emitter, Event, follow, joined
+
+#: ``step(deadline=)`` left out: the center's own deadline (None means no deadline)
+_DEFAULT: Any = object()
 
 StepType = Literal["start", "chunk", "end", "error", "skipped"]
 
@@ -78,9 +82,11 @@ class TaskCenter:
         return self.hub.publish(msg, send_to=None if send_to == "all" else send_to,
                                 sent_from=send_from)
 
-    def notified(self) -> list[Member]:
-        """Members with messages addressed to them since their last turn."""
-        members = [m for m in self.hub.members() if not m.watcher]
+    def notified(self, members: list[Member] | None = None) -> list[Member]:
+        """Members (of ``members``, default: all but watchers) with messages addressed to them
+        since their last turn."""
+        if members is None:
+            members = [m for m in self.hub.members() if not m.watcher]
         if not members:
             return []
         oldest = min((self.turns.get(m.id, m.since) for m in members), key=_seq_key)
@@ -91,11 +97,11 @@ class TaskCenter:
 
     def step(self, task: Any = None, round: int = 1, send_to: Any = "all",
              allowed_roles: Sequence[str] | None = None, user_response: str | None = None,
-             speakers: Speakers = None, deadline: float | object | None = ...,
+             speakers: Speakers = None, deadline: float | None = _DEFAULT,
              ) -> Iterator[StepEvent]:
         """Run up to ``round`` rounds; yields the speakers' events as they arrive. Stops early
         when nobody is left to speak."""
-        limit = self.deadline if deadline is ... else deadline
+        limit = self.deadline if deadline is _DEFAULT else deadline
         if task is not None:
             self.send_task_request(task)
         if user_response is not None:
@@ -108,15 +114,14 @@ class TaskCenter:
                 chosen = [m for m in chosen if m.role in allowed_roles]
             if not chosen:
                 return
-            yield from self._turn(r, chosen, send_to, limit if isinstance(limit, float | int)
-                                  else None)
+            yield from self._turn(r, chosen, send_to, limit)
 
     # --- choosing ----------------------------------------------------------------------------
 
     def _choose(self, speakers: Speakers) -> list[Member]:
         members = [m for m in self.hub.members() if not m.watcher]
         if speakers is None:
-            return self.notified()
+            return self.notified(members)
         if isinstance(speakers, str):
             names: Iterable[str] = [speakers]
         elif hasattr(speakers, "agent_id"):  # a moderator agent names the speakers
@@ -152,7 +157,7 @@ class TaskCenter:
             self.turns[m.id] = upto  # drained now, whatever comes of the turn
             agent = self.hub.local.get(m.id)
             if agent is None:
-                p = RemoteAgent(m.id, m.name, _agent_class(), "").call_method(
+                p = RemoteAgent(m.id, m.name, Agent, "").call_method(
                     "speak", self.hub.name, stream=True)
                 remote[p.call_id] = m
             else:
@@ -191,9 +196,8 @@ class TaskCenter:
                 ) -> StepEvent:
         if ev.type == "error":
             return StepEvent(round=r, role=m.role, name=m.name, type="error", data=ev.data)
-        value = "".join(pieces) if all(isinstance(p, str) for p in pieces) else pieces
-        if len(pieces) == 1 and not isinstance(pieces[0], str):
-            value = pieces[0]
+        # A reply that did not stream arrives as one chunk holding the whole value.
+        value = pieces[0] if len(pieces) == 1 else joined(pieces)
         if isinstance(value, Msg):
             value = value.content
         if value is None or value == "":
@@ -202,12 +206,6 @@ class TaskCenter:
         seq = self.hub.publish(Msg(m.name, value, role="assistant"), sent_from=m.id,
                                send_to=None if send_to == "all" else send_to)
         return StepEvent(round=r, role=m.role, name=m.name, type="end", data=value, seq=seq)
-
-
-def _agent_class() -> type:
-    from .agent import Agent
-
-    return Agent
 
 
 def _follow(remote: dict[str, Member], events: queue.Queue[tuple[Member, Event]],
@@ -228,29 +226,27 @@ def _follow(remote: dict[str, Member], events: queue.Queue[tuple[Member, Event]]
 def _speak_local(agent: Any, m: Member, hub: str, events: queue.Queue[tuple[Member, Event]],
                  stop: threading.Event) -> None:
     """A local member's turn on a thread, as the same events a worker writes."""
-    seq = 0
+    em = Emitter("")
 
-    def put(type_: Any, data: Any = None) -> None:
-        nonlocal seq
+    def put(ev: Event) -> None:
         if not stop.is_set():
-            events.put((m, Event(call="", seq=seq, type=type_, data=data)))
-        seq += 1
+            events.put((m, ev))
 
-    put("start", {"agent": m.id, "name": m.name})
+    put(em.start(m.id, m.name))
     try:
         out = agent.speak(hub)
         if inspect.isgenerator(out):
             for piece in out:
-                put("chunk", piece)
+                put(em.chunk(piece))
         elif inspect.isasyncgen(out) or inspect.isawaitable(out):
             for piece in asyncio.run(_drain(out)):
-                put("chunk", piece)
+                put(em.chunk(piece))
         else:
-            put("chunk", out)
+            put(em.chunk(out))
     except Exception as e:  # noqa: BLE001  (reported to the step, like a remote error)
-        put("error", {"type": type(e).__name__, "message": str(e)})
+        put(em.error(e))
         return
-    put("end")
+    put(em.end())
 
 
 async def _drain(out: Any) -> list[Any]:

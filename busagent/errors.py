@@ -88,6 +88,11 @@ class RemoteError(BusagentError):
         return (type(self), (self.type, self.message, self.traceback, self.server))
 
 
+def code_of(err: BaseException) -> str:
+    """The type name an error travels under: busagent's own code, else the class name."""
+    return err.code if isinstance(err, BusagentError) else type(err).__name__
+
+
 # Errors a worker reports with a code the caller maps back to a local class, so that
 # ``except UnknownAgent`` works across the bus.
 _BY_CODE: dict[str, type[BusagentError]] = {

@@ -31,8 +31,10 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from . import bus as _bus
+from .agent import Agent
 from .errors import ConfigError
 from .message import Msg
+from .proxy import RemoteAgent
 from .wire import pack, unpack
 
 EVERYONE = "*"
@@ -167,8 +169,6 @@ class Hub:
         m = Member(id=_id_of(agent), name=agent.name, role=role or agent.name, watcher=watcher,
                    since=since, joined=time.time())
         b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
-        from .proxy import RemoteAgent
-
         if not isinstance(agent, RemoteAgent):
             self.local[m.id] = agent
         if history:
@@ -184,7 +184,7 @@ class Hub:
     def leave(self, agent: Any) -> None:
         b = _bus.current()
         agent_id = _id_of(agent)
-        b.redis.hdel(b.keys.members(self.name), agent_id)
+        b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
         self.local.pop(agent_id, None)
 
     def members(self) -> list[Member]:
@@ -255,13 +255,10 @@ class Hub:
         return seq
 
     def _notify(self, members: list[Member]) -> None:
-        from .agent import Agent
-        from .proxy import RemoteAgent
-
         for m in members:
             local = self.local.get(m.id)
             if local is not None:
-                self.deliver(local)
+                self.deliver(local, m)
             else:
                 RemoteAgent(m.id, m.name, Agent, "").call_method("catch_up", self.name)
 
@@ -299,16 +296,15 @@ class Hub:
                 cursor = entry_id.decode()
                 yield self._decode(entry_id, f)
 
-    def deliver(self, agent: Any) -> int:
+    def deliver(self, agent: Any, me: Member | None = None) -> int:
         """Have ``agent`` observe the messages addressed to it that it has not seen, in order;
         returns how many. Runs where the agent lives (``Agent.catch_up``)."""
         # A local agent can be delivered to by several publishing threads at once; on a worker
         # its mailbox already runs one call at a time.
         with agent.__dict__.setdefault("_hub_lock", threading.Lock()):
-            return self._deliver(agent)
+            return self._deliver(agent, me or self.member(agent.agent_id))
 
-    def _deliver(self, agent: Any) -> int:
-        me = self.member(agent.agent_id)
+    def _deliver(self, agent: Any, me: Member | None) -> int:
         if me is None:
             return 0
         b = _bus.current()

@@ -221,6 +221,7 @@ class OpenAIChatModel(Model):
         a stream that broke halfway cannot be resumed without repeating text."""
         body = self._body(messages, True, kwargs)
         client, cap = self._client()
+        started = False
         async with cap:
             for attempt in range(self.config.max_retries + 1):
                 try:
@@ -234,17 +235,13 @@ class OpenAIChatModel(Model):
                             await r.aread()
                             raise ModelError(f"{self.url} answered HTTP {r.status_code}: "
                                              f"{r.text[:300]}")
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                return
-                            delta = json.loads(data)["choices"][0].get("delta", {})
-                            if delta.get("content"):
-                                yield delta["content"]
+                        async for piece in _deltas(r):
+                            started = True
+                            yield piece
                         return
                 except httpx.TransportError as e:
+                    if started:
+                        raise ModelError(f"{self.url} broke off a stream: {e}") from e
                     await self._retry(attempt, f"{type(e).__name__}: {e}", None)
 
     async def _retry(self, attempt: int, why: str, r: httpx.Response | None) -> None:
@@ -264,6 +261,19 @@ class OpenAIChatModel(Model):
             raise ModelError(f"{self.url} sent a reply that is not a chat completion: "
                              f"{r.text[:300]!r}") from e
         return ModelResponse(text=text, raw=raw)
+
+
+async def _deltas(r: httpx.Response) -> AsyncIterator[str]:
+    """The content pieces of a chat-completion event stream."""
+    async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        delta = json.loads(data)["choices"][0].get("delta", {})
+        if delta.get("content"):
+            yield delta["content"]
 
 
 MODEL_TYPES: dict[str, type[Model]] = {

@@ -145,7 +145,7 @@ def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Pla
         for c in call_ids:
             placeholders[c]._fail(err)
 
-    b.fanout(list(ps), list(ps.values()), "call", data, failed)
+    b.route_many(list(ps), list(ps.values()), "call", data, failed)
     return list(placeholders.values())
 
 
@@ -192,7 +192,6 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
         now = time.time()
         records: dict[str, str] = {}
         specs: dict[str, bytes] = {}
-        batch = []
         call_id = _bus.new_id()
         created = Placeholder(call_id, "")
         for item in part:
@@ -202,10 +201,9 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
             records[agent_id] = AgentInfo(id=agent_id, name=name, cls=path, server=server,
                                           created=now).model_dump_json()
             specs[agent_id] = body
-            batch.append([agent_id, body])
             out.append(RemoteAgent(agent_id, name, cls, server, created))
-        body = pack({"batch": batch})
-        fields = b.entry(call_id, "", "create", body)
+        # The entry names the agents; the worker reads their specs, written just before it.
+        fields = b.entry(call_id, "", "create", pack({"agents": list(specs)}))
 
         def add(pipe: Any, records: dict[str, str] = records, specs: dict[str, bytes] = specs,
                 fields: dict[str, Any] = fields, server: str = server) -> None:

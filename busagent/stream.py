@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import bus as _bus
-from .errors import CallTimeout
+from .errors import CallTimeout, code_of
 from .wire import pack, unpack
 
 EventType = Literal["start", "chunk", "end", "error"]
@@ -40,8 +40,35 @@ class Event(BaseModel):
     data: Any = None
 
 
-def fields(seq: int, type: EventType, data: Any = None) -> dict[Any, Any]:
-    return {"seq": str(seq).encode(), "type": type.encode(), "data": pack(data)}
+class Emitter:
+    """Numbers one reply's events and keeps its pieces, so a worker writing them to Redis and
+    the task center running a local agent produce the same sequence."""
+
+    def __init__(self, call: str) -> None:
+        self.call = call
+        self.pieces: list[Any] = []
+
+    def start(self, agent_id: str, name: str) -> Event:
+        return Event(call=self.call, seq=0, type="start", data={"agent": agent_id, "name": name})
+
+    def chunk(self, piece: Any) -> Event:
+        self.pieces.append(piece)
+        return Event(call=self.call, seq=len(self.pieces), type="chunk", data=piece)
+
+    def end(self) -> Event:
+        return Event(call=self.call, seq=len(self.pieces) + 1, type="end")
+
+    def error(self, err: BaseException) -> Event:
+        return Event(call=self.call, seq=len(self.pieces) + 1, type="error",
+                     data={"type": code_of(err), "message": str(err)})
+
+    def joined(self) -> Any:
+        return joined(self.pieces)
+
+
+def fields(ev: Event) -> dict[Any, Any]:
+    """An event as the fields of its stream entry."""
+    return {"seq": str(ev.seq).encode(), "type": ev.type.encode(), "data": pack(ev.data)}
 
 
 def joined(pieces: Sequence[Any]) -> Any:

@@ -98,9 +98,9 @@ class CreateBody(BaseModel):
 
 
 class CreateBatch(BaseModel):
-    """``busagent.create_many``: ``[agent id, encoded CreateBody]`` per agent."""
+    """``busagent.create_many``: the agents to build; their specs are in ``{p}:specs``."""
 
-    batch: list[tuple[str, bytes]]
+    agents: list[str]
 
 
 class ControlBody(BaseModel):

@@ -186,3 +186,33 @@ def test_ids_are_unique_across_a_fork() -> None:
     child = os.read(r, 64).decode()
     mine = {new_id() for _ in range(1000)}
     assert len(mine) == 1000 and child not in mine and child[:16] != next(iter(mine))[:16]
+
+
+def test_openai_model_against_the_fake_endpoint() -> None:
+    import asyncio
+
+    from busagent.errors import ModelError
+    from busagent.fakellm import FakeLLM
+    from busagent.models import ModelConfig, OpenAIChatModel
+
+    fake = FakeLLM().start()
+    down = FakeLLM(fail_every=1).start()  # every request fails
+    try:
+        m = OpenAIChatModel(ModelConfig.model_validate(fake.config("f")))
+        msgs = [{"role": "user", "content": "hello"}]
+
+        async def run() -> tuple[str, list[str]]:
+            text = (await m.acall(msgs)).text
+            return text, [p async for p in m.astream(msgs)]
+
+        text, pieces = asyncio.run(run())
+        assert text.endswith("I agree, let us go on.") and "".join(pieces) == text
+        assert len(pieces) > 3  # streamed word by word
+        assert m(msgs).text == text  # the blocking form, from a plain thread
+        bad = OpenAIChatModel(ModelConfig.model_validate(down.config("d", max_retries=2)))
+        with pytest.raises(ModelError, match="failed 3 times"):
+            asyncio.run(bad.acall(msgs))
+        assert down.requests == 3
+    finally:
+        fake.stop()
+        down.stop()

@@ -49,6 +49,7 @@ from busagent.errors import (
     ProtocolError,
     UnknownAgent,
     UnknownClass,
+    code_of,
 )
 from busagent.keys import GROUP
 from busagent.memory import Memory, from_json
@@ -703,40 +704,38 @@ class Worker:
     def _stream_sync(self, call: str, agent: Agent, pieces: Iterable[Any]) -> Any:
         """Write a generator's pieces as events; returns the joined reply. A call run again
         after a crash starts its stream over (a new ``start``), so the key is reset first."""
-        key, got = self.keys.chunks(call), []
+        key, em = self.keys.chunks(call), stream.Emitter(call)
         pipe = self.r.pipeline(transaction=False)
         pipe.delete(key)
-        pipe.xadd(key, stream.fields(0, "start", {"agent": agent.agent_id, "name": agent.name}))
+        pipe.xadd(key, stream.fields(em.start(agent.agent_id, agent.name)))
         pipe.expire(key, self.settings.reply_ttl)
         pipe.execute()
         try:
             for piece in pieces:
-                got.append(piece)
-                self.r.xadd(key, stream.fields(len(got), "chunk", piece))
+                self.r.xadd(key, stream.fields(em.chunk(piece)))
         except Exception as err:
-            self.r.xadd(key, stream.fields(len(got) + 1, "error", _error_data(err)))
+            self.r.xadd(key, stream.fields(em.error(err)))
             raise
-        self.r.xadd(key, stream.fields(len(got) + 1, "end"))
-        return stream.joined(got)
+        self.r.xadd(key, stream.fields(em.end()))
+        return em.joined()
 
     async def _stream_async(self, call: str, agent: Agent, pieces: AsyncIterator[Any]) -> Any:
-        key, got = self.keys.chunks(call), []
+        """:meth:`_stream_sync` for async generators, on the loop thread."""
+        key, em = self.keys.chunks(call), stream.Emitter(call)
         ar = self.bus.async_client()
         async with ar.pipeline(transaction=False) as pipe:
             pipe.delete(key)
-            pipe.xadd(key, stream.fields(0, "start", {"agent": agent.agent_id,
-                                                      "name": agent.name}))
+            pipe.xadd(key, stream.fields(em.start(agent.agent_id, agent.name)))
             pipe.expire(key, self.settings.reply_ttl)
             await pipe.execute()
         try:
             async for piece in pieces:
-                got.append(piece)
-                await ar.xadd(key, stream.fields(len(got), "chunk", piece))
+                await ar.xadd(key, stream.fields(em.chunk(piece)))
         except Exception as err:
-            await ar.xadd(key, stream.fields(len(got) + 1, "error", _error_data(err)))
+            await ar.xadd(key, stream.fields(em.error(err)))
             raise
-        await ar.xadd(key, stream.fields(len(got) + 1, "end"))
-        return stream.joined(got)
+        await ar.xadd(key, stream.fields(em.end()))
+        return em.joined()
 
     async def _await_inputs(self, job: Job, refs: list[Ref], deadline: float | None) -> None:
         try:
@@ -808,13 +807,15 @@ class Worker:
         record no longer names this server (recovery moved the chunk's agents while the entry
         waited) is left to the server that has it, so none is built twice."""
         e = job.entry
-        batch = CreateBatch.model_validate(unpack(e.body)).batch
-        ids = [agent_id for agent_id, _ in batch]
-        records: Any = self.r.hmget(self.keys.agents, ids)
+        ids = CreateBatch.model_validate(unpack(e.body)).agents
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self.keys.agents, ids)
+        pipe.hmget(self.keys.specs, ids)
+        records, specs = pipe.execute()
         failed: dict[str, str] = {}
         built = 0
-        for (agent_id, spec), rec in zip(batch, records, strict=True):
-            if agent_id in self.agents or rec is None:
+        for agent_id, rec, spec in zip(ids, records, specs, strict=True):
+            if agent_id in self.agents or rec is None or spec is None:
                 continue
             if AgentInfo.model_validate_json(rec).server != self.name:
                 continue
@@ -902,9 +903,8 @@ class Worker:
         return data
 
     def _error_reply(self, err: BaseException) -> bytes:
-        code = err.code if isinstance(err, BusagentError) else type(err).__name__
         tb = "" if isinstance(err, BusagentError) else _user_traceback(err)
-        return pack_reply(False, error=ErrorInfo(type=code, message=str(err), traceback=tb,
+        return pack_reply(False, error=ErrorInfo(type=code_of(err), message=str(err), traceback=tb,
                                                  server=self.name))
 
     def _commit(self, done: Done, flush: bool = True) -> None:
@@ -976,11 +976,6 @@ class Worker:
 
 async def _once(value: Any) -> AsyncIterator[Any]:
     yield value
-
-
-def _error_data(err: BaseException) -> dict[str, str]:
-    code = err.code if isinstance(err, BusagentError) else type(err).__name__
-    return {"type": code, "message": str(err)}
 
 
 def _user_traceback(err: BaseException) -> str:

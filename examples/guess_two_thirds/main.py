@@ -63,8 +63,7 @@ def create(args: argparse.Namespace) -> list[Any]:
     for i in range(0, n, step):
         ps.extend(busagent.create_many(cls, items[i : i + step]))
         progress("creating participants", len(ps), n)
-    created = {id(p._created): p._created for p in ps}.values()
-    busagent.gather(list(created), timeout=3600)
+    busagent.gather([p._created for p in ps], timeout=3600)  # one reply per chunk
     for p in ps:
         p.ready()  # raises the first constructor error, if any (the replies are in hand)
     groups = [[p.agent_id for p in ps[s::shards]] for s in range(shards)]
