@@ -414,6 +414,11 @@ class Worker:
                 while True:
                     if self.ready:
                         agent: str | None = self.ready.popleft()
+                        if self.ready or not self.reading:
+                            # Wake one more: for the rest, or to lead the next read. One at a
+                            # time: quick calls are then run by the few threads that are
+                            # already awake, and blocking ones wake the pool a thread at a time.
+                            self.cond.notify()
                         break
                     if self.exiting:
                         return
@@ -440,8 +445,9 @@ class Worker:
                     if bad is not None:
                         rejected.append(bad)
                 mine = self.ready.popleft() if self.ready else None
-                # Followers take the rest, and one more becomes the next leader.
-                self.cond.notify(len(self.ready) + 1)
+                # A follower takes the rest (and wakes another while some are left) or leads
+                # the next read.
+                self.cond.notify()
             for done in rejected:
                 if done.dead is not None:
                     self._deadletter(done.dead)
