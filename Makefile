@@ -33,5 +33,5 @@ clean:
 game-bench:         ## the guess-2/3 game at 100 / 1k / 10k / 100k / 1M agents, then the table
 	for n in 100 1000 10000 100000; do $(PYTHON) examples/guess_two_thirds/main.py --agents $$n --shards $$(( n < 1000 ? 2 : n / 10000 + 2 )) --rounds 3 --sleep 0 --out benchmarks/results/game || exit 1; done
 	$(PYTHON) examples/guess_two_thirds/main.py --agents 10000 --shards 4 --rounds 3 --sleep 1 --out benchmarks/results/game
-	$(PYTHON) examples/guess_two_thirds/main.py --agents 1000000 --shards 50 --rounds 2 --sleep 0 --out benchmarks/results/game
+	$(PYTHON) examples/guess_two_thirds/main.py --agents 1000000 --shards 50 --rounds 3 --sleep 0 --out benchmarks/results/game
 	$(PYTHON) examples/guess_two_thirds/main.py --table benchmarks/results/game --plot

@@ -33,7 +33,7 @@ from .human import Human
 from .memory import Memory
 from .message import Msg
 from .models import ModelConfig, load_model_configs
-from .placeholder import Placeholder, agather, gather
+from .placeholder import Placeholder, agather, gather, release
 from .proxy import RemoteAgent, create_many, fanout
 from .registry import ServerClient, agents, servers
 from .stream import Event
@@ -82,6 +82,7 @@ __all__ = [
     "init",
     "load_model_configs",
     "models",
+    "release",
     "remote",
     "servers",
     "shutdown",

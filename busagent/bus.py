@@ -352,10 +352,11 @@ class Bus:
         return None if t is None else time.monotonic() + float(t)  # type: ignore[arg-type]
 
     def fetch(self, call_ids: Sequence[str], timeout: float | object | None = None,
-              errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
+              errors: dict[str, BaseException] | None = None,
+              take: bool = False) -> dict[str, bytes]:
         """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
         calls known to have failed before reaching Redis: they are skipped and reported by the
-        caller."""
+        caller. ``take``: delete each reply as it is read (the caller is its only reader)."""
         self.sender.flush()
         deadline = self._deadline(timeout)
         keys = self.keys
@@ -365,7 +366,7 @@ class Bus:
         while pending:
             try:
                 if len(pending) > 1:  # one key: BLMOVE below returns at once if it is there
-                    got = self._peek(pending)
+                    got = self._peek(pending, take)
                     out.update(got)
                     pending = [c for c in pending if c not in got]
                     if not pending:
@@ -376,7 +377,8 @@ class Bus:
                 last = pending[-1]
                 key = keys.reply(last)
                 # redis-py's hints say int; Redis takes fractional seconds since 6.0.
-                data = self.redis.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                data = (_popped(self.redis.blpop([key], wait)) if take
+                        else self.redis.blmove(key, key, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
                 outage.over()
             except _REDIS_ERRORS as e:
                 time.sleep(outage.backoff(e))
@@ -386,30 +388,31 @@ class Bus:
                 pending = pending[:-1]
         return out
 
-    def _peek(self, call_ids: list[str]) -> dict[str, bytes]:
+    def release(self, call_ids: Sequence[str]) -> None:
+        """Delete replies nobody needs any more, before their ``reply_ttl``."""
+        for i in range(0, len(call_ids), BATCH):
+            self.redis.unlink(*[self.keys.reply(c) for c in call_ids[i : i + BATCH]])
+
+    def _peek(self, call_ids: list[str], take: bool = False) -> dict[str, bytes]:
         got: dict[str, bytes] = {}
         for i in range(0, len(call_ids), PEEK):
             chunk = call_ids[i : i + PEEK]
-            values = self.script("collect", [], [self.keys.reply_prefix, *chunk])
-            for c, v in zip(chunk, values, strict=True):
-                if v:
-                    got[c] = v
+            values = self.script("collect", [], [self.keys.reply_prefix, int(take), *chunk])
+            got.update((c, v) for c, v in zip(chunk, values, strict=True) if v)
         return got
 
-    async def _apeek(self, client: aredis.Redis, call_ids: list[str]) -> dict[str, bytes]:
+    async def _apeek(self, client: aredis.Redis, call_ids: list[str], take: bool
+                     ) -> dict[str, bytes]:
         got: dict[str, bytes] = {}
         for i in range(0, len(call_ids), PEEK):
             chunk = call_ids[i : i + PEEK]
+            args: list[Any] = [self.keys.reply_prefix, int(take), *chunk]
             try:
-                values = await client.evalsha(
-                    self.sha["collect"], 0, self.keys.reply_prefix, *chunk)
+                values = await client.evalsha(self.sha["collect"], 0, *args)
             except redis.exceptions.NoScriptError:
                 self.load_scripts()
-                values = await client.evalsha(
-                    self.sha["collect"], 0, self.keys.reply_prefix, *chunk)
-            for c, v in zip(chunk, values, strict=True):
-                if v:
-                    got[c] = v
+                values = await client.evalsha(self.sha["collect"], 0, *args)
+            got.update((c, v) for c, v in zip(chunk, values, strict=True) if v)
         return got
 
     def _slice(self, deadline: float | None, pending: list[str], done: dict[str, bytes]) -> float:
@@ -427,7 +430,8 @@ class Bus:
         return max(wait, 0.001)
 
     async def afetch(self, call_ids: Sequence[str], timeout: float | object | None = None,
-                     errors: dict[str, BaseException] | None = None) -> dict[str, bytes]:
+                     errors: dict[str, BaseException] | None = None,
+                     take: bool = False) -> dict[str, bytes]:
         """:meth:`fetch` for asyncio code: the queue is flushed on the sender thread and the
         event loop is never blocked."""
         loop = asyncio.get_running_loop()
@@ -441,7 +445,7 @@ class Bus:
         outage = _Outage(self, deadline)
         while pending:
             try:
-                out.update(await self._apeek(client, pending))
+                out.update(await self._apeek(client, pending, take))
                 pending = [c for c in pending if c not in out]
                 if not pending:
                     break
@@ -450,7 +454,8 @@ class Bus:
                 # there most of the others are too, and one more peek collects them.
                 last = pending[-1]
                 key = keys.reply(last)
-                data = await client.blmove(key, key, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                data = (_popped(await client.blpop([key], wait)) if take
+                        else await client.blmove(key, key, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
                 outage.over()
             except _REDIS_ERRORS as e:
                 await asyncio.sleep(outage.backoff(e))
@@ -498,6 +503,11 @@ class _Outage:
         d = self.delay
         self.delay = min(self.delay * 2, 1.0)
         return d
+
+
+def _popped(got: Any) -> bytes | None:
+    """The value of a BLPOP answer (``[key, value]`` or None)."""
+    return None if got is None else cast(bytes, got[1])
 
 
 def decode(data: bytes) -> Any:

@@ -127,14 +127,15 @@ def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
 
 
 def gather(placeholders: Iterable[Placeholder], timeout: float | object | None = _bus._DEFAULT,
-           return_exceptions: bool = False) -> list[Any]:
+           return_exceptions: bool = False, release: bool = False) -> list[Any]:
     """Wait for many placeholders with batched reads; values in the given order. The first error
-    is raised unless ``return_exceptions``, which puts exceptions in the list instead."""
+    is raised unless ``return_exceptions``, which puts exceptions in the list instead.
+    ``release``: delete each reply from Redis as it is read (see :func:`release`)."""
     ps = list(placeholders)
     pending, errors = _collect(ps)
     if pending:
         _forbid_blocking_in_loop()
-        got = _bus.current().fetch(pending, timeout, errors)
+        got = _bus.current().fetch(pending, timeout, errors, take=release)
     else:
         got = {}
     return _finish(ps, got, return_exceptions)
@@ -142,9 +143,16 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
 
 async def agather(placeholders: Iterable[Placeholder],
                   timeout: float | object | None = _bus._DEFAULT,
-                  return_exceptions: bool = False) -> list[Any]:
+                  return_exceptions: bool = False, release: bool = False) -> list[Any]:
     """:func:`gather` for asyncio code."""
     ps = list(placeholders)
     pending, errors = _collect(ps)
-    got = await _bus.current().afetch(pending, timeout, errors) if pending else {}
+    got = await _bus.current().afetch(pending, timeout, errors, take=release) if pending else {}
     return _finish(ps, got, return_exceptions)
+
+
+def release(placeholders: Iterable[Placeholder]) -> None:
+    """Delete the replies of these calls from Redis now instead of after ``reply_ttl``: for a
+    caller that is the only reader (a shard gathering its participants). Placeholders already
+    resolved keep their values; any other holder can no longer resolve them."""
+    _bus.current().release([p.call_id for p in placeholders])

@@ -322,3 +322,18 @@ def test_fanout_and_bulk_creation(workers: Workers) -> None:
     bad = busagent.create_many(BadInit, ["b0"])
     with pytest.raises(busagent.RemoteError, match="constructor failed on purpose"):
         bad[0].ready(timeout=10)
+
+
+def test_gather_can_release_replies(workers: Workers, bus: busagent.bus.Bus) -> None:
+    workers.start("w1")
+    agents = busagent.create_many(Adder, [f"r{i}" for i in range(50)])
+    ps = busagent.fanout(agents, Msg("user", 1))
+    assert [v.content for v in busagent.gather(ps, timeout=20, release=True)] == [2] * 50
+    # read once, then gone from Redis: a round leaves no replies behind
+    assert bus.redis.exists(*[bus.keys.reply(p.call_id) for p in ps]) == 0
+    assert ps[0].content == 2  # the placeholders keep their values
+    q = agents[0](Msg("user", 5))
+    assert q.result(timeout=10).content == 6
+    busagent.release([q])
+    with pytest.raises(busagent.CallTimeout):
+        Placeholder.from_id(q.call_id).result(timeout=0.3)

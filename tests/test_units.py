@@ -39,7 +39,7 @@ def test_public_api_is_frozen() -> None:
         # models, hubs, the task center, streaming, humans, bulk calls
         "ModelConfig", "ModelError", "load_model_configs", "models", "Hub", "HubMessage",
         "Member", "Broadcast", "Direct", "Function", "Random", "RoundRobin", "TaskCenter",
-        "StepEvent", "Event", "Human", "fanout", "create_many",
+        "StepEvent", "Event", "Human", "fanout", "create_many", "release",
     ])
 
 

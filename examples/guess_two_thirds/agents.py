@@ -87,9 +87,10 @@ class Group(Agent):
 
     async def reply(self, x: Msg | None = None) -> dict[str, Any]:
         prompt = Msg("Moderator", x.content if x else "", role="user")
-        # One encoded prompt, a thousand calls per routing step, one batched gather.
+        # One encoded prompt, a thousand calls per routing step, one batched gather; the
+        # shard is the replies' only reader, so they leave Redis as soon as it has them.
         values = await busagent.agather(busagent.fanout(self.participants, prompt),
-                                        return_exceptions=True)
+                                        return_exceptions=True, release=True)
         valid = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
                  and 0 <= v <= self.max_value]
         return {"sum": sum(valid), "cnt": len(valid), "values": valid,

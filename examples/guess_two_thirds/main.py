@@ -115,9 +115,21 @@ def play(args: argparse.Namespace) -> Path:
         (out / f"result_{r}.json").write_text(json.dumps({"data": data, "stats": stats}))
         histogram(data, win, args.max_value, out / f"result_{r}")
         run["rounds"].append(round(took, 4))
+        mem = memory_now()
+        run.setdefault("memory", []).append(mem)
+        print(f"  memory: Redis {mem['redis_mb']} MB, workers {mem['workers_mb']} MB "
+              f"(whole servers, as of their last heartbeat)")
         (out / "run.json").write_text(json.dumps(run, indent=1))
         prompt = NEXT_ROUND.format(win=win) + user
     return out
+
+
+def memory_now() -> dict[str, float]:
+    """Redis's used memory and the live workers' resident memory (from their heartbeats)."""
+    b = busagent.bus.current()
+    used = int(b.redis.info("memory")["used_memory"])
+    workers = sum(s["mem"] for s in busagent.servers(include_dead=False))
+    return {"redis_mb": round(used / 2**20, 1), "workers_mb": round(workers, 1)}
 
 
 def table(root: Path, plot: bool) -> None:
@@ -129,10 +141,13 @@ def table(root: Path, plot: bool) -> None:
             runs.append({**run, "round_s": statistics.median(run["rounds"])})
     runs.sort(key=lambda r: (r["kind"], r["sleep"] or 0, r["agents"]))
     print(f"{'agents':>9} {'shards':>6} {'kind':>8} {'sleep':>5} {'create s':>9} "
-          f"{'round s (median)':>17} {'rounds':>6}")
+          f"{'round s (median)':>17} {'rounds':>6} {'Redis B/agent':>14} {'workers B/agent':>16}")
     for r in runs:
+        mem = (r.get("memory") or [{}])[-1]
+        per = {k: f"{v * 2**20 / r['agents']:.0f}" for k, v in mem.items()}
         print(f"{r['agents']:>9} {r['shards']:>6} {r['kind']:>8} {r['sleep'] or 0:>5g} "
-              f"{r['create_s']:>9.2f} {r['round_s']:>17.3f} {len(r['rounds']):>6}")
+              f"{r['create_s']:>9.2f} {r['round_s']:>17.3f} {len(r['rounds']):>6} "
+              f"{per.get('redis_mb', '-'):>14} {per.get('workers_mb', '-'):>16}")
     if plot and runs:
         import matplotlib
 
