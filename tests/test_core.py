@@ -337,3 +337,13 @@ def test_gather_can_release_replies(workers: Workers, bus: busagent.bus.Bus) -> 
     busagent.release([q])
     with pytest.raises(busagent.CallTimeout):
         Placeholder.from_id(q.call_id).result(timeout=0.3)
+
+
+def test_calls_right_after_a_bulk_create_wait_for_it(workers: Workers) -> None:
+    # No ready() in between: the calls reach the worker behind the create entry and must wait
+    # for it, as they do behind a single agent's create.
+    workers.start("w1")
+    for round_ in range(3):
+        agents = busagent.create_many(Adder, [f"c{round_}-{i}" for i in range(3000)])
+        values = busagent.gather(busagent.fanout(agents, Msg("user", 1)), timeout=30)
+        assert all(v.content == 2 for v in values)

@@ -98,6 +98,8 @@ class Job:
     entry: Entry
     #: (args, kwargs) once forwarded placeholders are resolved.
     resolved: tuple[list[Any], dict[str, Any]] | None = None
+    #: a bulk create: the agents whose calls wait for it (see Worker._hold)
+    held: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -530,11 +532,38 @@ class Worker:
         box = self.mailboxes.get(agent)
         if box is None:
             box = self.mailboxes[agent] = deque()
-        box.append(Job(entry_id, entry))
+        job = Job(entry_id, entry)
+        if entry.kind == "create" and not entry.agent:
+            job.held = self._hold(entry)
+        box.append(job)
         if agent not in self.busy:
             self.busy.add(agent)
             self.ready.append(agent)
         return None
+
+    def _hold(self, entry: Entry) -> list[str]:
+        """A bulk create runs in its own mailbox, not its agents': until it is done, their
+        calls (read after it) wait, as they would behind a single agent's create. Marking the
+        agents busy keeps their mailboxes from being handed out; ``_release`` hands them back.
+        Called with ``cond`` held."""
+        held: list[str] = []
+        with contextlib.suppress(Exception):  # a malformed body fails in _create_batch
+            for agent_id in CreateBatch.model_validate(unpack(entry.body)).agents:
+                if agent_id not in self.busy:
+                    self.busy.add(agent_id)
+                    held.append(agent_id)
+        return held
+
+    def _release(self, ids: list[str]) -> None:
+        """Hand back the mailboxes a bulk create held, however it ended."""
+        with self.cond:
+            for agent_id in ids:
+                if self.mailboxes.get(agent_id):
+                    self.ready.append(agent_id)
+                    self.cond.notify()
+                else:
+                    self.busy.discard(agent_id)
+                    self.mailboxes.pop(agent_id, None)
 
     def _deadletter(self, fields: dict[bytes, bytes]) -> None:
         try:
@@ -565,6 +594,9 @@ class Worker:
                     done = self._execute(job)
                 except Exception as e:  # noqa: BLE001 - a worker survives whatever it runs
                     done = Done(job.entry_id, job.entry.call, self._error_reply(e))
+                finally:
+                    if job.held:
+                        self._release(job.held)
                 if done is None:
                     return  # parked on the loop thread, which hands the agent back
                 unflushed += 1
