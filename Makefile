@@ -1,13 +1,13 @@
 # The one place that says how to set up, lint, type-check, test and benchmark busagent.
 PYTHON ?= python3
 
-.PHONY: install lint type test pytest bench soak demo clean
+.PHONY: install lint type test pytest bench soak demo clean game-bench
 
 install:            ## install busagent and the development tools into the current Python
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 lint:               ## ruff
-	$(PYTHON) -m ruff check busagent cli workers tests examples benchmarks
+	$(PYTHON) -m ruff check busagent tests examples benchmarks
 
 type:               ## mypy --strict on the package and its mapped folders
 	$(PYTHON) -m mypy

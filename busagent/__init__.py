@@ -15,9 +15,13 @@ from .bus import init, shutdown
 from .center import StepEvent, TaskCenter
 from .config import Settings
 from .errors import (
+    AgentError,
     BusagentError,
+    BusError,
     CallTimeout,
     ConfigError,
+    ConstructorError,
+    DeadLettered,
     MessageTooLarge,
     ModelError,
     NotSerializable,
@@ -27,6 +31,7 @@ from .errors import (
     RemoteError,
     UnknownAgent,
     UnknownClass,
+    UsageError,
 )
 from .hub import Broadcast, Direct, Function, Hub, HubMessage, Member, Random, RoundRobin
 from .human import Human
@@ -42,10 +47,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "AgentError",
     "Broadcast",
+    "BusError",
     "BusagentError",
     "CallTimeout",
     "ConfigError",
+    "ConstructorError",
+    "DeadLettered",
     "Direct",
     "DistConf",
     "Event",
@@ -74,6 +83,7 @@ __all__ = [
     "TaskCenter",
     "UnknownAgent",
     "UnknownClass",
+    "UsageError",
     "agather",
     "agents",
     "create_many",

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextvars
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .bus import new_id
 from .errors import ConfigError
+from .ids import new_id
 from .memory import Memory
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,28 +48,6 @@ class DistConf(BaseModel):
         if isinstance(value, dict):
             return cls(**value)  # a copy: the caller's dict is never changed
         raise ConfigError(f"to_dist must be True, a DistConf or a dict, not {value!r}")
-
-
-def class_path(cls: type) -> tuple[str, str]:
-    """``(module:qualname, what a worker loads to get it)``. Classes in the user's script
-    (``__main__``) are named after the script's file, which the worker loads by path."""
-    module = cls.__module__
-    if "<locals>" in cls.__qualname__:
-        raise ConfigError(
-            f"{cls.__qualname__} is defined inside a function; a worker can only load classes "
-            "defined at a module's top level"
-        )
-    if module == "__main__":
-        main = sys.modules["__main__"]
-        file = getattr(main, "__file__", None)
-        if not file:
-            raise ConfigError(
-                f"{cls.__name__} is defined in an interactive session; put it in a module or a "
-                "script file so that a worker can load it"
-            )
-        path = Path(file).resolve()
-        return f"{path.stem}:{cls.__qualname__}", str(path)
-    return f"{module}:{cls.__qualname__}", module
 
 
 class AgentMeta(type):

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -30,34 +30,25 @@ from . import embedded
 from .config import Settings
 from .errors import (
     BusagentError,
+    BusError,
     CallTimeout,
     ConfigError,
     MessageTooLarge,
     RedisUnavailable,
+    SkipStatement,
     from_wire,
 )
 from .ids import new_id
 from .keys import Keys
+from .tuning import LINGER, PEEK_BATCH, SEND_BATCH, SEND_PATIENCE
 from .wire import VERSION, Reply, signature, unpack_reply
 
 SCRIPTS = ("route", "collect", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
-BATCH = 1000
-#: replies peeked at per collect.lua call
-PEEK = 2000
-#: how long sends wait out a Redis outage before their placeholders fail with RedisUnavailable.
-SEND_PATIENCE = 20.0
-#: how long queued sends wait for a resolve (or more sends) before the sender thread sends them.
-LINGER = 0.002
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-class SkipStatement(BusagentError):
-    """Raised inside a worker that is loading a user's script, for statements with effects
-    (``busagent.init()``, creating distributed agents): the loader skips that statement."""
-
-
-#: set while a worker loads a user's script: see :func:`busagent.workers.load.load_script`.
+#: set while a worker loads a user's script: see :func:`busagent.worker.load.load_script`.
 loading_script = False
 
 
@@ -117,7 +108,7 @@ class Sender:
                 raise BusagentError("busagent is shut down; call busagent.init() again")
             self._queue.append(op)
             n = len(self._queue)
-            if n == 1 or n == BATCH:
+            if n == 1 or n == SEND_BATCH:
                 self._cond.notify()
 
     def queued(self) -> bool:
@@ -129,8 +120,8 @@ class Sender:
         with self._send_lock:
             while True:
                 with self._cond:
-                    batch = self._queue[:BATCH]
-                    del self._queue[:BATCH]
+                    batch = self._queue[:SEND_BATCH]
+                    del self._queue[:SEND_BATCH]
                 if not batch:
                     return
                 self._send(batch)
@@ -153,7 +144,7 @@ class Sender:
                 # cheaper than handing the send to this one; this thread sends what nobody
                 # waits for (fire-and-forget calls), and bursts that fill a batch.
                 until = time.monotonic() + LINGER
-                while 0 < len(self._queue) < BATCH and not self._closed:
+                while 0 < len(self._queue) < SEND_BATCH and not self._closed:
                     left = until - time.monotonic()
                     if left <= 0:
                         break
@@ -271,6 +262,32 @@ class Bus:
             return self.url.replace(f":{parts.password}@", ":***@")
         return self.url
 
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Translate redis-py's exceptions raised inside the block into busagent's (the one
+        boundary where they are translated): a caller catches BusagentError, never redis's."""
+        try:
+            yield
+        except redis.exceptions.RedisError as e:
+            raise self.translate(e) from None
+        except OSError as e:
+            raise self.translate(e) from None
+
+    def translate(self, e: BaseException) -> BusagentError:
+        """The busagent error for a redis-py (or socket) error: RedisUnavailable when Redis
+        cannot be reached or refuses us, BusError when it refused one command."""
+        where = self.url_for_humans
+        if isinstance(e, redis.exceptions.AuthenticationError):
+            return RedisUnavailable(f"Redis at {where} refused the credentials: {e}; put "
+                                    "user:password in the URL (redis://user:password@host:port/0)")
+        if isinstance(e, redis.exceptions.NoPermissionError):
+            return RedisUnavailable(f"Redis at {where} refused a command to this user: {e}; "
+                                    "grant the ACL the README lists")
+        if isinstance(e, (*_REDIS_ERRORS, OSError)):
+            return RedisUnavailable(f"lost Redis at {where}: {e}; check that it is up and the "
+                                    "URL (BUSAGENT_REDIS_URL)")
+        return BusError(f"Redis at {where} refused a command: {e}")
+
     def load_scripts(self) -> None:
         self.sha = {n: str(self.redis.script_load(src)) for n, src in LUA.items()}
 
@@ -314,9 +331,9 @@ class Bus:
                    body: bytes, on_error: Callable[[list[str], BaseException], None]) -> None:
         """Queue one call body to many agents (route.lua: a thousand calls a script call)."""
         keys, secret = self.keys, self.settings.secret
-        for i in range(0, len(call_ids), BATCH):
+        for i in range(0, len(call_ids), SEND_BATCH):
             chunk = [[c, a, signature(secret, VERSION, c, a, kind, body)]
-                     for c, a in zip(call_ids[i : i + BATCH], agent_ids[i : i + BATCH],
+                     for c, a in zip(call_ids[i : i + SEND_BATCH], agent_ids[i : i + SEND_BATCH],
                                      strict=True)]
             packed = msgpack.packb(chunk, use_bin_type=False)  # Lua's cmsgpack: no bin type
 
@@ -390,13 +407,13 @@ class Bus:
 
     def release(self, call_ids: Sequence[str]) -> None:
         """Delete replies nobody needs any more, before their ``reply_ttl``."""
-        for i in range(0, len(call_ids), BATCH):
-            self.redis.unlink(*[self.keys.reply(c) for c in call_ids[i : i + BATCH]])
+        for i in range(0, len(call_ids), SEND_BATCH):
+            self.redis.unlink(*[self.keys.reply(c) for c in call_ids[i : i + SEND_BATCH]])
 
     def _peek(self, call_ids: list[str], take: bool = False) -> dict[str, bytes]:
         got: dict[str, bytes] = {}
-        for i in range(0, len(call_ids), PEEK):
-            chunk = call_ids[i : i + PEEK]
+        for i in range(0, len(call_ids), PEEK_BATCH):
+            chunk = call_ids[i : i + PEEK_BATCH]
             values = self.script("collect", [], [self.keys.reply_prefix, int(take), *chunk])
             got.update((c, v) for c, v in zip(chunk, values, strict=True) if v)
         return got
@@ -404,8 +421,8 @@ class Bus:
     async def _apeek(self, client: aredis.Redis, call_ids: list[str], take: bool
                      ) -> dict[str, bytes]:
         got: dict[str, bytes] = {}
-        for i in range(0, len(call_ids), PEEK):
-            chunk = call_ids[i : i + PEEK]
+        for i in range(0, len(call_ids), PEEK_BATCH):
+            chunk = call_ids[i : i + PEEK_BATCH]
             args: list[Any] = [self.keys.reply_prefix, int(take), *chunk]
             try:
                 values = await client.evalsha(self.sha["collect"], 0, *args)

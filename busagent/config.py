@@ -1,6 +1,7 @@
 """Settings, read from ``BUSAGENT_*`` environment variables and overridden by arguments.
 
-Defaults live here and nowhere else.
+Defaults live here and nowhere else; the tuning constants that are not settings (batch sizes,
+intervals) are named in :mod:`busagent.tuning`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Settings(BaseModel):
     deadletter_max: int = Field(10000, ge=1)
     #: messages a hub keeps as history (approximately; older ones are trimmed).
     hub_history: int = Field(100_000, ge=10)
+    #: a worker: most agents it hosts (``busagent worker --capacity``).
+    capacity: int = Field(1_000_000, ge=1)
+    #: a worker: threads that run sync replies (at least 2: one reads while one runs).
+    threads: int = Field(32, ge=2)
+    #: a worker: seconds the calls it already read get to finish on a graceful stop.
+    grace: float = Field(30.0, ge=0)
     #: shared secret: callers sign calls (HMAC-SHA256), workers refuse calls without a valid one.
     secret: str | None = Field(None, repr=False)
 

@@ -1,77 +1,123 @@
-"""The errors busagent raises. Every one derives from :class:`BusagentError` and says how to fix
-the problem.
+"""The errors busagent raises, grouped by what the caller does about them (httpx's way).
 
     BusagentError
-    ├── ConfigError            bad settings or arguments (also a ValueError)
-    ├── RedisUnavailable       Redis cannot be reached (also a ConnectionError)
-    ├── NotSerializable        a value cannot travel on the bus (also a TypeError)
-    ├── MessageTooLarge        an encoded call exceeds ``max_message_bytes``
-    ├── ProtocolError          an entry on the bus is malformed or of another version
-    ├── PlacementError         no live server can host an agent
-    ├── UnknownAgent           the agent id is not (or no longer) registered
-    ├── UnknownClass           a worker was asked for a class it did not load
-    ├── CallTimeout            a deadline passed (also a TimeoutError)
+    ├── UsageError             fix the calling code or the configuration; retrying will not help
+    │   ├── ConfigError        bad settings or arguments (also a ValueError)
+    │   ├── NotSerializable    a value cannot travel on the bus (also a TypeError)
+    │   ├── MessageTooLarge    an encoded call or reply exceeds ``max_message_bytes``
+    │   └── UnknownClass       a worker was asked for a class from a module it did not load
+    ├── BusError               the bus itself failed: fix Redis or the deployment, then retry
+    │   ├── RedisUnavailable   Redis cannot be reached or refused us (also a ConnectionError)
+    │   └── ProtocolError      an entry on the bus is malformed, unsigned or of another version
+    ├── AgentError             the agent is not there to run the call: create it (again)
+    │   ├── UnknownAgent       the agent id is not (or no longer) registered or hosted
+    │   ├── PlacementError     no live server can host the agent
+    │   ├── ConstructorError   the agent's constructor raised on its worker
+    │   └── DeadLettered       every worker that took the call died; it is in the dead letters
+    ├── CallTimeout            a deadline passed; the call may still run (also a TimeoutError)
     ├── ModelError             a model endpoint failed after its retries
-    └── RemoteError            the remote code raised; carries type, message, traceback, server
+    └── RemoteError            the agent's own code raised: ``type``, ``message``, ``traceback``
+
+Every error's ``code`` is its class name and travels on the bus, so ``except UnknownAgent``
+works across processes: :func:`from_wire` rebuilds busagent's own classes, and anything else the
+remote code raised arrives as a :class:`RemoteError`. Errors of lower layers (redis-py) are
+translated once, at the bus boundary (:meth:`busagent.bus.Bus.errors`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class BusagentError(Exception):
-    """Base class of every busagent error."""
+    """Base class of every busagent error. ``server`` and ``traceback`` are set when the error
+    was raised on a worker and travelled back."""
 
     #: the name a worker sends on the wire, so the caller can re-raise the same class.
-    code = "BusagentError"
+    code: ClassVar[str] = "BusagentError"
+    server: str = ""
+    traceback: str = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.code = cls.__name__
+        _BY_CODE[cls.code] = cls
 
 
-class ConfigError(BusagentError, ValueError):
-    code = "ConfigError"
+_BY_CODE: dict[str, type[BusagentError]] = {"BusagentError": BusagentError}
 
 
-class RedisUnavailable(BusagentError, ConnectionError):
-    code = "RedisUnavailable"
+class UsageError(BusagentError):
+    """The calling code or the configuration is wrong; retrying will not help."""
 
 
-class NotSerializable(BusagentError, TypeError):
-    code = "NotSerializable"
+class ConfigError(UsageError, ValueError):
+    pass
 
 
-class MessageTooLarge(BusagentError):
-    code = "MessageTooLarge"
+class NotSerializable(UsageError, TypeError):
+    pass
 
 
-class ProtocolError(BusagentError):
-    code = "ProtocolError"
+class MessageTooLarge(UsageError):
+    pass
 
 
-class PlacementError(BusagentError):
-    code = "PlacementError"
+class UnknownClass(UsageError):
+    pass
 
 
-class UnknownAgent(BusagentError):
-    code = "UnknownAgent"
+class BusError(BusagentError):
+    """Redis or the bus's data failed; fix the deployment and retry."""
 
 
-class UnknownClass(BusagentError):
-    code = "UnknownClass"
+class RedisUnavailable(BusError, ConnectionError):
+    pass
+
+
+class ProtocolError(BusError):
+    pass
+
+
+class AgentError(BusagentError):
+    """The agent is not there to run the call."""
+
+
+class UnknownAgent(AgentError):
+    pass
+
+
+class PlacementError(AgentError):
+    pass
+
+
+class ConstructorError(AgentError):
+    """The agent's constructor raised on its worker; the message starts with the original
+    exception's type, ``traceback`` holds its frames."""
+
+
+class DeadLettered(AgentError):
+    """The call was delivered ``max_deliveries`` times and each worker died running it; it waits
+    in the dead-letter stream (``busagent deadletter``, ``busagent.replay``)."""
 
 
 class CallTimeout(BusagentError, TimeoutError):
-    code = "CallTimeout"
+    pass
 
 
 class ModelError(BusagentError):
-    code = "ModelError"
+    pass
+
+
+class SkipStatement(BusagentError):
+    """Raised inside a worker that is loading a user's script, for statements with effects
+    (``busagent.init()``, creating distributed agents): the loader skips that statement. Never
+    reaches user code."""
 
 
 class RemoteError(BusagentError):
     """The remote side raised. ``type`` is the remote exception's class name, ``traceback`` its
     formatted traceback, ``server`` the worker it ran on."""
-
-    code = "RemoteError"
 
     def __init__(self, type: str, message: str, traceback: str = "", server: str = "") -> None:
         self.type = type
@@ -93,28 +139,12 @@ def code_of(err: BaseException) -> str:
     return err.code if isinstance(err, BusagentError) else type(err).__name__
 
 
-# Errors a worker reports with a code the caller maps back to a local class, so that
-# ``except UnknownAgent`` works across the bus.
-_BY_CODE: dict[str, type[BusagentError]] = {
-    c.code: c
-    for c in (
-        ConfigError,
-        NotSerializable,
-        MessageTooLarge,
-        ProtocolError,
-        PlacementError,
-        UnknownAgent,
-        UnknownClass,
-        CallTimeout,
-    )
-}
-
-
 def from_wire(type_: str, message: str, traceback: str, server: str) -> BusagentError:
     """The local exception for an error reply: busagent's own errors keep their class; anything
     the user's code raised becomes a RemoteError."""
     cls = _BY_CODE.get(type_)
-    if cls is not None:
-        err = cls(message + (f" (server {server!r})" if server else ""))
-        return err
-    return RemoteError(type_, message, traceback, server)
+    if cls is None or cls is RemoteError:
+        return RemoteError(type_, message, traceback, server)
+    err = cls(message + (f" (server {server!r})" if server else ""))
+    err.server, err.traceback = server, traceback
+    return err

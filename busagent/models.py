@@ -32,9 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import bus as _bus
 from .errors import ConfigError, ModelError
 from .message import Msg
+from .tuning import MODEL_CONFIG_REFRESH
 
-#: how long a worker trusts its cached copy of a config before it looks again
-REFRESH = 5.0
 #: HTTP statuses worth retrying: rate limits and a busy or restarting server
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -341,7 +340,7 @@ def get(config_name: str) -> Model:
     """The model of a config name: this server's override, else the global config."""
     now = time.monotonic()
     hit = _cache.get(config_name)
-    if hit is not None and now - hit[2] < REFRESH:
+    if hit is not None and now - hit[2] < MODEL_CONFIG_REFRESH:
         return hit[1]
     b = _bus.current()
     pipe = b.redis.pipeline(transaction=False)

@@ -8,11 +8,13 @@ from typing import Any
 
 from . import bus as _bus
 from . import registry
-from .agent import DistConf, class_path, is_remote
-from .errors import ConfigError, NotSerializable, RemoteError
+from .agent import DistConf, is_remote
+from .classpath import class_path
+from .errors import ConfigError, ConstructorError, NotSerializable, SkipStatement
 from .memory import from_json
 from .placeholder import Placeholder
-from .wire import AgentInfo, pack
+from .records import AgentInfo
+from .wire import pack
 
 
 class RemoteAgent:
@@ -90,7 +92,7 @@ class RemoteAgent:
             got = self._created.result(timeout)
             failed = got.get("failed") if isinstance(got, dict) else None
             if failed and self.agent_id in failed:  # one agent of a bulk creation
-                raise RemoteError("ConstructorError", failed[self.agent_id], "", self.server)
+                raise ConstructorError(f"{failed[self.agent_id]} (server {self.server!r})")
         return self
 
     @property
@@ -178,7 +180,7 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
     constructor call, so it is recovered like any other. ``agent.ready()`` raises its own
     constructor's error, if it had one."""
     if _bus.loading_script:
-        raise _bus.SkipStatement("creating distributed agents while a worker loads a script")
+        raise SkipStatement("creating distributed agents while a worker loads a script")
     b = _bus.current()
     conf = DistConf.of(to_dist)
     path, load = class_path(cls)
@@ -233,7 +235,7 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
            memory: list[Any] | None = None) -> RemoteAgent:
     """Build an agent on a worker: the class travels by name, the arguments as data."""
     if _bus.loading_script:
-        raise _bus.SkipStatement("creating a distributed agent while a worker loads a script")
+        raise SkipStatement("creating a distributed agent while a worker loads a script")
     b = _bus.current()
     path, load = class_path(cls)
     name, body = _spec(b, cls, path, args, kwargs, memory)

@@ -6,28 +6,22 @@ import time
 from typing import Any
 
 from . import bus as _bus
+from . import records
 from .bus import Bus
 from .errors import BusagentError, PlacementError, UnknownAgent
 from .memory import from_json
 from .placeholder import Placeholder
-from .wire import AgentInfo, ServerInfo, pack
-
-#: how long a placement decision reuses its snapshot of the servers hash.
-SNAPSHOT_TTL = 1.0
+from .records import AgentInfo, ServerInfo, pick
+from .tuning import PLACEMENT_SNAPSHOT
+from .wire import pack
 
 
 def read_servers(b: Bus) -> list[ServerInfo]:
-    out = []
-    for raw in b.redis.hvals(b.keys.servers):
-        try:
-            out.append(ServerInfo.model_validate_json(raw))
-        except ValueError:
-            continue  # a foreign or older record: shown by nobody, swept by workers
-    return sorted(out, key=lambda s: s.name)
+    return records.read_servers(b.redis, b.keys.servers)
 
 
 def alive(b: Bus, s: ServerInfo, now: float | None = None) -> bool:
-    return s.status == "up" and (now or time.time()) - s.heartbeat < b.settings.dead_after
+    return s.alive(b.settings.dead_after, now)
 
 
 class _Snapshot:
@@ -41,29 +35,11 @@ def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
     if snap is None:
         snap = b.placement = _Snapshot()
     now = time.monotonic()
-    if fresh or now - snap.at > SNAPSHOT_TTL:
+    if fresh or now - snap.at > PLACEMENT_SNAPSHOT:
         t = time.time()
         snap.servers = [s for s in read_servers(b) if alive(b, s, t)]
         snap.at = now
     return snap.servers
-
-
-def _load(s: ServerInfo) -> float:
-    """Agents hosted, weighted up by how busy the CPU is: spreads agents evenly over idle servers
-    and steers new ones away from busy servers."""
-    return (s.agents + 1) * (1 + s.cpu / 100)
-
-
-def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInfo | None:
-    """The least loaded of ``candidates`` that loaded ``module`` and has room. The placement is
-    counted on the snapshot, so a burst of placements spreads before the next heartbeat reports
-    the new numbers."""
-    fits = [s for s in candidates if module in s.modules and s.agents + count <= s.capacity]
-    if not fits:
-        return None
-    best = min(fits, key=_load)
-    best.agents += count
-    return best
 
 
 def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) -> str:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from .bus import Bus
 from .embedded import _die_with_parent
 from .errors import PlacementError
-
-START_TIMEOUT = 60.0
+from .tuning import CHILD_START_TIMEOUT
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Children:
                      "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
                     env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
                 )
-            deadline = time.monotonic() + START_TIMEOUT
+            deadline = time.monotonic() + CHILD_START_TIMEOUT
             for n in names:
                 # Each worker pushes a token once it serves: wait on that, not on a clock.
                 while b.redis.blpop([b.keys.ready(n)], timeout=1) is None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .classpath import lookup
 from .errors import NotSerializable, ProtocolError
 from .message import Msg
 
@@ -121,37 +122,6 @@ class Reply(BaseModel):
     error: ErrorInfo | None = None
 
 
-class AgentInfo(BaseModel):
-    """The registry's record of one agent (``HGET {prefix}:agents <id>``)."""
-
-    id: str
-    name: str
-    cls: str
-    server: str
-    created: float
-
-
-class ServerInfo(BaseModel):
-    """The registry's record of one server (``HGET {prefix}:servers <name>``)."""
-
-    name: str
-    host: str
-    pid: int
-    started: float
-    heartbeat: float
-    cpu: float = 0.0
-    #: resident memory in MiB.
-    mem: float = 0.0
-    agents: int = 0
-    #: calls read and not yet answered.
-    inflight: int = 0
-    capacity: int
-    modules: list[str] = []
-    #: "up" while serving, "stopping" during a graceful stop.
-    status: str = "up"
-    version: int = VERSION
-
-
 # --- msgpack codec -----------------------------------------------------------------------------
 
 
@@ -185,17 +155,13 @@ def pack(obj: Any) -> bytes:
 
 
 def _model_class(path: str) -> type[BaseModel]:
-    module, _, qual = path.partition(":")
     # Only classes already imported here: decoding must never import code on a sender's word.
-    mod = sys.modules.get(module)
-    if mod is None:
+    found, obj = lookup(path, sys.modules)
+    if not found:
         raise ProtocolError(
             f"pydantic model {path!r} is not loaded in this process; load its module in the worker "
             "(--agents MODULE)"
         )
-    obj: Any = mod
-    for part in qual.split("."):
-        obj = getattr(obj, part, None)
     if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
         raise ProtocolError(f"{path!r} is not a pydantic model")
     return obj

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import busagent
-from busagent import DistConf, Msg, Placeholder, RemoteError, ServerClient
+from busagent import ConstructorError, DistConf, Msg, Placeholder, RemoteError, ServerClient
 from busagent.errors import (
     CallTimeout,
     MessageTooLarge,
@@ -156,7 +156,7 @@ def test_constructor_arguments_that_cannot_travel(workers: Workers) -> None:
 def test_constructor_error_reaches_caller(workers: Workers) -> None:
     workers.start("w1")
     b = BadInit("b", to_dist=DistConf(server="w1"))
-    with pytest.raises(RemoteError, match="constructor failed on purpose"):
+    with pytest.raises(ConstructorError, match="constructor failed on purpose"):
         b.ready()
     with pytest.raises(UnknownAgent, match=r"could not be built|not registered"):
         b(None).result(timeout=10)
@@ -320,7 +320,7 @@ def test_fanout_and_bulk_creation(workers: Workers) -> None:
     assert got[0].content == 2 and isinstance(got[1], busagent.UnknownAgent)
     # a constructor that fails fails only its own agent
     bad = busagent.create_many(BadInit, ["b0"])
-    with pytest.raises(busagent.RemoteError, match="constructor failed on purpose"):
+    with pytest.raises(busagent.ConstructorError, match="constructor failed on purpose"):
         bad[0].ready(timeout=10)
 
 

@@ -25,7 +25,8 @@ from busagent.errors import (
 from busagent.keys import Keys
 from busagent.memory import Memory, from_json, to_json
 from busagent.placeholder import Placeholder
-from busagent.wire import Ref, ServerInfo, pack, pack_reply, substitute, unpack, unpack_reply
+from busagent.records import ServerInfo
+from busagent.wire import Ref, pack, pack_reply, substitute, unpack, unpack_reply
 from tests.agents import Point
 
 
@@ -40,6 +41,8 @@ def test_public_api_is_frozen() -> None:
         "ModelConfig", "ModelError", "load_model_configs", "models", "Hub", "HubMessage",
         "Member", "Broadcast", "Direct", "Function", "Random", "RoundRobin", "TaskCenter",
         "StepEvent", "Event", "Human", "fanout", "create_many", "release",
+        # the error groups (errors.py draws the tree)
+        "AgentError", "BusError", "UsageError", "ConstructorError", "DeadLettered",
     ])
 
 

@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 from busagent import bus as _bus
-from busagent.errors import ConfigError
+from busagent.errors import ConfigError, SkipStatement
 
 log = logging.getLogger("busagent.worker")
 
@@ -60,7 +60,7 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
             code = compile(ast.Module(body=[stmt], type_ignores=[]), str(path), "exec")
             try:
                 exec(code, mod.__dict__)  # the operator named this file
-            except _bus.SkipStatement:
+            except SkipStatement:
                 continue
             except Exception as e:
                 if isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):

@@ -1,4 +1,4 @@
-"""The ``busagent`` command, installed as ``busagent.cli``."""
+"""The ``busagent`` command (``python -m busagent.cli`` runs it too)."""
 
 from __future__ import annotations
 
@@ -65,22 +65,24 @@ def worker(
     name: Annotated[str | None, typer.Option(help="server name (default host-pid)")] = None,
     url: RedisOpt = None,
     prefix: PrefixOpt = None,
-    capacity: Annotated[int, typer.Option(envvar="BUSAGENT_CAPACITY",
-                                          help="most agents this server hosts")] = 1_000_000,
-    threads: Annotated[int, typer.Option(help="threads for sync replies")] = 32,
-    grace: Annotated[float, typer.Option(help="seconds in-flight calls get on stop")] = 30.0,
+    capacity: Annotated[int | None, typer.Option(
+        help="most agents this server hosts (BUSAGENT_CAPACITY, default 1000000)")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="threads for sync replies (BUSAGENT_THREADS, default 32)")] = None,
+    grace: Annotated[float | None, typer.Option(
+        help="seconds in-flight calls get on stop (BUSAGENT_GRACE, default 30)")] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run a worker that hosts agents of the given modules until SIGTERM or `busagent stop`."""
-    from busagent.workers import run
+    from busagent.worker import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if url is None:
         url = embedded.start_shared()
-    settings = Settings.load(redis_url=url, prefix=prefix)
-    run(name, agents, settings, capacity=capacity, threads=threads, parent_pid=parent_pid,
-        grace=grace)
+    settings = Settings.load(redis_url=url, prefix=prefix, capacity=capacity, threads=threads,
+                             grace=grace)
+    run(name, agents, settings, parent_pid=parent_pid)
 
 
 @app.command()
@@ -265,3 +267,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
 
+
+
+if __name__ == "__main__":
+    main()

@@ -18,16 +18,16 @@ from typing import Any
 import msgpack
 import redis
 
+from busagent import records
 from busagent.bus import Bus
 from busagent.errors import UnknownAgent
 from busagent.keys import GROUP
-from busagent.registry import alive, pick, read_servers
-from busagent.wire import VERSION, AgentInfo, ErrorInfo, ServerInfo, pack_reply, signature
+from busagent.records import AgentInfo, ServerInfo, pick, read_servers
+from busagent.tuning import MOVE_BATCH, RECOVERY_LOCK_MS
+from busagent.wire import VERSION, ErrorInfo, pack_reply, signature
 
 log = logging.getLogger("busagent.recovery")
 
-BATCH = 500
-LOCK_MS = 120_000
 
 
 @dataclass
@@ -39,23 +39,17 @@ class Result:
 
 
 def agents_of(b: Bus, server: str) -> list[AgentInfo]:
-    out = []
-    for _, raw in b.redis.hscan_iter(b.keys.agents, count=1000):
-        info = AgentInfo.model_validate_json(raw)
-        if info.server == server:
-            out.append(info)
-    return out
+    return records.agents_of(b.redis, b.keys.agents, server)
 
 
 def needs_recovery(b: Bus, info: ServerInfo, now: float) -> bool:
-    dead = info.status == "dead" or now - info.heartbeat > b.settings.dead_after
-    if not dead:
+    if info.state(b.settings.dead_after, now) != "dead":
         return False
     return info.status != "dead" or info.agents > 0 or b.redis.xlen(b.keys.inbox(info.name)) > 0
 
 
 def lock(b: Bus, server: str, owner: str) -> bool:
-    return bool(b.redis.set(b.keys.lock(server), owner, nx=True, px=LOCK_MS))
+    return bool(b.redis.set(b.keys.lock(server), owner, nx=True, px=RECOVERY_LOCK_MS))
 
 
 def unlock(b: Bus, server: str, owner: str) -> None:
@@ -113,7 +107,8 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     answer(b, inbox, control, UnknownAgent(f"server {server} died before answering"), server)
 
     now = time.time()
-    live = [x for x in read_servers(b) if alive(b, x, now) and x.name != server
+    live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after, now)
+            and x.name != server
             and x.name not in exclude]
     batch: list[list[Any]] = []
     for a in agents:
@@ -125,7 +120,7 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
         call = f"restore-{a.id}"
         sig = signature(s.secret, VERSION, call, a.id, "create", b"")
         batch.append([a.id, target.name, record, sig, by_agent.get(a.id, [])])
-        if len(batch) == BATCH:
+        if len(batch) == MOVE_BATCH:
             _move(b, server, inbox, last, batch, res)
             batch = []
     if batch:

@@ -40,10 +40,12 @@ import redis
 from busagent import bus as _bus
 from busagent import models, stream
 from busagent.agent import Agent, assigning_id, is_remote
+from busagent.classpath import lookup
 from busagent.config import Settings
 from busagent.errors import (
     BusagentError,
     CallTimeout,
+    ConstructorError,
     MessageTooLarge,
     NotSerializable,
     ProtocolError,
@@ -53,10 +55,18 @@ from busagent.errors import (
 )
 from busagent.keys import GROUP
 from busagent.memory import Memory, from_json
-from busagent.registry import alive
+from busagent.records import AgentInfo, ServerInfo
+from busagent.tuning import (
+    COMMIT_BATCH,
+    DRAIN_BATCH,
+    FAILED_CREATES,
+    HISTORY_EVERY,
+    MAX_INFLIGHT,
+    READ_COUNT,
+    RECOVERY_LOCK_MS,
+)
 from busagent.wire import (
     VERSION,
-    AgentInfo,
     CallBody,
     ControlBody,
     CreateBatch,
@@ -64,7 +74,6 @@ from busagent.wire import (
     Entry,
     ErrorInfo,
     Ref,
-    ServerInfo,
     pack,
     pack_reply,
     signature,
@@ -77,16 +86,6 @@ from .load import load
 
 log = logging.getLogger("busagent.worker")
 
-READ_COUNT = 256
-#: seconds between re-reads of this worker's own pending entries.
-HISTORY_EVERY = 5.0
-COMMIT_BATCH = 1000
-#: calls to one agent run back to back before their replies are written together.
-DRAIN_BATCH = 64
-#: stop reading new calls while this many are read and not yet answered.
-MAX_INFLIGHT = 20000
-#: remembered constructor failures, so calls that queued behind a failed create say why.
-FAILED_CREATES = 10000
 #: the mailbox of server-level control calls (stop, list, ping, delete_all).
 CONTROL = ""
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -118,15 +117,14 @@ class Done:
 
 class Worker:
     def __init__(self, name: str, modules: list[str], settings: Settings | None = None,
-                 capacity: int = 1_000_000, threads: int = 32, parent_pid: int | None = None,
-                 grace: float = 30.0) -> None:
+                 parent_pid: int | None = None) -> None:
         self.name = name
         self.settings = settings or Settings.load()
         self.specs = modules
-        self.capacity = capacity
-        self.nthreads = max(2, threads)
+        self.capacity = self.settings.capacity
+        self.nthreads = self.settings.threads
         self.parent_pid = parent_pid
-        self.grace = grace
+        self.grace = self.settings.grace
         self.loaded: dict[str, Any] = {}
         self.agents: dict[str, Agent] = {}
         self.failed: dict[str, str] = {}
@@ -205,12 +203,12 @@ class Worker:
             old = ServerInfo.model_validate_json(raw)
             # On this host a dead pid is proof enough; elsewhere, trust the heartbeat's age.
             gone = old.host == socket.gethostname() and not psutil.pid_exists(old.pid)
-            if alive(self.bus, old) and old.pid != os.getpid() and not gone:
+            if old.alive(self.settings.dead_after) and old.pid != os.getpid() and not gone:
                 raise BusagentError(
                     f"a worker named {self.name!r} is already running (pid {old.pid} on "
                     f"{old.host}); pick another --name or stop it with `busagent stop {self.name}`"
                 )
-        deadline = time.monotonic() + recovery.LOCK_MS / 1000
+        deadline = time.monotonic() + RECOVERY_LOCK_MS / 1000
         while not recovery.lock(self.bus, self.name, self.name):
             if time.monotonic() > deadline:
                 raise BusagentError(f"recovery of the previous {self.name!r} did not finish")
@@ -836,7 +834,12 @@ class Worker:
             if e.restore:
                 log.warning("could not rebuild agent %s: %s", e.agent, err)
                 return Done(job.entry_id, "", b"")
-            return Done(job.entry_id, e.call, self._error_reply(err), e.agent, drop=True)
+            if not isinstance(err, BusagentError):  # the constructor itself raised
+                reply = self._error_reply(ConstructorError(f"{type(err).__name__}: {err}"),
+                                          _user_traceback(err))
+            else:
+                reply = self._error_reply(err)
+            return Done(job.entry_id, e.call, reply, e.agent, drop=True)
         self.agents[e.agent] = agent
         return self._done(job, agent, {"agent_id": e.agent, "server": self.name})
 
@@ -876,16 +879,13 @@ class Worker:
             {"server": self.name, "created": built, "failed": failed}))
 
     def _class(self, path: str) -> type[Agent]:
-        module, _, qual = path.partition(":")
-        mod = self.loaded.get(module)
-        if mod is None:
+        found, obj = lookup(path, self.loaded)
+        module = path.partition(":")[0]
+        if not found:
             raise UnknownClass(
                 f"server {self.name} did not load module {module!r} (it loaded "
                 f"{sorted(self.loaded)}); start a worker with --agents {module}"
             )
-        obj: Any = mod
-        for part in qual.split("."):
-            obj = getattr(obj, part, None)
         if not (isinstance(obj, type) and issubclass(obj, Agent)):
             raise UnknownClass(f"{path} is not an Agent subclass in module {module!r}")
         return obj
@@ -940,8 +940,9 @@ class Worker:
                 f"{self.settings.max_message_bytes:,}"))
         return data
 
-    def _error_reply(self, err: BaseException) -> bytes:
-        tb = "" if isinstance(err, BusagentError) else _user_traceback(err)
+    def _error_reply(self, err: BaseException, tb: str | None = None) -> bytes:
+        if tb is None:
+            tb = "" if isinstance(err, BusagentError) else _user_traceback(err)
         return pack_reply(False, error=ErrorInfo(type=code_of(err), message=str(err), traceback=tb,
                                                  server=self.name))
 

@@ -1,0 +1,119 @@
+"""The registry's records as Redis holds them, and the one rule for "is this server alive?".
+
+``{p}:servers`` maps a server name to a JSON :class:`ServerInfo`, ``{p}:agents`` an agent id to a
+JSON :class:`AgentInfo` (``redis-cli HGETALL`` shows both). Workers write them; callers, the CLI
+and other workers read them. This module imports nothing that starts processes, so the worker
+can use it without the caller's placement code.
+
+Liveness, everywhere, is :meth:`ServerInfo.state`. The Lua scripts apply the parts of it that
+must be atomic with what they write, and say so here so the rules cannot drift apart:
+
+* ``heartbeat.lua``: a record whose status is ``dead`` is not overwritten (the worker was fenced:
+  others moved its agents). That is the ``dead`` state below, by status.
+* ``route.lua``: any record counts as a server to queue calls for, whatever its state: calls
+  queued for a ``late`` or ``dead`` server are moved with its agents by recovery, in order.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from .wire import VERSION
+
+State = Literal["up", "stopping", "late", "dead"]
+
+
+
+class AgentInfo(BaseModel):
+    """The registry's record of one agent (``HGET {prefix}:agents <id>``)."""
+
+    id: str
+    name: str
+    cls: str
+    server: str
+    #: epoch seconds, from the creating process's clock.
+    created: float
+
+
+class ServerInfo(BaseModel):
+    """The registry's record of one server (``HGET {prefix}:servers <name>``)."""
+
+    name: str
+    host: str
+    pid: int
+    #: epoch seconds.
+    started: float
+    #: epoch seconds of the last heartbeat, from the worker's clock.
+    heartbeat: float
+    #: percent of one core.
+    cpu: float = 0.0
+    #: resident memory in MiB.
+    mem: float = 0.0
+    agents: int = 0
+    #: calls read and not yet answered.
+    inflight: int = 0
+    capacity: int
+    modules: list[str] = []
+    #: "up" while serving, "stopping" during a graceful stop, "dead" once recovery fenced it.
+    status: str = "up"
+    version: int = VERSION
+
+    def state(self, dead_after: float, now: float | None = None) -> State:
+        """``dead``: fenced by recovery, or silent for ``dead_after`` seconds or more; ``late``:
+        silent for over two heartbeats' worth of ``dead_after`` but not yet dead (callers still
+        queue calls for it); ``stopping``: finishing a graceful stop; ``up``: serving."""
+        age = (time.time() if now is None else now) - self.heartbeat
+        if self.status == "dead" or age >= dead_after:
+            return "dead"
+        if self.status == "stopping":
+            return "stopping"
+        return "late" if age > dead_after / 2 else "up"
+
+    def alive(self, dead_after: float, now: float | None = None) -> bool:
+        """Takes new agents: ``up`` or ``late``."""
+        return self.state(dead_after, now) in ("up", "late")
+
+
+def parse_server(raw: bytes | str) -> ServerInfo | None:
+    """A server record, or None for a foreign or older one (shown by nobody, swept by workers)."""
+    try:
+        return ServerInfo.model_validate_json(raw)
+    except ValueError:
+        return None
+
+
+def read_servers(r: Any, key: str) -> list[ServerInfo]:
+    """Every server record in the hash ``key``, by name."""
+    out = [s for raw in r.hvals(key) if (s := parse_server(raw)) is not None]
+    return sorted(out, key=lambda s: s.name)
+
+
+def agents_of(r: Any, key: str, server: str) -> list[AgentInfo]:
+    """The records in the agents hash ``key`` that name ``server`` (a full scan, paged)."""
+    out = []
+    for _, raw in r.hscan_iter(key, count=1000):
+        info = AgentInfo.model_validate_json(raw)
+        if info.server == server:
+            out.append(info)
+    return out
+
+
+def _load(s: ServerInfo) -> float:
+    """Agents hosted, weighted up by how busy the CPU is: spreads agents evenly over idle servers
+    and steers new ones away from busy servers."""
+    return (s.agents + 1) * (1 + s.cpu / 100)
+
+
+def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInfo | None:
+    """The least loaded of ``candidates`` that loaded ``module`` and has room for ``count``
+    more agents. The placement is counted on the record, so a burst of placements spreads
+    before the next heartbeat reports the new numbers. Used for new agents and by recovery."""
+    fits = [s for s in candidates if module in s.modules and s.agents + count <= s.capacity]
+    if not fits:
+        return None
+    best = min(fits, key=_load)
+    best.agents += count
+    return best

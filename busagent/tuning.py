@@ -1,0 +1,51 @@
+"""Tuning constants: batch sizes and intervals that are not user settings, named in one place.
+
+Settings a user may change (timeouts, capacity, TTLs) are in :mod:`busagent.config`; these are
+the engine's own sizes, chosen by measurement (``make bench``, the game benchmark) on a 2-core
+machine. Units are in each name's comment.
+"""
+
+from __future__ import annotations
+
+# --- callers -------------------------------------------------------------------------------------
+
+#: calls per routing script call, and queued sends per pipeline (count).
+SEND_BATCH = 1000
+#: replies read per collect.lua call (count).
+PEEK_BATCH = 2000
+#: how long sends wait out a Redis outage before their placeholders fail (seconds).
+SEND_PATIENCE = 20.0
+#: how long a routed call id is remembered, so a resent call is routed once (seconds). Must
+#: outlast SEND_PATIENCE: route.lua receives it as an argument.
+SENT_MARK_TTL = 30
+#: how long queued sends wait for a resolve (or more sends) before the sender thread sends them
+#: (seconds).
+LINGER = 0.002
+#: how long a placement decision reuses its snapshot of the servers hash (seconds).
+PLACEMENT_SNAPSHOT = 1.0
+#: how long a program waits for the child workers it started to serve (seconds).
+CHILD_START_TIMEOUT = 60.0
+#: how often a worker re-reads model configs from Redis (seconds).
+MODEL_CONFIG_REFRESH = 5.0
+
+# --- workers -------------------------------------------------------------------------------------
+
+#: inbox entries per XREADGROUP (count).
+READ_COUNT = 256
+#: how often a worker re-reads its own pending entries (seconds).
+HISTORY_EVERY = 5.0
+#: completions per commit.lua call (count).
+COMMIT_BATCH = 1000
+#: calls to one agent run back to back before their replies are written together (count).
+DRAIN_BATCH = 64
+#: a worker stops reading new calls while this many are read and not yet answered (count).
+MAX_INFLIGHT = 20000
+#: remembered constructor failures, so calls that queued behind a failed create say why (count).
+FAILED_CREATES = 10000
+
+# --- recovery ------------------------------------------------------------------------------------
+
+#: agents per move.lua call (count).
+MOVE_BATCH = 500
+#: how long the lock on a dead server's recovery is held at most (milliseconds).
+RECOVERY_LOCK_MS = 120_000

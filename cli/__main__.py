@@ -1,3 +1,0 @@
-from busagent.cli import main
-
-main()
