@@ -1,10 +1,10 @@
 # The one place that says how to set up, lint, type-check, test and benchmark busagent.
 PYTHON ?= python3
 
-.PHONY: install lint type test pytest bench soak demo clean game-bench
+.PHONY: install lint type test pytest bench soak demo clean game-bench cli-docs
 
 install:            ## install busagent and the development tools into the current Python
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev]" --config-settings editable_mode=strict
 
 lint:               ## ruff
 	$(PYTHON) -m ruff check busagent tests examples benchmarks
@@ -23,6 +23,9 @@ bench:              ## busagent vs the raw redis-py floor, side by side on one R
 
 soak:               ## 100,000 calls while killing workers and restarting Redis; audits every call
 	$(PYTHON) benchmarks/soak.py --calls 100000 --kills 20 --redis-restarts 2
+
+cli-docs:           ## regenerate cli/USAGE.md from the commands (a test checks it is current)
+	typer busagent.cli utils docs --name busagent --output cli/USAGE.md
 
 demo:
 	busagent demo
