@@ -518,7 +518,6 @@ class FakeCommitter:
 def test_drain_commits_a_run_of_calls_together_and_survives_an_error() -> None:
     w = Worker("w1", [])
     a, f = Echo("e"), Failing("f")
-    w.replies = Replies("w1", 10_000)
     w.executor, _ = executor(a, f)
     fake = FakeCommitter()
     w.committer = fake  # type: ignore[assignment]

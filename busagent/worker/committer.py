@@ -68,6 +68,7 @@ class Committer:
         self.loop.run_in_executor(None, self.flush)
 
     def queued(self) -> int:
+        """Completions waiting to be written (count)."""
         return len(self.queue)
 
     def flush(self) -> None:

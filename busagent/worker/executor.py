@@ -114,7 +114,9 @@ class Executor:
                                 "(BUSAGENT_SECRET); refused")
 
     def run(self, job: Job) -> Outcome:
-        """Run a call; any error it raises becomes the error reply in the Done."""
+        """Run a call: its Done, or an awaitable to run on the loop thread (see
+        :data:`Outcome`). Errors, the agent's or a refusal's (ProtocolError, MessageTooLarge,
+        UnknownAgent, CallTimeout for a passed deadline), become the Done's error reply."""
         try:
             return self._run(job)
         except Exception as err:  # noqa: BLE001 - a worker survives whatever it runs

@@ -30,7 +30,8 @@ _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 
 
 class Inbox:
-    """``held`` returns the ids of the entries in flight (read and not yet written)."""
+    """The inbox of server ``server``, read as consumer ``server``. ``held()`` returns the ids
+    of the entries in flight (read and not yet written); ``stopping`` ends back-off waits."""
 
     def __init__(self, bus: Bus, server: str, stopping: threading.Event,
                  held: Callable[[], set[bytes]]) -> None:

@@ -76,6 +76,7 @@ class Replies:
         self.max_bytes = max_bytes
 
     def ok(self, value: Any) -> bytes:
+        """``value`` as an ok reply."""
         try:
             data = pack_reply(True, value)
         except NotSerializable as e:
@@ -94,6 +95,7 @@ class Replies:
                                                  traceback=tb, server=self.server))
 
     def failed(self, job: Job, err: BaseException) -> Done:
+        """``job`` answered with ``err``; nothing of the agent's is written."""
         return Done(job.entry_id, job.entry.call, self.error(err))
 
     def done(self, job: Job, agent: Agent, value: Any) -> Done:

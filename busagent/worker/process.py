@@ -62,7 +62,6 @@ class Worker:
     # Made in start(), once connected.
     bus: _bus.Bus
     loop: asyncio.AbstractEventLoop
-    replies: Replies
     hosting: Hosting
     inbox: Inbox
     executor: Executor
@@ -78,6 +77,7 @@ class Worker:
         self.loaded: dict[str, Any] = {}
         self.started = time.time()
         self.mailboxes = Mailboxes()
+        self.replies = Replies(name, self.settings.max_message_bytes)
         self.stopping = threading.Event()
         #: on stop, move the agents to other servers instead of deleting them.
         self.drain = False
@@ -97,7 +97,6 @@ class Worker:
         _bus.install(bus)
         models.serving_as = self.name  # this server's model config overrides come first
         mb = self.mailboxes
-        self.replies = Replies(self.name, s.max_message_bytes)
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
         self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret)
@@ -120,7 +119,7 @@ class Worker:
         self.heartbeat.adopt(self.hosting.rebuild)
         for i in range(s.threads):
             self._spawn(self._runner, f"runner-{i}")
-        self._spawn(self._heartbeat, "heartbeat")
+        self._spawn(self._beat, "heartbeat")
         self.heartbeat.announce()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded), bus.url_for_humans)
 
@@ -167,7 +166,7 @@ class Worker:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.bus.close()
 
-    def _heartbeat(self) -> None:
+    def _beat(self) -> None:
         while not self.stopping.wait(self.settings.heartbeat):
             try:
                 if not self.heartbeat.beat():
