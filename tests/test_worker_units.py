@@ -544,3 +544,33 @@ def test_drain_commits_a_run_of_calls_together_and_survives_an_error() -> None:
     with pytest.raises(RemoteError, match="bad input x"):
         decode(done.reply)
     assert mb.busy == set()
+
+
+def test_a_reread_of_pending_entries_skips_those_in_flight() -> None:
+    fakeredis = pytest.importorskip("fakeredis")
+    from types import SimpleNamespace
+
+    from busagent.config import Settings
+    from busagent.keys import Keys
+    from busagent.worker.inbox import Inbox
+
+    r = fakeredis.FakeRedis()
+    bus = SimpleNamespace(redis=r, keys=Keys("t"), settings=Settings())
+    held: set[bytes] = set()
+    inbox = Inbox(bus, "w1", threading.Event(), lambda: set(held))  # type: ignore[arg-type]
+    inbox.ensure_group()
+    fields = {"v": "1", "agent": "a", "kind": "call", "body": pack({"args": []})}
+    ids = [r.xadd(inbox.key, {**fields, "call": f"c{i}"}) for i in range(3)]
+    assert inbox.read() == ([], [])  # nothing pending from a predecessor: now read new ones
+    assert [j.entry_id for j in inbox.read()[0]] == ids
+    # All three are pending. Two are in flight here; the third was delivered by a read whose
+    # reply got lost (redis-py retried it): the periodic look at pending entries finds it.
+    held.update(ids[:2])
+    inbox._start = "0"
+    jobs, rejected = inbox.read()
+    assert [j.entry_id for j in jobs] == ids[2:] and rejected == []
+    # The stream vanished under us (Redis lost its data): the group is made again.
+    r.delete(inbox.key)
+    inbox._start = ">"
+    assert inbox.read() == ([], [])
+    assert [g["name"] for g in r.xinfo_groups(inbox.key)] == [b"workers"]
