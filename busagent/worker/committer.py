@@ -1,0 +1,126 @@
+"""The group commit: finished calls written to Redis together by ``commit.lua``.
+
+For each :class:`.jobs.Done` the script acknowledges and deletes the inbox entry, writes the
+reply and applies the agent's memory changes, atomically; so the inbox holds only calls in
+flight, and Redis always has each agent's memory as of its last completed call. Completions
+queue from every thread; whoever holds the commit lock writes everyone's, up to COMMIT_BATCH per
+script call, and the others return at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import redis
+
+from busagent.bus import Bus
+from busagent.keys import GROUP
+from busagent.tuning import COMMIT_BATCH
+
+from .jobs import Done
+
+log = logging.getLogger("busagent.worker")
+
+
+class Committer:
+    """Writes to the inbox stream ``inbox``; calls ``on_written(batch)`` after each batch is
+    written (or given up on at exit), from the writing thread."""
+
+    def __init__(self, bus: Bus, inbox: str, loop: asyncio.AbstractEventLoop,
+                 on_written: Callable[[list[Done]], None]) -> None:
+        self.bus = bus
+        self.inbox = inbox
+        self.loop = loop
+        self.on_written = on_written
+        self.queue: list[Done] = []
+        self.queue_lock = threading.Lock()
+        self.commit_lock = threading.Lock()
+        self.flush_scheduled = False
+        #: shutting down: stop retrying an unreachable Redis after a few seconds.
+        self.exiting = False
+
+    def add(self, done: Done, flush: bool = True) -> None:
+        """Queue a finished call; write the queue now unless ``flush`` is False (more of the
+        agent's calls follow and will flush it)."""
+        with self.queue_lock:
+            self.queue.append(done)
+        if flush:
+            self.flush()
+
+    def add_soon(self, done: Done) -> None:
+        """:meth:`add` from the loop thread without blocking it: completions of one loop turn
+        are written together, on a pool thread (ten thousand sleeps that end at once are a few
+        commits, not ten thousand round trips on the loop)."""
+        with self.queue_lock:
+            self.queue.append(done)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_in_pool)
+
+    def _flush_in_pool(self) -> None:
+        self.flush_scheduled = False
+        self.loop.run_in_executor(None, self.flush)
+
+    def queued(self) -> int:
+        """Completions waiting to be written (count)."""
+        return len(self.queue)
+
+    def flush(self) -> None:
+        """Write queued completions. Whoever gets the lock writes everyone's (group commit);
+        the others return at once."""
+        while True:
+            if not self.commit_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self.queue_lock:
+                        batch = self.queue[:COMMIT_BATCH]
+                        del self.queue[:COMMIT_BATCH]
+                    if not batch:
+                        break
+                    self._write_retrying(batch)
+                    self.on_written(batch)
+            finally:
+                self.commit_lock.release()
+            with self.queue_lock:
+                if not self.queue:
+                    return  # else: added after our last look; loop to write it too
+
+    def _write_retrying(self, batch: list[Done]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                self._write(batch)
+                return
+            except (redis.exceptions.RedisError, OSError) as e:
+                # Nothing is acknowledged until written: retry until Redis is back (or, for an
+                # out-of-memory refusal, has room again).
+                log.warning("writing replies failed (%s); retrying in %.2fs", e, backoff)
+                if self.exiting and backoff >= 2.0:
+                    log.error("giving up on %d replies at exit; they stay pending", len(batch))
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _write(self, batch: list[Done]) -> None:
+        recs = []
+        for d in batch:
+            op = 2 if d.drop else 1 if d.mem_cleared else 0
+            rec: list[Any] = [d.entry_id, d.call_id, d.reply, d.agent_id or "", op]
+            if d.mem_new and not d.drop:
+                rec.extend(d.mem_new)
+            recs.append(rec)
+        k = self.bus.keys
+        fenced = self.bus.script(
+            "commit", [self.inbox, k.agents, k.specs],
+            [GROUP, self.bus.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
+             msgpack.packb(recs, use_bin_type=False)],  # Lua's cmsgpack predates bin types
+        )
+        if fenced:
+            log.warning("%d replies refused: their calls were moved to another worker", fenced)

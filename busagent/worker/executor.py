@@ -1,0 +1,234 @@
+"""Running one call (kinds ``call``, ``observe``, ``method``) on its agent.
+
+:meth:`Executor.run` turns a :class:`.jobs.Job` into a :class:`.jobs.Done`, or into an awaitable
+when the call must wait (an ``async`` reply, or forwarded placeholders whose replies are not
+there yet). It never parks, creates or commits: the worker parks what it returns and commits
+the outcome. What it needs from Redis comes through :class:`CallIO`, so it runs in tests with
+none.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from busagent import stream
+from busagent.agent import Agent, is_remote
+from busagent.bus import Bus, decode
+from busagent.errors import BusagentError, CallTimeout, ProtocolError
+from busagent.stream import Emitter, Event
+from busagent.wire import VERSION, CallBody, Entry, Ref, signature, substitute, unpack
+
+from .jobs import Done, Job, Replies
+
+#: what a call becomes: finished, or waiting. A waiting call ends as a Done, or as its Job with
+#: its inputs resolved, to run again on a runner thread (a sync reply must not block the loop).
+Outcome = Done | Awaitable[Done | Job]
+
+
+class CallIO(Protocol):
+    """What running a call needs from the bus."""
+
+    def check_size(self, body: bytes, what: str) -> None:
+        """Raise MessageTooLarge if ``body`` is over ``max_message_bytes``."""
+
+    def peek(self, call_ids: list[str]) -> list[bytes | None]:
+        """The replies of ``call_ids`` as they are now (None: not there yet)."""
+
+    async def fetch(self, call_ids: list[str], timeout: float | None) -> dict[str, bytes]:
+        """Wait for the replies of ``call_ids``, up to ``timeout`` seconds (CallTimeout)."""
+
+    def stream(self, call: str, events: Iterable[Event]) -> None:
+        """Write a reply's stream events as they come; the first is ``start``."""
+
+    async def astream(self, call: str, events: AsyncIterator[Event]) -> None:
+        """:meth:`stream` on the loop thread."""
+
+
+class BusIO:
+    """:class:`CallIO` on a :class:`busagent.bus.Bus`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.r = bus.redis
+        self.keys = bus.keys
+
+    def check_size(self, body: bytes, what: str) -> None:
+        self.bus.check_size(body, what)
+
+    def peek(self, call_ids: list[str]) -> list[bytes | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for c in call_ids:
+            pipe.lindex(self.keys.reply(c), 0)
+        return pipe.execute()
+
+    async def fetch(self, call_ids: list[str], timeout: float | None) -> dict[str, bytes]:
+        return await self.bus.afetch(call_ids, timeout)
+
+    def stream(self, call: str, events: Iterable[Event]) -> None:
+        # A call run again after a crash starts its stream over (a new start): reset the key.
+        key, it = self.keys.chunks(call), iter(events)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(key)
+        pipe.xadd(key, stream.fields(next(it)))
+        pipe.expire(key, self.bus.settings.reply_ttl)
+        pipe.execute()
+        for ev in it:
+            self.r.xadd(key, stream.fields(ev))
+
+    async def astream(self, call: str, events: AsyncIterator[Event]) -> None:
+        key, ar = self.keys.chunks(call), self.bus.async_client()
+        async with ar.pipeline(transaction=False) as pipe:
+            pipe.delete(key)
+            pipe.xadd(key, stream.fields(await events.__anext__()))
+            pipe.expire(key, self.bus.settings.reply_ttl)
+            await pipe.execute()
+        async for ev in events:
+            await ar.xadd(key, stream.fields(ev))
+
+
+class Executor:
+    """``agent(id)`` returns the hosted agent or raises UnknownAgent; ``secret`` is the bus's
+    shared secret (None: calls are not signed)."""
+
+    def __init__(self, io: CallIO, replies: Replies, agent: Callable[[str], Agent],
+                 secret: str | None) -> None:
+        self.io = io
+        self.replies = replies
+        self.agent = agent
+        self.secret = secret
+
+    def verify(self, e: Entry) -> None:
+        """Raise ProtocolError for another protocol version or a bad signature, MessageTooLarge
+        for an oversized body. Every kind of entry passes here first."""
+        if e.v != VERSION:
+            raise ProtocolError(f"protocol version {e.v} is not {VERSION}; upgrade busagent on "
+                                "the caller or the worker so they match")
+        self.io.check_size(e.body, "the call")
+        if self.secret and not hmac.compare_digest(
+                e.sig, signature(self.secret, e.v, e.call, e.agent, e.kind, e.body)):
+            raise ProtocolError("the call is not signed with this bus's shared secret "
+                                "(BUSAGENT_SECRET); refused")
+
+    def run(self, job: Job) -> Outcome:
+        """Run a call: its Done, or an awaitable to run on the loop thread (see
+        :data:`Outcome`). Errors, the agent's or a refusal's (ProtocolError, MessageTooLarge,
+        UnknownAgent, CallTimeout for a passed deadline), become the Done's error reply."""
+        try:
+            return self._run(job)
+        except Exception as err:  # noqa: BLE001 - a worker survives whatever it runs
+            return self.replies.failed(job, err)
+
+    def _run(self, job: Job) -> Outcome:
+        e = job.entry
+        self.verify(e)
+        agent = self.agent(e.agent)
+        refs: list[Ref] = []
+        body = CallBody.model_validate(unpack(e.body, refs))
+        if body.deadline is not None and time.time() > body.deadline:
+            raise CallTimeout("the caller's deadline passed before the call started")
+        if e.kind == "call":
+            fn: Callable[..., Any] = agent.reply
+        elif e.kind == "observe":
+            fn = agent.observe
+        else:
+            name = body.method or ""
+            if not is_remote(type(agent), name):
+                raise ProtocolError(f"{type(agent).__name__}.{name} is not marked @busagent.remote")
+            fn = getattr(agent, name)
+        if job.resolved is not None:
+            args, kwargs = job.resolved
+        else:
+            args, kwargs = body.args, body.kwargs
+            if refs:
+                ids = list(dict.fromkeys(r.call_id for r in refs))
+                raw = self.io.peek(ids)
+                if any(v is None for v in raw):
+                    # Not all inputs are there: wait on the loop thread, not in this one.
+                    return self._await_inputs(job, ids, body.deadline)
+                values = _decode_inputs(zip(ids, raw, strict=True))  # type: ignore[arg-type]
+                args, kwargs = substitute(args, values), substitute(kwargs, values)
+        if inspect.iscoroutinefunction(fn):
+            return self._finish_async(job, agent, fn(*args, **kwargs), body.stream)
+        value = fn(*args, **kwargs)
+        if inspect.isawaitable(value) or inspect.isasyncgen(value):
+            return self._finish_async(job, agent, value, body.stream)
+        if inspect.isgenerator(value):
+            value = self._stream(e.call, agent, value)
+        elif body.stream:
+            self._stream(e.call, agent, [value])
+        return self.replies.done(job, agent, value)
+
+    async def _await_inputs(self, job: Job, ids: list[str], deadline: float | None
+                            ) -> Done | Job:
+        try:
+            timeout = None if deadline is None else max(deadline - time.time(), 0.001)
+            values = _decode_inputs((await self.io.fetch(ids, timeout)).items())
+            body = CallBody.model_validate(unpack(job.entry.body))
+            job.resolved = (substitute(body.args, values), substitute(body.kwargs, values))
+        except Exception as err:  # noqa: BLE001
+            return self.replies.failed(job, err)
+        return job
+
+    async def _finish_async(self, job: Job, agent: Agent, aw: Any, stream: bool) -> Done:
+        try:
+            if inspect.isasyncgen(aw):
+                value = await self._astream(job.entry.call, agent, aw)
+            else:
+                value = await aw
+                if stream:
+                    await self._astream(job.entry.call, agent, _once(value))
+            return self.replies.done(job, agent, value)
+        except Exception as err:  # noqa: BLE001
+            return self.replies.failed(job, err)
+
+    def _stream(self, call: str, agent: Agent, pieces: Iterable[Any]) -> Any:
+        """Write a generator's pieces as events (:mod:`busagent.stream`); the joined reply."""
+        em = Emitter(call)
+        self.io.stream(call, _events(em, agent, pieces))
+        return em.joined()
+
+    async def _astream(self, call: str, agent: Agent, pieces: AsyncIterator[Any]) -> Any:
+        em = Emitter(call)
+        await self.io.astream(call, _aevents(em, agent, pieces))
+        return em.joined()
+
+
+def _events(em: Emitter, agent: Agent, pieces: Iterable[Any]) -> Iterator[Event]:
+    yield em.start(agent.agent_id, agent.name)
+    try:
+        for piece in pieces:
+            yield em.chunk(piece)
+    except Exception as err:
+        yield em.error(err)
+        raise
+    yield em.end()
+
+
+async def _aevents(em: Emitter, agent: Agent, pieces: AsyncIterator[Any]
+                   ) -> AsyncIterator[Event]:
+    yield em.start(agent.agent_id, agent.name)
+    try:
+        async for piece in pieces:
+            yield em.chunk(piece)
+    except Exception as err:
+        yield em.error(err)
+        raise
+    yield em.end()
+
+
+async def _once(value: Any) -> AsyncIterator[Any]:
+    yield value
+
+
+def _decode_inputs(raw: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for call_id, data in raw:
+        try:
+            values[call_id] = decode(data)
+        except BusagentError as err:
+            raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
+    return values

@@ -1,0 +1,146 @@
+"""The worker's registry record (``{p}:servers``): registering, heart-beating, fencing, sweeping
+dead servers into recovery, and deregistering.
+
+Fencing: once recovery declared this worker dead and moved its agents, ``heartbeat.lua`` refuses
+its record; the worker must then stop and touch nothing of theirs (:attr:`Heartbeat.fenced`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sized
+
+import psutil
+import redis
+
+from busagent.bus import Bus
+from busagent.errors import BusagentError, UnknownAgent
+from busagent.records import AgentInfo, ServerInfo
+from busagent.tuning import RECOVERY_LOCK_MS
+from busagent.wire import VERSION
+
+from . import recovery
+from .hosting import forget
+
+log = logging.getLogger("busagent.worker")
+
+
+class Heartbeat:
+    """The record of server ``server``: ``agents`` is the hosted agents (counted),
+    ``inflight()`` the calls read and not answered, ``stopping`` set once a stop began,
+    ``started`` epoch seconds."""
+
+    def __init__(self, bus: Bus, server: str, capacity: int, modules: list[str],
+                 agents: Sized, inflight: Callable[[], int], stopping: threading.Event,
+                 started: float) -> None:
+        self.bus = bus
+        self.r = bus.redis
+        self.keys = bus.keys
+        self.server = server
+        self.capacity = capacity
+        self.modules = modules
+        self.agents = agents
+        self.inflight = inflight
+        self.stopping = stopping
+        self.started = started
+        #: others declared this worker dead and moved its agents: stop, touch nothing of theirs.
+        self.fenced = False
+        self.proc = psutil.Process()
+        self.proc.cpu_percent(None)
+        self._cpu_sampled = False
+
+    def info(self) -> ServerInfo:
+        """This worker's record as of now."""
+        # psutil's first sample covers start-up (imports, connecting): a spike that would
+        # steer placement away from a worker that is in fact idle. Report it from the second.
+        cpu = self.proc.cpu_percent(None)
+        if not self._cpu_sampled:
+            self._cpu_sampled, cpu = True, 0.0
+        return ServerInfo(
+            name=self.server, host=socket.gethostname(), pid=os.getpid(), started=self.started,
+            heartbeat=time.time(), cpu=cpu,
+            mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
+            inflight=self.inflight(), capacity=self.capacity, modules=list(self.modules),
+            status="stopping" if self.stopping.is_set() else "up", version=VERSION,
+        )
+
+    def adopt(self, rebuild: Callable[[Iterable[AgentInfo]], None]) -> None:
+        """Take the name: BusagentError if a live worker has it. After a crash under this name,
+        ``rebuild`` gets the agents still registered to it (before anything is read, so that
+        its pending calls find them); then the record is written."""
+        raw = self.r.hget(self.keys.servers, self.server)
+        if raw is not None:
+            old = ServerInfo.model_validate_json(raw)
+            # On this host a dead pid is proof enough; elsewhere, trust the heartbeat's age.
+            gone = old.host == socket.gethostname() and not psutil.pid_exists(old.pid)
+            if old.alive(self.bus.settings.dead_after) and old.pid != os.getpid() and not gone:
+                raise BusagentError(
+                    f"a worker named {self.server!r} is already running (pid {old.pid} on "
+                    f"{old.host}); pick another --name or stop it with `busagent stop "
+                    f"{self.server}`"
+                )
+        deadline = time.monotonic() + RECOVERY_LOCK_MS / 1000
+        while not recovery.lock(self.bus, self.server, self.server):
+            if time.monotonic() > deadline:
+                raise BusagentError(f"recovery of the previous {self.server!r} did not finish")
+            time.sleep(0.2)  # another worker is moving our predecessor's agents: let it finish
+        try:
+            rebuild(recovery.agents_of(self.bus, self.server))
+            self.r.hset(self.keys.servers, self.server, self.info().model_dump_json())
+        finally:
+            recovery.unlock(self.bus, self.server, self.server)
+
+    def announce(self) -> None:
+        """Tell whoever started this worker that it serves (``{p}:ready:{server}``)."""
+        self.r.rpush(self.keys.ready(self.server), "1")
+        self.r.expire(self.keys.ready(self.server), 60)
+
+    def beat(self) -> bool:
+        """Write the record; False once fenced (then it is never written again)."""
+        if self.fenced:
+            return False
+        ok = self.bus.script("heartbeat", [self.keys.servers],
+                             [self.server, self.info().model_dump_json()])
+        if not ok:
+            log.error("worker %s was declared dead and its agents moved elsewhere; stopping",
+                      self.server)
+            self.fenced = True
+        return bool(ok)
+
+    def sweep(self) -> None:
+        """Recover servers that stopped heart-beating; drop their records once empty and old."""
+        now = time.time()
+        servers: dict[bytes, bytes] = self.r.hgetall(self.keys.servers)  # type: ignore[assignment]
+        for raw in servers.values():
+            try:
+                info = ServerInfo.model_validate_json(raw)
+            except ValueError:
+                continue
+            if info.name == self.server or self.stopping.is_set():
+                continue
+            if recovery.needs_recovery(self.bus, info, now):
+                recovery.recover(self.bus, info.name, self.server)
+            elif (info.status == "dead" and info.agents == 0
+                  and now - info.heartbeat > self.bus.settings.sweep_after):
+                log.info("sweeping dead server %s", info.name)
+                self.r.hdel(self.keys.servers, info.name)
+
+    def deregister(self) -> None:
+        """Remove this server, and the agents still registered to it (drained ones were moved
+        and are no longer ours). Calls nobody read before the stop are answered UnknownAgent."""
+        inbox = self.keys.inbox(self.server)
+        try:
+            recovery.answer(self.bus, inbox, recovery.entries(self.bus, inbox),
+                            UnknownAgent(f"server {self.server} stopped before running the call "
+                                         "(stop with --drain to move agents instead)"),
+                            self.server)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(self.keys.servers, self.server)
+            forget(pipe, self.keys, [a.id for a in recovery.agents_of(self.bus, self.server)])
+            pipe.execute()
+        except redis.exceptions.RedisError as e:
+            log.warning("could not deregister %s: %s", self.server, e)

@@ -1,0 +1,154 @@
+"""Reading the server's inbox stream (``{p}:inbox:{server}``) with its consumer group.
+
+One leader reads at a time (see :mod:`.mailboxes`), so stream order is dispatch order. Entries
+come back as :class:`.jobs.Job`s, or :class:`.jobs.Rejected` for malformed ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from busagent.bus import Bus
+from busagent.errors import ProtocolError
+from busagent.ids import new_id
+from busagent.keys import GROUP
+from busagent.tuning import HISTORY_EVERY, READ_COUNT
+from busagent.wire import CreateBatch, Entry, pack, unpack
+
+from .jobs import Job, Rejected
+
+log = logging.getLogger("busagent.worker")
+
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class Inbox:
+    """The inbox of server ``server``, read as consumer ``server``. ``held()`` returns the ids
+    of the entries in flight (read and not yet written); ``stopping`` ends back-off waits."""
+
+    def __init__(self, bus: Bus, server: str, stopping: threading.Event,
+                 held: Callable[[], set[bytes]]) -> None:
+        self.bus = bus
+        self.r = bus.redis
+        self.server = server
+        self.key = bus.keys.inbox(server)
+        self.stopping = stopping
+        self.held = held
+        #: where the next read starts: "0" re-reads this consumer's pending entries, ">" new.
+        self._start = "0"
+        self._history_at = 0.0
+
+    def ensure_group(self) -> None:
+        """Create the stream and its consumer group unless they exist."""
+        try:
+            self.r.xgroup_create(self.key, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self) -> tuple[list[Job], list[Rejected]]:
+        """One leader's read: up to READ_COUNT entries, blocking up to a second when there are
+        none. Redis errors are logged and waited out briefly (a stop ends the wait), then
+        return nothing."""
+        block = int(min(self.bus.settings.block_slice, 1.0) * 1000)
+        if self._start == ">" and time.monotonic() - self._history_at > HISTORY_EVERY:
+            # redis-py retries a command whose connection broke; if the broken XREADGROUP had
+            # already delivered entries, they sit in our pending list unseen. Look there now
+            # and then.
+            self._start = "0"
+        if self._start == "0":
+            self._history_at = time.monotonic()
+        start = self._start
+        # What this process holds before a pending read: an entry it holds can be written, and
+        # leave `held`, between the read and its dispatch; it must not run again.
+        before = self.held() if start != ">" else None
+        try:
+            # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
+            # unseen): the short block bounds how long a stop waits instead.
+            resp: Any = self.r.xreadgroup(GROUP, self.server, {self.key: start},
+                                          count=READ_COUNT, block=None if start != ">" else block)
+        except redis.exceptions.ResponseError as e:
+            # NOGROUP (6.2) or UNBLOCKED (7.x, the stream was deleted under a blocked read):
+            # Redis lost our data. Recreate the group and go on, without spinning.
+            log.warning("reading the inbox failed (%s); recreating the consumer group", e)
+            self.stopping.wait(0.1)
+            try:
+                self.ensure_group()
+            except redis.exceptions.RedisError as e2:
+                log.warning("could not recreate the consumer group: %s", e2)
+            return [], []
+        except _REDIS_DOWN as e:
+            log.warning("reading the inbox failed (%s); retrying", e)
+            self.stopping.wait(0.5)  # back off; a stop ends the wait early
+            return [], []
+        entries = [e for _, es in resp or [] for e in es]
+        if start != ">":
+            # Our own pending entries (a restart under the same name), page by page, then new.
+            self._start = entries[-1][0].decode() if entries else ">"
+        jobs: list[Job] = []
+        rejected: list[Rejected] = []
+        for entry_id, fields in entries:
+            # Pending entries deleted meanwhile come as {}.
+            if not fields or (before is not None and entry_id in before):
+                continue
+            job = parse(entry_id, fields)
+            if isinstance(job, Job):
+                jobs.append(job)
+            else:
+                rejected.append(job)
+        return jobs, rejected
+
+    def wake(self) -> None:
+        """End the leader's blocking read now rather than at its timeout: an entry that the
+        worker acknowledges without replying."""
+        fields = self.bus.entry(f"wake-{new_id()}", "", "control", pack({"op": "wake"}))
+        # If this fails the read times out on its own within a second.
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.r.xadd(self.key, fields)  # type: ignore[arg-type]
+
+    def deadletter(self, fields: dict[bytes, bytes]) -> None:
+        """Keep an entry nobody can be told about where an operator can look."""
+        try:
+            entry: dict[Any, Any] = {**fields, b"server": self.server.encode()}
+            self.r.xadd(self.bus.keys.deadletter, entry,
+                        maxlen=self.bus.settings.deadletter_max, approximate=True)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not dead-letter an entry: %s", e)
+
+
+def parse(entry_id: bytes, fields: dict[bytes, bytes]) -> Job | Rejected:
+    """A stream entry's fields as a Job, or Rejected if malformed (with the dead-letter fields
+    when it has no call id to answer)."""
+    try:
+        entry = Entry(
+            v=int(fields.get(b"v", b"0")),
+            call=fields[b"call"].decode(),
+            agent=fields.get(b"agent", b"").decode(),
+            caller=fields.get(b"caller", b"").decode(),
+            kind=fields.get(b"kind", b"").decode(),  # type: ignore[arg-type]
+            body=fields.get(b"body", b""),
+            tries=int(fields.get(b"tries", b"0")),
+            restore=fields.get(b"restore") == b"1",
+            sig=fields.get(b"sig", b"").decode(),
+        )
+    except (KeyError, ValueError, UnicodeDecodeError) as e:
+        call = fields.get(b"call")
+        log.warning("malformed entry %s: %s", entry_id, e)
+        bad = Rejected(entry_id, call.decode(errors="replace") if call else "",
+                       ProtocolError(f"malformed call entry: {e}"))
+        if not call:
+            bad.dead = {**fields, b"reason": f"malformed, no call id: {e}".encode()}
+        return bad
+    job = Job(entry_id, entry)
+    if entry.kind == "create" and not entry.agent:
+        job.held = []
+        with contextlib.suppress(Exception):  # a malformed body fails in the create itself
+            job.held = CreateBatch.model_validate(unpack(entry.body)).agents
+    return job

@@ -1,0 +1,117 @@
+"""What the worker's collaborators pass each other: a :class:`Job` in, a :class:`Done` out.
+
+A leaf with no Redis: the inbox makes jobs, the mailboxes queue them, the executor and hosting
+turn them into ``Done``s, the committer writes those. :class:`Replies` encodes the reply bytes
+a ``Done`` carries, the same way for every path, so the caller sees one error format.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from busagent.agent import Agent
+from busagent.errors import BusagentError, MessageTooLarge, NotSerializable, code_of
+from busagent.wire import Entry, ErrorInfo, pack_reply
+
+
+@dataclass(slots=True)
+class Job:
+    """One inbox entry to run, in its agent's mailbox (the mailbox named ``entry.agent``: ``""``
+    holds server-level control calls and bulk creates)."""
+
+    entry_id: bytes
+    entry: Entry
+    #: (args, kwargs) once forwarded placeholders are resolved.
+    resolved: tuple[list[Any], dict[str, Any]] | None = None
+    #: a bulk create: from the inbox, the agents it builds; once in a mailbox, those of them it
+    #: holds (marked busy so their calls wait for it; see Mailboxes.deliver).
+    held: list[str] | None = None
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An entry that cannot become a Job (malformed). Counted in flight like a job, so a re-read
+    does not answer it twice; the reader answers it at once."""
+
+    entry_id: bytes
+    #: "" when the entry has no call id: nobody waits, so it goes to the dead letters.
+    call: str
+    error: BusagentError
+    #: the entry's fields with a ``reason``, for the dead-letter stream (no call id only).
+    dead: dict[bytes, bytes] | None = None
+
+
+@dataclass(slots=True)
+class Done:
+    """A finished entry for the committer: acknowledge ``entry_id``, write ``reply`` to
+    ``call_id`` (skipped when either is empty: nobody waits) and apply the memory changes."""
+
+    entry_id: bytes
+    call_id: str
+    reply: bytes
+    agent_id: str | None = None
+    mem_cleared: bool = False
+    #: JSON memory items to append.
+    mem_new: list[str] | None = None
+    #: the agent was deleted: drop its memory, registry record and spec.
+    drop: bool = False
+
+
+def silent(entry_id: bytes) -> Done:
+    """Acknowledge an entry nobody waits on (a wake, a restore)."""
+    return Done(entry_id, "", b"")
+
+
+class Replies:
+    """Reply bytes as the caller's :func:`busagent.bus.decode` reads them, naming ``server``.
+
+    A value that cannot travel (not serializable, or over ``max_bytes`` encoded) becomes an error
+    reply instead: the caller gets a reason, never a hang."""
+
+    def __init__(self, server: str, max_bytes: int) -> None:
+        self.server = server
+        self.max_bytes = max_bytes
+
+    def ok(self, value: Any) -> bytes:
+        """``value`` as an ok reply."""
+        try:
+            data = pack_reply(True, value)
+        except NotSerializable as e:
+            return self.error(NotSerializable(f"the reply cannot travel on the bus: {e}"))
+        if len(data) > self.max_bytes:
+            return self.error(MessageTooLarge(
+                f"the reply is {len(data):,} bytes, over max_message_bytes={self.max_bytes:,}"))
+        return data
+
+    def error(self, err: BaseException, tb: str | None = None) -> bytes:
+        """busagent's own errors travel without a traceback (they say what to fix); anything
+        else with the user's frames."""
+        if tb is None:
+            tb = "" if isinstance(err, BusagentError) else user_traceback(err)
+        return pack_reply(False, error=ErrorInfo(type=code_of(err), message=str(err),
+                                                 traceback=tb, server=self.server))
+
+    def failed(self, job: Job, err: BaseException) -> Done:
+        """``job`` answered with ``err``; nothing of the agent's is written."""
+        return Done(job.entry_id, job.entry.call, self.error(err))
+
+    def done(self, job: Job, agent: Agent, value: Any) -> Done:
+        """``value`` as the reply, with the agent's memory changes since its last call."""
+        cleared, new = agent.memory.take_changes()
+        return Done(job.entry_id, job.entry.call, self.ok(value), job.entry.agent, cleared, new)
+
+
+# Compared as the interpreter spells it in code objects: the form of this file's __file__.
+_HERE = os.path.dirname(__file__)
+
+
+def user_traceback(err: BaseException) -> str:
+    """The traceback from the first frame outside this package: the caller wants the agent's
+    frames, not the worker's."""
+    tb = err.__traceback__
+    while tb is not None and os.path.dirname(tb.tb_frame.f_code.co_filename) == _HERE:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(err), err, tb))

@@ -1,0 +1,308 @@
+"""The worker: one long-running process that hosts many agents and serves their calls.
+
+Threads work as leader and followers: one idle thread (the leader) blocks in XREADGROUP on the
+server's inbox; when entries arrive it puts them into per-agent mailboxes in stream order, wakes
+a follower to lead next, and runs the first ready agent itself. So a lone call is read, run and
+answered by one thread with no hand-off, and a burst is spread over the pool.
+
+* Actor semantics: an agent is claimed by one thread at a time, which drains its mailbox in
+  order; calls to different agents run in parallel (:mod:`.mailboxes`).
+* ``async def`` replies, and calls whose forwarded placeholders are not resolved yet, move to an
+  asyncio loop thread, so waiting never holds a pool thread. The agent stays claimed meanwhile.
+* A reply, the agent's memory changes, the XACK and the XDEL are written by one ``commit.lua``
+  call, batched across threads (group commit, :mod:`.committer`): the inbox holds only calls in
+  flight, and Redis always has each agent's memory as of its last completed call.
+* A heartbeat thread writes cpu, memory and counts to the servers hash and sweeps dead servers
+  (:mod:`.heartbeat`).
+
+:class:`Worker` is the only part that knows every collaborator; they never call back into it.
+A call goes: :class:`.inbox.Inbox` reads it -> :class:`.mailboxes.Mailboxes` queues it and hands
+its agent to a thread -> :class:`.executor.Executor` (calls) or :class:`.hosting.Hosting`
+(creates, control ops) turns it into a Done, or an awaitable the worker parks on the loop ->
+:class:`.committer.Committer` writes it and reports back to the mailboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+
+from busagent import bus as _bus
+from busagent import models
+from busagent.config import Settings
+from busagent.tuning import DRAIN_BATCH
+from busagent.wire import ControlBody, unpack
+
+from . import recovery
+from .committer import Committer
+from .executor import BusIO, Executor, Outcome
+from .heartbeat import Heartbeat
+from .hosting import Hosting
+from .inbox import Inbox
+from .jobs import Done, Job, Replies, silent
+from .load import load
+from .mailboxes import Mailboxes, Turn
+
+log = logging.getLogger("busagent.worker")
+
+
+class Worker:
+    """Serves the agents of ``modules`` (module names or ``.py`` paths) as server ``name``.
+    ``parent_pid``: stop when that process is no longer this one's parent."""
+
+    # Made in start(), once connected.
+    bus: _bus.Bus
+    loop: asyncio.AbstractEventLoop
+    hosting: Hosting
+    inbox: Inbox
+    executor: Executor
+    committer: Committer
+    heartbeat: Heartbeat
+
+    def __init__(self, name: str, modules: list[str], settings: Settings | None = None,
+                 parent_pid: int | None = None) -> None:
+        self.name = name
+        self.settings = settings or Settings.load()
+        self.specs = modules
+        self.parent_pid = parent_pid
+        self.loaded: dict[str, Any] = {}
+        self.started = time.time()
+        self.mailboxes = Mailboxes()
+        self.replies = Replies(name, self.settings.max_message_bytes)
+        self.stopping = threading.Event()
+        #: on stop, move the agents to other servers instead of deleting them.
+        self.drain = False
+        self.threads: list[threading.Thread] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load modules, connect, register and start serving in background threads. Raises
+        ConfigError for a module that does not load, RedisUnavailable, and BusagentError if a
+        live worker has this name."""
+        for spec in self.specs:
+            mod_name, mod = load(spec)
+            self.loaded[mod_name] = mod
+        s = self.settings
+        self.bus = bus = _bus.Bus(s)
+        _bus.install(bus)
+        models.serving_as = self.name  # this server's model config overrides come first
+        mb = self.mailboxes
+        self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
+        self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
+        self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret)
+        self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
+                                   self.hosting.agents, lambda: mb.inflight, self.stopping,
+                                   self.started)
+        self.loop = asyncio.new_event_loop()
+        loop_ready = threading.Event()
+
+        def run_loop() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.call_soon(loop_ready.set)
+            self.loop.run_forever()
+
+        self._spawn(run_loop, "loop")
+        loop_ready.wait()
+        asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
+        self.committer = Committer(bus, self.inbox.key, self.loop, mb.written)
+        self.inbox.ensure_group()
+        self.heartbeat.adopt(self.hosting.rebuild)
+        for i in range(s.threads):
+            self._spawn(self._runner, f"runner-{i}")
+        self._spawn(self._beat, "heartbeat")
+        self.heartbeat.announce()
+        log.info("worker %s serving %s on %s", self.name, list(self.loaded), bus.url_for_humans)
+
+    async def _setup_loop(self) -> None:
+        self.bus.set_aredis(_bus.aconnect(self.bus.url, self.settings, max_connections=256))
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, ``stop()``, a control ``stop`` or the parent's death."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self.start()
+        while not self.stopping.wait(1.0):
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.info("parent %s is gone; stopping", self.parent_pid)
+                self.stop()
+        self.shutdown()
+
+    def stop(self) -> None:
+        """Stop reading new calls; calls already read finish (up to ``grace`` seconds)."""
+        if not self.stopping.is_set():
+            log.info("worker %s stopping", self.name)
+            self.stopping.set()
+            if self.mailboxes.stop():
+                self.inbox.wake()  # end the blocking read now rather than at its timeout
+
+    def shutdown(self) -> None:
+        """After :meth:`stop`: wait out the grace, write what finished, move the agents away
+        (a drain) or deregister them, and close the connection."""
+        self.mailboxes.wait_idle(self.settings.grace)
+        self.committer.exiting = True
+        self.committer.flush()
+        fenced = self.heartbeat.fenced
+        if self.drain and not fenced:
+            res = recovery.recover(self.bus, self.name, self.name, exclude={self.name})
+            log.info("drained %s: %s", self.name, res)
+        if not fenced:
+            self.heartbeat.deregister()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.bus.close()
+
+    def _beat(self) -> None:
+        while not self.stopping.wait(self.settings.heartbeat):
+            try:
+                if not self.heartbeat.beat():
+                    self.stop()
+                self.heartbeat.sweep()
+            except redis.exceptions.RedisError as e:
+                log.warning("heartbeat failed: %s", e)
+
+    def state(self) -> dict[str, Any]:
+        """The scheduler's state, for diagnosing a stuck worker (``ServerClient.state()``)."""
+        return {
+            **self.mailboxes.snapshot(),
+            "done_queued": self.committer.queued(), "agents": len(self.hosting.agents),
+            "threads_alive": sum(t.is_alive() for t in self.threads),
+            "stopping": self.stopping.is_set(), "fenced": self.heartbeat.fenced,
+        }
+
+    # --- leader / followers ------------------------------------------------------------------
+
+    def _runner(self) -> None:
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception:  # a bug must cost one call at most, never a thread
+                log.exception("a runner thread of %s failed; it goes on", self.name)
+
+    def _serve(self) -> None:
+        mb = self.mailboxes
+        while True:
+            turn = mb.claim()
+            if isinstance(turn, str):
+                self._drain(turn)
+                continue
+            if turn is Turn.EXIT:
+                return
+            try:
+                jobs, rejected = self.inbox.read()
+            except BaseException:
+                mb.read_failed()
+                raise
+            mine, rejected = mb.deliver(jobs, rejected)
+            for bad in rejected:
+                if bad.dead is not None:
+                    self.inbox.deadletter(bad.dead)
+                self.committer.add(Done(bad.entry_id, bad.call, self.replies.error(bad.error)))
+            if mine is not None:
+                self._drain(mine)
+
+    def _drain(self, agent_id: str) -> None:
+        """Run the claimed agent's calls in order until its mailbox is empty (the actor loop).
+
+        While more calls wait in the mailbox, finished ones are committed together (up to
+        DRAIN_BATCH): a queue of calls to one agent costs one round trip per batch, not per
+        call, and a lone call is committed at once."""
+        mb, committer = self.mailboxes, self.committer
+        unflushed = 0
+        try:
+            while True:
+                job = mb.take(agent_id)
+                if job is None:
+                    return
+                more = mb.has_more(agent_id)
+                try:
+                    out = self._run(job)
+                finally:
+                    if job.held:
+                        mb.release(job.held)
+                if not isinstance(out, Done):
+                    self._park(agent_id, out)
+                    return  # the loop thread hands the agent back
+                unflushed += 1
+                flush = not more or unflushed >= DRAIN_BATCH
+                committer.add(out, flush)
+                if flush:
+                    unflushed = 0
+        finally:
+            if unflushed:
+                committer.flush()
+
+    def _run(self, job: Job) -> Outcome:
+        kind = job.entry.kind
+        if kind != "create" and kind != "control":
+            return self.executor.run(job)
+        try:
+            self.executor.verify(job.entry)
+            return self.hosting.create(job) if kind == "create" else self._control(job)
+        except Exception as err:  # noqa: BLE001 - a worker survives whatever it runs
+            return self.replies.failed(job, err)
+
+    def _control(self, job: Job) -> Done:
+        body = ControlBody.model_validate(unpack(job.entry.body))
+        value: Any
+        if body.op == "delete":
+            return self.hosting.delete(job)
+        if body.op == "wake":
+            return silent(job.entry_id)
+        if body.op in ("stop", "drain"):
+            value = True
+            self.drain = body.op == "drain"
+            self.stop()
+        elif body.op == "ping":
+            value = self.name
+        elif body.op == "state":
+            value = self.state()
+        elif body.op == "list":
+            value = self.hosting.listing()
+        else:  # delete_all
+            value = self.hosting.delete_all()
+        return Done(job.entry_id, job.entry.call, self.replies.ok(value))
+
+    # --- the loop thread ---------------------------------------------------------------------
+
+    def _park(self, agent_id: str, aw: Awaitable[Done | Job]) -> None:
+        """Hand an awaitable to the loop thread; one wake-up of the loop per burst, not one per
+        call (a fan-out parks thousands at once)."""
+        if self.mailboxes.park(agent_id, aw):
+            self.loop.call_soon_threadsafe(self._start_parked)
+
+    def _start_parked(self) -> None:
+        for agent_id, aw in self.mailboxes.take_parked():
+            self.loop.create_task(self._parked(agent_id, aw))
+
+    async def _parked(self, agent_id: str, aw: Awaitable[Done | Job]) -> None:
+        job = None
+        try:
+            out = await aw
+            if isinstance(out, Done):
+                self.committer.add_soon(out)
+            else:
+                job = out  # inputs resolved: a runner thread runs it
+        finally:
+            self.mailboxes.unpark(agent_id, job)
+
+
+def run(name: str | None, modules: list[str], settings: Settings, **kw: Any) -> None:
+    """Run a worker named ``name`` (default ``host-pid``) until it is stopped."""
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    Worker(name, modules, settings, **kw).run()
