@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from . import admin, placement
 from . import bus as _bus
-from . import registry
 from .agent import DistConf, is_remote
 from .classpath import class_path
 from .errors import ConfigError, ConstructorError, NotSerializable, SkipStatement
@@ -100,7 +100,7 @@ class RemoteAgent:
         return RemoteMemory(self.agent_id)
 
     def delete(self, timeout: float | None = 30.0) -> bool:
-        return registry.ServerClient(self.server).delete_agent(self.agent_id, timeout)
+        return admin.ServerClient(self.server).delete_agent(self.agent_id, timeout)
 
     def __repr__(self) -> str:
         return (f"RemoteAgent({self.cls.__name__}, name={self.name!r}, "
@@ -190,7 +190,7 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
     todo = list(items)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        server = registry.place(b, module, load, conf.server, count=len(part))
+        server = placement.place(b, module, load, conf.server, count=len(part))
         now = time.time()
         records: dict[str, str] = {}
         specs: dict[str, bytes] = {}
@@ -239,7 +239,7 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
     b = _bus.current()
     path, load = class_path(cls)
     name, body = _spec(b, cls, path, args, kwargs, memory)
-    server = registry.place(b, path.split(":")[0], load, conf.server)
+    server = placement.place(b, path.split(":")[0], load, conf.server)
     agent_id, call_id = _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
     keys = b.keys

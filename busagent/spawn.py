@@ -85,7 +85,8 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0
 
 
 def ensure_children(b: Bus, load: str) -> list[str]:
+    """Names of worker processes serving ``--agents load`` for this program, started (and
+    kept in ``b.children``) if none runs yet. Raises PlacementError if one cannot start."""
     if b.children is None:
         b.children = Children(b)
-    names: list[str] = b.children.start(load)
-    return names
+    return b.children.start(load)

@@ -83,7 +83,7 @@ def test_late_join_catch_up_and_restart(workers: Workers) -> None:
     # early's worker dies; early is rebuilt on w2 with its memory and resumes where it was
     w1.kill()
     w1.wait()
-    wait_for(lambda: busagent.registry.agent_info(early.agent_id).server == "w2", 20,
+    wait_for(lambda: busagent.admin.agent_info(early.agent_id).server == "w2", 20,
              "early moved to w2")
     hub.publish(Msg("user", "after-restart"))
     wait_for(lambda: len(heard(early)) == 7, 20, "early heard the message after its restart")

@@ -38,7 +38,7 @@ import psutil
 import redis
 
 from busagent import bus as _bus
-from busagent import models, stream
+from busagent import stream
 from busagent.agent import Agent, assigning_id, is_remote
 from busagent.classpath import lookup
 from busagent.config import Settings
@@ -167,7 +167,7 @@ class Worker:
             self.loaded[mod_name] = mod
         self.bus = _bus.Bus(self.settings)
         _bus.install(self.bus)
-        models.serving_as = self.name  # this server's model config overrides come first
+        self.bus.server_name = self.name  # this server's model config overrides come first
         self.keys = self.bus.keys
         self.inbox = self.keys.inbox(self.name)
         self.r = self.bus.redis
