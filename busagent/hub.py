@@ -111,7 +111,8 @@ class RoundRobin:
         if not cands:
             raise ConfigError(f"hub {hub.name!r}: nobody to route to (role {self.role!r})")
         b = _bus.current()
-        turn = int(b.redis.hincrby(b.keys.members(hub.name), f"~turn:{self.role or ''}", 1))
+        with b.errors():
+            turn = int(b.redis.hincrby(b.keys.members(hub.name), f"~turn:{self.role or ''}", 1))
         return [cands[(turn - 1) % len(cands)].id]
 
 
@@ -168,7 +169,8 @@ class Hub:
         since = "0-0" if history else self.last_seq()
         m = Member(id=_id_of(agent), name=agent.name, role=role or agent.name, watcher=watcher,
                    since=since, joined=time.time())
-        b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
+        with b.errors():
+            b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
         if not isinstance(agent, RemoteAgent):
             self.local[m.id] = agent
         if history:
@@ -178,25 +180,29 @@ class Hub:
     def last_seq(self) -> str:
         """The seq of the newest message ("0-0" when there is none)."""
         b = _bus.current()
-        last: Any = b.redis.xrevrange(b.keys.hub(self.name), count=1)
+        with b.errors():
+            last: Any = b.redis.xrevrange(b.keys.hub(self.name), count=1)
         return str(last[0][0].decode()) if last else "0-0"
 
     def leave(self, agent: Any) -> None:
         b = _bus.current()
         agent_id = _id_of(agent)
-        b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
+        with b.errors():
+            b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
         self.local.pop(agent_id, None)
 
     def members(self) -> list[Member]:
         """In the order they joined, watchers included."""
         b = _bus.current()
-        raw: Any = b.redis.hgetall(b.keys.members(self.name))
+        with b.errors():
+            raw: Any = b.redis.hgetall(b.keys.members(self.name))
         ms = [Member.model_validate_json(v) for k, v in raw.items() if not k.startswith(b"~")]
         return sorted(ms, key=lambda m: (m.joined, m.id))
 
     def member(self, agent_id: str) -> Member | None:
         b = _bus.current()
-        raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
+        with b.errors():
+            raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
         return None if raw is None else Member.model_validate_json(raw)
 
     def targets(self, send_to: list[Any], members: list[Member]) -> list[str]:
@@ -246,8 +252,9 @@ class Hub:
             to = self.targets(list(send_to) if isinstance(send_to, list | tuple) else [send_to],
                               members)
         fields: Any = {"from": msg.name, "sender": sender, "to": json.dumps(to), "msg": pack(msg)}
-        raw_seq: Any = b.redis.xadd(b.keys.hub(self.name), fields,
-                                    maxlen=b.settings.hub_history, approximate=True)
+        with b.errors():
+            raw_seq: Any = b.redis.xadd(b.keys.hub(self.name), fields,
+                                        maxlen=b.settings.hub_history, approximate=True)
         seq = raw_seq.decode() if isinstance(raw_seq, bytes) else str(raw_seq)
         probe = HubMessage(hub=self.name, seq=seq, sent_from=msg.name, sender=sender,
                            send_to=to, msg=msg)
@@ -272,7 +279,8 @@ class Hub:
     def history(self, start: str = "-", count: int | None = None) -> list[HubMessage]:
         """Messages from ``start`` (a seq, inclusive) in their one order."""
         b = _bus.current()
-        got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
+        with b.errors():
+            got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
         return [self._decode(i, f) for i, f in got]
 
     def watch(self, start: str = "$", timeout: float | None = None, block_ms: int = 1000,
@@ -285,7 +293,8 @@ class Hub:
         cursor = self.last_seq() if start == "$" else start
         idle = time.monotonic()
         while True:
-            got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
+            with b.errors():
+                got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
             if not got:
                 if (timeout is not None and time.monotonic() - idle > timeout) or (
                         stop is not None and stop.is_set()):
@@ -312,13 +321,16 @@ class Hub:
         mark = f"~cursor:{me.id}"
         cursor = cursors.get(self.name) or _cursor_in_memory(agent, self.name)
         if cursor is None:  # a memory that was cleared: the last cursor it saved
-            saved: Any = b.redis.hget(b.keys.members(self.name), mark)
+            with b.errors():
+                saved: Any = b.redis.hget(b.keys.members(self.name), mark)
             cursor = saved.decode() if saved else me.since
         cursor = max(cursor, me.since, key=_seq_key)
         start = cursor
         n = 0
         while True:
-            entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+", count=500)
+            with b.errors():
+                entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+",
+                                              count=500)
             if not entries:
                 break
             for entry_id, f in entries:
@@ -331,7 +343,8 @@ class Hub:
                     n += 1
         cursors[self.name] = cursor
         if cursor != start:
-            b.redis.hset(b.keys.members(self.name), mark, cursor)
+            with b.errors():
+                b.redis.hset(b.keys.members(self.name), mark, cursor)
         return n
 
 

@@ -43,7 +43,8 @@ class Children:
             base = f"child-{socket.gethostname()}-{os.getpid()}-{len(self.procs)}"
             names = [f"{base}-{i}" for i in range(b.settings.child_workers)]
             for n in names:
-                b.redis.delete(b.keys.ready(n))
+                with b.errors():
+                    b.redis.delete(b.keys.ready(n))
                 self.procs[n] = subprocess.Popen(
                     [sys.executable, "-m", "busagent.cli", "worker", "--name", n, "--agents", load,
                      "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
@@ -52,7 +53,10 @@ class Children:
             deadline = time.monotonic() + CHILD_START_TIMEOUT
             for n in names:
                 # Each worker pushes a token once it serves: wait on that, not on a clock.
-                while b.redis.blpop([b.keys.ready(n)], timeout=1) is None:
+                while True:
+                    with b.errors():
+                        if b.redis.blpop([b.keys.ready(n)], timeout=1) is not None:
+                            break
                     code = self.procs[n].poll()
                     if code is not None:
                         raise PlacementError(
