@@ -38,7 +38,7 @@ import psutil
 import redis
 
 from busagent import bus as _bus
-from busagent import stream
+from busagent import hub, stream
 from busagent.agent import Agent, assigning_id, is_remote
 from busagent.classpath import lookup
 from busagent.config import Settings
@@ -71,6 +71,7 @@ from busagent.wire import (
     ControlBody,
     CreateBatch,
     CreateBody,
+    DeliverBody,
     Entry,
     ErrorInfo,
     Ref,
@@ -677,6 +678,21 @@ class Worker:
                 f"agent {e.agent} is not hosted by server {self.name} (deleted, or the server "
                 "restarted); create it again"
             )
+        if e.kind == "deliver":  # a hub's notice, maybe a turn: busagent.proxy.deliver
+            d = DeliverBody.model_validate(unpack(e.body))
+            seen = hub.deliver(agent, d.hub)
+            if not d.speak:
+                return self._done(job, agent, seen)
+            # A turn: reply() from memory, always as stream events (the task center follows).
+            turn = agent.reply()
+            if inspect.isawaitable(turn) or inspect.isasyncgen(turn):
+                self._park(e.agent, self._finish_async(job, agent, turn, True))
+                return None
+            if inspect.isgenerator(turn):
+                turn = self._stream_sync(e.call, agent, turn)
+            else:
+                self._stream_sync(e.call, agent, [turn])
+            return self._done(job, agent, turn)
         refs: list[Ref] = []
         body = CallBody.model_validate(unpack(e.body, refs))
         if body.deadline is not None and time.time() > body.deadline:
