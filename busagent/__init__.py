@@ -10,6 +10,7 @@
 """
 
 from . import models
+from .admin import ServerClient, agents, servers
 from .agent import Agent, DistConf, remote
 from .bus import init, shutdown
 from .center import StepEvent, TaskCenter
@@ -40,7 +41,6 @@ from .message import Msg
 from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather, release
 from .proxy import RemoteAgent, create_many, fanout
-from .registry import ServerClient, agents, servers
 from .stream import Event
 
 __version__ = "0.1.0"

@@ -56,9 +56,7 @@ class AgentMeta(type):
 
     def __call__(cls, *args: Any, to_dist: Any = None, **kwargs: Any) -> Any:
         if to_dist:
-            from .proxy import create
-
-            return create(cls, args, kwargs, DistConf.of(to_dist))
+            return _create(cls, args, kwargs, DistConf.of(to_dist))
         obj = super().__call__(*args, **kwargs)
         obj._init_args = (args, kwargs)
         return obj
@@ -88,29 +86,26 @@ class Agent(metaclass=AgentMeta):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.reply(*args, **kwargs)
 
-    @remote
-    def catch_up(self, hub: str) -> int:
-        """Observe the messages of ``hub`` addressed to this agent that it has not seen yet, in
-        the hub's order; returns how many. Hubs call it on their members."""
-        from .hub import Hub
-
-        return Hub(hub).deliver(self)
-
-    @remote
-    def speak(self, hub: str) -> Any:
-        """A turn in a hub's conversation: catch up, then ``reply()`` from memory (what
-        AgentScope's msghub does). The task center calls it and publishes the result."""
-        self.catch_up(hub)
-        return self.reply()
-
     def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
         memory, and return the proxy."""
-        from .proxy import create
-
         conf = DistConf.of(to_dist) if to_dist else DistConf(server=server)
         args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
-        return create(type(self), args, kwargs, conf, memory=self.memory.get())
+        return _create(type(self), args, kwargs, conf, memory=self.memory.get())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, agent_id={self.agent_id!r})"
+
+
+def _create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
+            memory: list[Any] | None = None) -> Any:
+    """Build an agent on a worker and return its proxy (:func:`busagent.proxy.create`).
+
+    The one link from the base agent to distribution, and a lazy import on purpose: the proxy
+    side (bus, placement, proxies) imports this module, so importing it at the top would be a
+    cycle, and an agent that is never distributed never loads it. Hubs are not linked at all:
+    a worker delivers hub messages to an agent (``busagent.hub.deliver``), the agent does not
+    know hubs."""
+    from .proxy import create
+
+    return create(cls, args, kwargs, conf, memory=memory)

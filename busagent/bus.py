@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import redis
@@ -40,8 +40,12 @@ from .errors import (
 )
 from .ids import new_id
 from .keys import Keys
+from .placement import Placement  # a leaf: it imports bus.py only for type checking
 from .tuning import LINGER, PEEK_BATCH, SEND_BATCH, SEND_PATIENCE
 from .wire import VERSION, Reply, signature, unpack_reply
+
+if TYPE_CHECKING:
+    from .spawn import Children  # spawn imports bus.py at run time
 
 SCRIPTS = ("route", "collect", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in SCRIPTS}
@@ -224,8 +228,13 @@ class Bus:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self._embedded: embedded.Server | None = None
-        self.children: Any = None  # busagent.spawn.Children, made on first need
-        self.placement: Any = None  # busagent.registry's snapshot of live servers
+        #: child worker processes this program started (busagent.spawn), made on first need.
+        self.children: Children | None = None
+        #: the snapshot of live servers that placing new agents reads (busagent.placement).
+        self.placement: Placement = Placement()
+        #: the worker this process serves as, set by the worker: its own model config
+        #: overrides come first (busagent.models.get); None in a calling program.
+        self.server_name: str | None = None
         self._async: dict[int, aredis.Redis] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:

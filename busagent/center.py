@@ -27,12 +27,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .agent import Agent
 from .errors import BusagentError, CallTimeout, ConfigError
-from .hub import Hub, Member, _seq_key
+from .hub import Hub, Member, seq_key
 from .message import Msg
 from .placeholder import Placeholder
-from .proxy import RemoteAgent
+from .proxy import deliver
 from .stream import Emitter, Event, follow, joined
 
 #: ``step(deadline=)`` left out: the center's own deadline (None means no deadline)
@@ -89,10 +88,10 @@ class TaskCenter:
             members = [m for m in self.hub.members() if not m.watcher]
         if not members:
             return []
-        oldest = min((self.turns.get(m.id, m.since) for m in members), key=_seq_key)
+        oldest = min((self.turns.get(m.id, m.since) for m in members), key=seq_key)
         pending = self.hub.history(f"({oldest}" if oldest != "0-0" else "-")
         return [m for m in members
-                if any(h.to(m) and _seq_key(h.seq) > _seq_key(self.turns.get(m.id, m.since))
+                if any(h.to(m) and seq_key(h.seq) > seq_key(self.turns.get(m.id, m.since))
                        for h in pending)]
 
     def step(self, task: Any = None, round: int = 1, send_to: Any = "all",
@@ -152,17 +151,19 @@ class TaskCenter:
         upto = self.hub.last_seq()
         events: queue.Queue[tuple[Member, Event]] = queue.Queue()
         stop = threading.Event()
-        remote: dict[str, Member] = {}
+        distributed: list[Member] = []
         for m in chosen:
             self.turns[m.id] = upto  # drained now, whatever comes of the turn
             agent = self.hub.local.get(m.id)
             if agent is None:
-                p = RemoteAgent(m.id, m.name, Agent, "").call_method(
-                    "speak", self.hub.name, stream=True)
-                remote[p.call_id] = m
+                distributed.append(m)
             else:
-                threading.Thread(target=_speak_local, args=(agent, m, self.hub.name, events,
-                                                            stop), daemon=True).start()
+                threading.Thread(target=_speak_local, args=(agent, m, self.hub, events, stop),
+                                 daemon=True).start()
+        # Distributed speakers take their turn on their workers (a ``deliver`` entry with
+        # ``speak``), and their output streams back as events.
+        turns = deliver([m.id for m in distributed], self.hub.name, speak=True)
+        remote = {p.call_id: m for p, m in zip(turns, distributed, strict=True)}
         if remote:
             threading.Thread(target=_follow, args=(remote, events, limit, stop),
                              daemon=True).start()
@@ -223,9 +224,10 @@ def _follow(remote: dict[str, Member], events: queue.Queue[tuple[Member, Event]]
                                  data={"type": e.code, "message": str(e)})))
 
 
-def _speak_local(agent: Any, m: Member, hub: str, events: queue.Queue[tuple[Member, Event]],
+def _speak_local(agent: Any, m: Member, hub: Hub, events: queue.Queue[tuple[Member, Event]],
                  stop: threading.Event) -> None:
-    """A local member's turn on a thread, as the same events a worker writes."""
+    """A local member's turn on a thread, as the same events a worker writes: catch up on the
+    hub, then ``reply()`` from memory (what AgentScope's msghub does)."""
     em = Emitter("")
 
     def put(ev: Event) -> None:
@@ -234,7 +236,8 @@ def _speak_local(agent: Any, m: Member, hub: str, events: queue.Queue[tuple[Memb
 
     put(em.start(m.id, m.name))
     try:
-        out = agent.speak(hub)
+        hub.deliver(agent, m)
+        out = agent.reply()
         if inspect.isgenerator(out):
             for piece in out:
                 put(em.chunk(piece))

@@ -7,20 +7,19 @@ import logging
 import sys
 from typing import Annotated, Any
 
-import redis
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from busagent import admin, embedded
 from busagent import bus as _bus
-from busagent import embedded, registry
 from busagent.config import Settings
 from busagent.errors import BusagentError, ConfigError
 
 app = typer.Typer(
     help="busagent: agents hosted by long-running workers on a Redis Streams bus.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 out = Console()
@@ -87,16 +86,18 @@ def worker(
 
 @app.command()
 def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
-    """List servers: alive or dead, cpu, memory, agents."""
+    """List servers: state (up, late, stopping, dead), cpu, memory, agents."""
     _connect(url, prefix)
-    rows = registry.servers()
+    rows = admin.servers()
     if as_json:
         _print_json(rows)
         return
     for r in rows:
-        r["status"] = r["status"] if r["alive"] else f"dead ({r['age']}s)"
+        # A late or dead server's silence is the first thing an operator wants to know.
+        r["state"] = r["state"] if r["state"] in ("up", "stopping") else (
+            f"{r['state']} ({r['age']}s)")
         r["modules"] = ",".join(r["modules"])
-    _table(rows, ["name", "status", "host", "pid", "cpu", "mem", "agents", "inflight",
+    _table(rows, ["name", "state", "host", "pid", "cpu", "mem", "agents", "inflight",
                   "capacity", "modules"])
 
 
@@ -107,7 +108,7 @@ def agents(
 ) -> None:
     """List registered agents."""
     _connect(url, prefix)
-    rows = registry.agents(server)
+    rows = admin.agents(server)
     if as_json:
         _print_json(rows)
     else:
@@ -119,9 +120,9 @@ def memory(agent: str, url: RedisOpt = None, prefix: PrefixOpt = None,
            as_json: JsonOpt = False) -> None:
     """Show an agent's memory as of its last completed call."""
     _connect(url, prefix)
-    registry.agent_info(agent)
+    admin.agent_info(agent)
     items = [m.model_dump() if hasattr(m, "model_dump") else m
-             for m in registry.agent_memory(agent)]
+             for m in admin.agent_memory(agent)]
     if as_json:
         _print_json(items)
     else:
@@ -134,7 +135,7 @@ def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
          as_json: JsonOpt = False) -> None:
     """Show one server's registry record."""
     _connect(url, prefix)
-    data = registry.ServerClient(server).get_server_info()
+    data = admin.ServerClient(server).get_server_info()
     if as_json:
         _print_json(data)
     else:
@@ -149,7 +150,7 @@ def stop(
 ) -> None:
     """Stop a server gracefully: in-flight calls finish; --drain moves its agents elsewhere."""
     _connect(url, prefix)
-    registry.ServerClient(server).stop(drain=drain)
+    admin.ServerClient(server).stop(drain=drain)
     out.print(f"{'draining' if drain else 'stopping'} {server}")
 
 
@@ -162,9 +163,9 @@ def deadletter(
     """List calls given up on (their workers kept dying, or they were malformed), or replay one."""
     _connect(url, prefix)
     if replay:
-        out.print(f"replayed call {registry.replay(replay)}")
+        out.print(f"replayed call {admin.replay(replay)}")
         return
-    rows = registry.deadletters(count)
+    rows = admin.deadletters(count)
     if as_json:
         _print_json(rows)
     else:
@@ -183,13 +184,13 @@ def delete(
     if all_:
         if not server:
             raise ConfigError("--all needs --server NAME")
-        n = registry.ServerClient(server).delete_all_agent()
+        n = admin.ServerClient(server).delete_all_agent()
         out.print(f"deleted {n} agent(s) on {server}")
         return
     if not agent:
         raise ConfigError("name an agent id, or use --all --server NAME")
-    info_ = registry.agent_info(agent)
-    registry.ServerClient(info_.server).delete_agent(agent)
+    info_ = admin.agent_info(agent)
+    admin.ServerClient(info_.server).delete_agent(agent)
     out.print(f"deleted {agent}")
 
 
@@ -261,12 +262,8 @@ def main() -> None:
     except BusagentError as e:
         err.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(1)
-    except redis.exceptions.RedisError as e:
-        err.print(f"error: Redis: {e}", markup=False, highlight=False)
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ and the stream is the history. Members are recorded in ``{p}:hub:{name}:members`
 one XADD plus a fire-and-forget notice to each addressed member, so it never waits on a slow
 receiver (AgentScope's broadcast was one blocking call per member).
 
-A member reads the hub itself (``Agent.catch_up``): from its cursor to the end, in stream
-order, observing the messages addressed to it. Notices can arrive in any order or twice; the
-cursor makes that harmless, so every member sees its messages in the hub's one order. A member
-that joins late reads the history (``join(history=True)``); one rebuilt after a crash finds its
-cursor again in its restored memory (each observed message carries its ``seq``).
+A member reads the hub where it lives (:func:`deliver`: its worker runs it for a ``deliver``
+entry, the publishing process for a local member): from its :class:`Cursor` to the end, in
+stream order, observing the messages addressed to it; the agent itself knows nothing of hubs.
+Notices can arrive in any order or twice; the cursor makes that harmless, so every member sees
+its messages in the hub's one order. A member that joins late reads the history
+(``join(history=True)``); one rebuilt after a crash finds its cursor again in its restored
+memory (each observed message carries its ``seq``).
 
     hub = Hub("room")
     hub.join(alice, role="writer"); hub.join(bob, role="critic"); hub.join(log, watcher=True)
@@ -25,13 +27,14 @@ import json
 import random as _random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from . import bus as _bus
-from .agent import Agent
+from . import proxy
 from .errors import ConfigError
 from .message import Msg
 from .proxy import RemoteAgent
@@ -111,7 +114,8 @@ class RoundRobin:
         if not cands:
             raise ConfigError(f"hub {hub.name!r}: nobody to route to (role {self.role!r})")
         b = _bus.current()
-        turn = int(b.redis.hincrby(b.keys.members(hub.name), f"~turn:{self.role or ''}", 1))
+        with b.errors():
+            turn = int(b.redis.hincrby(b.keys.members(hub.name), f"~turn:{self.role or ''}", 1))
         return [cands[(turn - 1) % len(cands)].id]
 
 
@@ -168,7 +172,8 @@ class Hub:
         since = "0-0" if history else self.last_seq()
         m = Member(id=_id_of(agent), name=agent.name, role=role or agent.name, watcher=watcher,
                    since=since, joined=time.time())
-        b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
+        with b.errors():
+            b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
         if not isinstance(agent, RemoteAgent):
             self.local[m.id] = agent
         if history:
@@ -178,25 +183,29 @@ class Hub:
     def last_seq(self) -> str:
         """The seq of the newest message ("0-0" when there is none)."""
         b = _bus.current()
-        last: Any = b.redis.xrevrange(b.keys.hub(self.name), count=1)
+        with b.errors():
+            last: Any = b.redis.xrevrange(b.keys.hub(self.name), count=1)
         return str(last[0][0].decode()) if last else "0-0"
 
     def leave(self, agent: Any) -> None:
         b = _bus.current()
         agent_id = _id_of(agent)
-        b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
+        with b.errors():
+            b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
         self.local.pop(agent_id, None)
 
     def members(self) -> list[Member]:
         """In the order they joined, watchers included."""
         b = _bus.current()
-        raw: Any = b.redis.hgetall(b.keys.members(self.name))
+        with b.errors():
+            raw: Any = b.redis.hgetall(b.keys.members(self.name))
         ms = [Member.model_validate_json(v) for k, v in raw.items() if not k.startswith(b"~")]
         return sorted(ms, key=lambda m: (m.joined, m.id))
 
     def member(self, agent_id: str) -> Member | None:
         b = _bus.current()
-        raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
+        with b.errors():
+            raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
         return None if raw is None else Member.model_validate_json(raw)
 
     def targets(self, send_to: list[Any], members: list[Member]) -> list[str]:
@@ -246,8 +255,9 @@ class Hub:
             to = self.targets(list(send_to) if isinstance(send_to, list | tuple) else [send_to],
                               members)
         fields: Any = {"from": msg.name, "sender": sender, "to": json.dumps(to), "msg": pack(msg)}
-        raw_seq: Any = b.redis.xadd(b.keys.hub(self.name), fields,
-                                    maxlen=b.settings.hub_history, approximate=True)
+        with b.errors():
+            raw_seq: Any = b.redis.xadd(b.keys.hub(self.name), fields,
+                                        maxlen=b.settings.hub_history, approximate=True)
         seq = raw_seq.decode() if isinstance(raw_seq, bytes) else str(raw_seq)
         probe = HubMessage(hub=self.name, seq=seq, sent_from=msg.name, sender=sender,
                            send_to=to, msg=msg)
@@ -255,12 +265,17 @@ class Hub:
         return seq
 
     def _notify(self, members: list[Member]) -> None:
+        remote = []
         for m in members:
             local = self.local.get(m.id)
             if local is not None:
                 self.deliver(local, m)
             else:
-                RemoteAgent(m.id, m.name, Agent, "").call_method("catch_up", self.name)
+                remote.append(m.id)
+        if remote:
+            # Fire and forget: nobody waits on a notice, and one that arrives twice or out of
+            # order is harmless (the member's cursor decides what it has not seen).
+            proxy.deliver(remote, self.name)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -272,7 +287,8 @@ class Hub:
     def history(self, start: str = "-", count: int | None = None) -> list[HubMessage]:
         """Messages from ``start`` (a seq, inclusive) in their one order."""
         b = _bus.current()
-        got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
+        with b.errors():
+            got: Any = b.redis.xrange(b.keys.hub(self.name), start, "+", count=count)
         return [self._decode(i, f) for i, f in got]
 
     def watch(self, start: str = "$", timeout: float | None = None, block_ms: int = 1000,
@@ -285,7 +301,8 @@ class Hub:
         cursor = self.last_seq() if start == "$" else start
         idle = time.monotonic()
         while True:
-            got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
+            with b.errors():
+                got: Any = b.redis.xread({key: cursor}, block=block_ms, count=500)
             if not got:
                 if (timeout is not None and time.monotonic() - idle > timeout) or (
                         stop is not None and stop.is_set()):
@@ -297,28 +314,30 @@ class Hub:
                 yield self._decode(entry_id, f)
 
     def deliver(self, agent: Any, me: Member | None = None) -> int:
-        """Have ``agent`` observe the messages addressed to it that it has not seen, in order;
-        returns how many. Runs where the agent lives (``Agent.catch_up``)."""
-        # A local agent can be delivered to by several publishing threads at once; on a worker
-        # its mailbox already runs one call at a time.
-        with agent.__dict__.setdefault("_hub_lock", threading.Lock()):
-            return self._deliver(agent, me or self.member(agent.agent_id))
+        """Have ``agent`` (an object of this process) observe the messages addressed to it that
+        it has not seen, in the hub's order; returns how many (0 if it is not a member). Runs
+        where the agent lives: see :func:`deliver`."""
+        cursor = Cursor.of(agent)
+        with cursor.lock:
+            return self._deliver(agent, cursor, me or self.member(agent.agent_id))
 
-    def _deliver(self, agent: Any, me: Member | None) -> int:
+    def _deliver(self, agent: Any, cursors: Cursor, me: Member | None) -> int:
         if me is None:
             return 0
         b = _bus.current()
-        cursors: dict[str, str] = agent.__dict__.setdefault("_hub_cursors", {})
         mark = f"~cursor:{me.id}"
-        cursor = cursors.get(self.name) or _cursor_in_memory(agent, self.name)
+        cursor = cursors.at.get(self.name) or _cursor_in_memory(agent, self.name)
         if cursor is None:  # a memory that was cleared: the last cursor it saved
-            saved: Any = b.redis.hget(b.keys.members(self.name), mark)
+            with b.errors():
+                saved: Any = b.redis.hget(b.keys.members(self.name), mark)
             cursor = saved.decode() if saved else me.since
-        cursor = max(cursor, me.since, key=_seq_key)
+        cursor = max(cursor, me.since, key=seq_key)
         start = cursor
         n = 0
         while True:
-            entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+", count=500)
+            with b.errors():
+                entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+",
+                                              count=500)
             if not entries:
                 break
             for entry_id, f in entries:
@@ -329,13 +348,64 @@ class Hub:
                             "sent_from": hm.sent_from, "send_to": hm.send_to}
                     agent.observe(hm.msg.model_copy(update={"metadata": meta}))
                     n += 1
-        cursors[self.name] = cursor
+        cursors.at[self.name] = cursor
         if cursor != start:
-            b.redis.hset(b.keys.members(self.name), mark, cursor)
+            with b.errors():
+                b.redis.hset(b.keys.members(self.name), mark, cursor)
         return n
 
 
-def _seq_key(seq: str) -> tuple[int, int]:
+def deliver(agent: Any, hub: str) -> int:
+    """Have ``agent``, an object of this process, observe the messages of hub ``hub`` addressed
+    to it that it has not seen, in the hub's order; returns how many. A worker runs it for a
+    ``deliver`` entry (sent by :func:`busagent.proxy.deliver`); a publishing process runs
+    :meth:`Hub.deliver` itself for its local members."""
+    return Hub(hub).deliver(agent)
+
+
+class Cursor:
+    """Where one agent of this process has read each hub: ``at`` maps a hub name to the seq of
+    the last message it has seen, and ``lock`` makes deliveries to it run one at a time (a
+    local member can be delivered to by several publishing threads at once; on a worker its
+    mailbox already runs one call at a time).
+
+    One per agent id, kept outside the user's object and living as long as it: a rebuilt agent
+    (same id, new object) starts again from its restored memory, and a deleted one leaves
+    nothing behind."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent_id = _id_of(agent)
+        self.lock = threading.Lock()
+        self.at: dict[str, str] = {}
+        self._agent = weakref.ref(agent)
+
+    @classmethod
+    def of(cls, agent: Any) -> Cursor:
+        """The cursor of ``agent`` (made on first use)."""
+        agent_id = _id_of(agent)
+        c = _cursors.get(agent_id)
+        if c is not None and c._agent() is agent:
+            return c
+        with _cursors_lock:
+            c = _cursors.get(agent_id)
+            if c is None or c._agent() is not agent:
+                c = _cursors[agent_id] = cls(agent)
+                # The finalizer holds the cursor until the agent is collected; the weak map
+                # then forgets it.
+                weakref.finalize(agent, _keep, c)
+            return c
+
+
+_cursors: weakref.WeakValueDictionary[str, Cursor] = weakref.WeakValueDictionary()
+_cursors_lock = threading.Lock()
+
+
+def _keep(cursor: Cursor) -> None:
+    """The finalizer's callback: nothing to do, holding ``cursor`` was its job."""
+
+
+def seq_key(seq: str) -> tuple[int, int]:
+    """A hub seq (a stream id, ``"<ms>-<n>"``) as a sortable pair: seqs compare in hub order."""
     ms, _, n = seq.partition("-")
     return int(ms), int(n or 0)
 

@@ -286,8 +286,6 @@ MODEL_TYPES: dict[str, type[Model]] = {
 # so the concurrency cap and the connection pool are per worker, not per agent.
 _cache: dict[str, tuple[str, Model, float]] = {}
 _cache_lock = threading.Lock()
-#: the worker this process serves as (its own overrides come first)
-serving_as: str | None = None
 
 
 def parse_configs(configs: Any) -> list[ModelConfig]:
@@ -313,41 +311,51 @@ def parse_configs(configs: Any) -> list[ModelConfig]:
 
 
 def load_model_configs(configs: Any, server: str | None = None) -> list[str]:
-    """Store configs in Redis for every worker (or for one ``server``); returns their names."""
+    """Store configs in Redis for every worker (or for one ``server``); returns their names.
+    Raises ConfigError for a bad config, RedisUnavailable or BusError if Redis fails."""
     parsed = parse_configs(configs)
     b = _bus.current()
     if parsed:
-        b.redis.hset(b.keys.models(server),
-                     mapping={c.config_name: c.model_dump_json() for c in parsed})
+        with b.errors():
+            b.redis.hset(b.keys.models(server),
+                         mapping={c.config_name: c.model_dump_json() for c in parsed})
     return [c.config_name for c in parsed]
 
 
 def clear_model_configs(server: str | None = None) -> None:
+    """Remove the global configs, or ``server``'s overrides."""
     b = _bus.current()
-    b.redis.delete(b.keys.models(server))
+    with b.errors():
+        b.redis.delete(b.keys.models(server))
 
 
 def list_model_configs(server: str | None = None) -> dict[str, ModelConfig]:
+    """The global configs by name, with ``server``'s overrides in their place if given."""
     b = _bus.current()
-    raw = dict(b.redis.hgetall(b.keys.models(None)))
-    if server:
-        raw.update(b.redis.hgetall(b.keys.models(server)))
+    with b.errors():
+        raw = dict(b.redis.hgetall(b.keys.models(None)))
+        if server:
+            raw.update(b.redis.hgetall(b.keys.models(server)))
     return {(k.decode() if isinstance(k, bytes) else k): ModelConfig.model_validate_json(v)
             for k, v in raw.items()}
 
 
 def get(config_name: str) -> Model:
-    """The model of a config name: this server's override, else the global config."""
+    """The model of a config name: this server's override (on a worker: ``Bus.server_name``),
+    else the global config. Re-read from Redis at most every ``MODEL_CONFIG_REFRESH`` seconds.
+    Raises ConfigError if no config has this name, RedisUnavailable or BusError if Redis
+    fails."""
     now = time.monotonic()
     hit = _cache.get(config_name)
     if hit is not None and now - hit[2] < MODEL_CONFIG_REFRESH:
         return hit[1]
     b = _bus.current()
-    pipe = b.redis.pipeline(transaction=False)
-    if serving_as:
-        pipe.hget(b.keys.models(serving_as), config_name)
-    pipe.hget(b.keys.models(None), config_name)
-    found = [v for v in pipe.execute() if v]
+    with b.errors():
+        pipe = b.redis.pipeline(transaction=False)
+        if b.server_name:
+            pipe.hget(b.keys.models(b.server_name), config_name)
+        pipe.hget(b.keys.models(None), config_name)
+        found = [v for v in pipe.execute() if v]
     if not found:
         raise ConfigError(f"no model config named {config_name!r}: load it with "
                           "busagent.load_model_configs(...) or `busagent models load FILE`")

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from . import admin, placement
 from . import bus as _bus
-from . import registry
 from .agent import DistConf, is_remote
-from .classpath import class_path
-from .errors import ConfigError, ConstructorError, NotSerializable, SkipStatement
+from .classpath import class_path, lookup
+from .errors import (
+    ConfigError,
+    ConstructorError,
+    NotSerializable,
+    SkipStatement,
+    UnknownClass,
+)
 from .memory import from_json
 from .placeholder import Placeholder
 from .records import AgentInfo
-from .wire import pack
+from .wire import DeliverBody, pack
 
 
 class RemoteAgent:
@@ -31,6 +39,23 @@ class RemoteAgent:
         self.cls = cls
         self.server = server
         self._created = created
+
+    @classmethod
+    def by_id(cls, agent_id: str) -> RemoteAgent:
+        """The proxy of a registered agent, from its record (``{p}:agents``): its name, server
+        and class. The class must already be imported in this process (a class path read from
+        Redis is never imported). Raises UnknownAgent if the agent is not registered,
+        UnknownClass if its class is not imported here."""
+        info = admin.agent_info(agent_id)
+        module, _, qual = info.cls.partition(":")
+        found, agent_cls = lookup(info.cls, sys.modules)
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not found and main and Path(main).stem == module:  # see classpath.class_path
+            found, agent_cls = lookup(f"__main__:{qual}", sys.modules)
+        if not isinstance(agent_cls, type):
+            raise UnknownClass(f"agent {agent_id} is a {info.cls}, which this process has not "
+                               f"imported; import {module} first")
+        return cls(agent_id, info.name, agent_cls, info.server)
 
     def _call(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               method: str | None = None, stream: bool = False) -> Placeholder:
@@ -100,7 +125,7 @@ class RemoteAgent:
         return RemoteMemory(self.agent_id)
 
     def delete(self, timeout: float | None = 30.0) -> bool:
-        return registry.ServerClient(self.server).delete_agent(self.agent_id, timeout)
+        return admin.ServerClient(self.server).delete_agent(self.agent_id, timeout)
 
     def __repr__(self) -> str:
         return (f"RemoteAgent({self.cls.__name__}, name={self.name!r}, "
@@ -118,11 +143,14 @@ class RemoteMemory:
         start = 0 if recent_n is None else -recent_n
         if recent_n == 0:
             return []
-        return [from_json(x) for x in b.redis.lrange(b.keys.memory(self.agent_id), start, -1)]
+        with b.errors():
+            items: Any = b.redis.lrange(b.keys.memory(self.agent_id), start, -1)
+        return [from_json(x) for x in items]
 
     def size(self) -> int:
         b = _bus.current()
-        return int(b.redis.llen(b.keys.memory(self.agent_id)))
+        with b.errors():
+            return int(b.redis.llen(b.keys.memory(self.agent_id)))
 
 
 def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Placeholder]:
@@ -148,6 +176,26 @@ def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Pla
             placeholders[c]._fail(err)
 
     b.route_many(list(ps), list(ps.values()), "call", data, failed)
+    return list(placeholders.values())
+
+
+def deliver(agent_ids: Sequence[str], hub: str, speak: bool = False) -> list[Placeholder]:
+    """Have each agent observe the messages of ``hub`` addressed to it that it has not seen
+    (kind ``deliver``, run by the agent's worker with :func:`busagent.hub.deliver`); with
+    ``speak`` each then takes a turn, ``reply()`` from memory, whose output is written as
+    stream events (``busagent.stream.follow``). Returns one placeholder per agent, in order, at
+    once: the count observed, or the turn's reply. Addressed by id (the record routes it), so
+    no proxy or class is needed; a thousand agents cost one routing step."""
+    b = _bus.current()
+    data = pack(DeliverBody(hub=hub, speak=speak).model_dump())
+    calls = {_bus.new_id(): a for a in agent_ids}
+    placeholders = {c: Placeholder(c, a) for c, a in calls.items()}
+
+    def failed(call_ids: list[str], err: BaseException) -> None:
+        for c in call_ids:
+            placeholders[c]._fail(err)
+
+    b.route_many(list(calls), list(calls.values()), "deliver", data, failed)
     return list(placeholders.values())
 
 
@@ -190,7 +238,7 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
     todo = list(items)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
-        server = registry.place(b, module, load, conf.server, count=len(part))
+        server = placement.place(b, module, load, conf.server, count=len(part))
         now = time.time()
         records: dict[str, str] = {}
         specs: dict[str, bytes] = {}
@@ -239,7 +287,7 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
     b = _bus.current()
     path, load = class_path(cls)
     name, body = _spec(b, cls, path, args, kwargs, memory)
-    server = registry.place(b, path.split(":")[0], load, conf.server)
+    server = placement.place(b, path.split(":")[0], load, conf.server)
     agent_id, call_id = _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
     keys = b.keys

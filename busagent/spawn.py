@@ -43,7 +43,8 @@ class Children:
             base = f"child-{socket.gethostname()}-{os.getpid()}-{len(self.procs)}"
             names = [f"{base}-{i}" for i in range(b.settings.child_workers)]
             for n in names:
-                b.redis.delete(b.keys.ready(n))
+                with b.errors():
+                    b.redis.delete(b.keys.ready(n))
                 self.procs[n] = subprocess.Popen(
                     [sys.executable, "-m", "busagent.cli", "worker", "--name", n, "--agents", load,
                      "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
@@ -52,7 +53,10 @@ class Children:
             deadline = time.monotonic() + CHILD_START_TIMEOUT
             for n in names:
                 # Each worker pushes a token once it serves: wait on that, not on a clock.
-                while b.redis.blpop([b.keys.ready(n)], timeout=1) is None:
+                while True:
+                    with b.errors():
+                        if b.redis.blpop([b.keys.ready(n)], timeout=1) is not None:
+                            break
                     code = self.procs[n].poll()
                     if code is not None:
                         raise PlacementError(
@@ -85,7 +89,8 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0
 
 
 def ensure_children(b: Bus, load: str) -> list[str]:
+    """Names of worker processes serving ``--agents load`` for this program, started (and
+    kept in ``b.children``) if none runs yet. Raises PlacementError if one cannot start."""
     if b.children is None:
         b.children = Children(b)
-    names: list[str] = b.children.start(load)
-    return names
+    return b.children.start(load)

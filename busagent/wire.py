@@ -25,7 +25,7 @@ EXT_MSG = 1
 EXT_REF = 2
 EXT_MODEL = 3
 
-Kind = Literal["call", "method", "observe", "create", "control"]
+Kind = Literal["call", "method", "observe", "create", "control", "deliver"]
 
 
 class Ref:
@@ -107,6 +107,16 @@ class CreateBatch(BaseModel):
 class ControlBody(BaseModel):
     op: Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake", "state"]
     agent: str | None = None
+
+
+class DeliverBody(BaseModel):
+    """Kind ``deliver``, a worker built-in: the agent observes what ``hub`` holds for it
+    (``busagent.hub.deliver``); with ``speak`` it then takes a turn, ``reply()`` from memory,
+    written as stream events for the task center. The reply is the count of messages
+    observed, or the turn's reply."""
+
+    hub: str
+    speak: bool = False
 
 
 class ErrorInfo(BaseModel):

@@ -34,9 +34,11 @@ def test_cli_inspects_and_manages(workers: Workers, redis_url: str, prefix: str)
     b.ready()
 
     servers = js(cli(redis_url, prefix, "servers", "--json"))
-    assert [(s["name"], s["alive"], s["pid"]) for s in servers] == [("w1", True, proc.pid)]
+    assert [(s["name"], s["state"], s["alive"], s["pid"]) for s in servers] == [
+        ("w1", "up", True, proc.pid)]
     table = cli(redis_url, prefix, "servers")
     assert table.returncode == 0 and "w1" in table.stdout and "tests.agents" in table.stdout
+    assert "state" in table.stdout and " up " in table.stdout
 
     agents = js(cli(redis_url, prefix, "agents", "--json", "--server", "w1"))
     assert {x["name"] for x in agents} == {"alice", "bob"}

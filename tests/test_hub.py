@@ -83,7 +83,7 @@ def test_late_join_catch_up_and_restart(workers: Workers) -> None:
     # early's worker dies; early is rebuilt on w2 with its memory and resumes where it was
     w1.kill()
     w1.wait()
-    wait_for(lambda: busagent.registry.agent_info(early.agent_id).server == "w2", 20,
+    wait_for(lambda: busagent.admin.agent_info(early.agent_id).server == "w2", 20,
              "early moved to w2")
     hub.publish(Msg("user", "after-restart"))
     wait_for(lambda: len(heard(early)) == 7, 20, "early heard the message after its restart")
@@ -251,3 +251,44 @@ def test_three_roles_over_two_workers(workers: Workers) -> None:
     # code picks the speaker
     ev = [e for e in center.step(speakers=["critic"]) if e.type == "end"]
     assert [e.role for e in ev] == ["critic"]
+
+
+def test_delivery_is_a_worker_builtin_and_by_id_reads_the_record(workers: Workers) -> None:
+    import gc
+
+    from busagent import UnknownAgent, UnknownClass
+    from busagent.hub import Cursor, _cursors
+
+    # The base agent knows neither hubs nor proxies: no hub methods to call remotely.
+    assert not hasattr(busagent.Agent, "catch_up") and not hasattr(busagent.Agent, "speak")
+    workers.start("w1")
+    m = Member("m", to_dist=DistConf(server="w1")).ready()
+    again = busagent.RemoteAgent.by_id(m.agent_id)
+    assert (again.name, again.cls, again.server) == ("m", Member, "w1")
+    with pytest.raises(UnknownAgent):
+        busagent.RemoteAgent.by_id("no-such-agent")
+    hub = Hub("builtin")
+    hub.join(again)
+    hub.publish(Msg("user", "one"))
+    wait_for(lambda: [c for _, c in heard(m)] == ["one"], 10, "delivered on the worker")
+    # A turn on the worker: catch up, reply from memory, streamed; the count is of hub messages
+    p = busagent.proxy.deliver([m.agent_id], "builtin", speak=True)[0]
+    assert [e.type for e in p.stream(timeout=10)] == ["start", "chunk", "end"]
+    assert p.result(timeout=10) == "m heard 1"
+
+    # A local member's cursor lives beside the agent, not in it, and goes with it.
+    local = Member("local")
+    hub.join(local)
+    assert "_hub_cursors" not in vars(local) and "_hub_lock" not in vars(local)
+    assert Cursor.of(local).at["builtin"] == hub.last_seq()
+    agent_id = local.agent_id
+    hub.leave(local)  # the hub held the last other reference
+    del local
+    gc.collect()
+    assert agent_id not in _cursors
+    # by_id never imports a class named in Redis
+    b = busagent.bus.current()
+    b.redis.hset(b.keys.agents, "ghost", busagent.records.AgentInfo(
+        id="ghost", name="g", cls="not.imported:X", server="w1", created=0).model_dump_json())
+    with pytest.raises(UnknownClass, match=r"import not\.imported"):
+        busagent.RemoteAgent.by_id("ghost")

@@ -64,7 +64,7 @@ def test_killed_server_is_shown_dead(workers: Workers) -> None:
     p.wait()
     wait_for(lambda: not ServerClient("w1").is_alive(), timeout=10, what="w1 shown dead")
     rows = {s["name"]: s for s in busagent.servers()}
-    assert rows["w1"]["alive"] is False
+    assert rows["w1"]["alive"] is False and rows["w1"]["state"] == "dead"
     # Placement no longer picks it.
     import pytest
 

@@ -75,7 +75,7 @@ def test_llm_participants_against_fake_endpoint(tmp_path: Path, redis_url: str, 
         # memories grew by the prompt and the answer each round, and are in Redis
         ids = [a["id"] for a in busagent.agents("w1") if a["name"] == "p0"]
         assert len(ids) == 1, "participant p0 is hosted by w1"
-        mem = busagent.registry.agent_memory(ids[0])
+        mem = busagent.admin.agent_memory(ids[0])
         assert len(mem) == 4 and "next round" in str(mem[2].content)
     finally:
         fake.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import fakeredis
 import pytest
 
 import busagent
-from busagent import Msg, registry
+from busagent import Msg
 from busagent.config import Settings
 from busagent.errors import (
     ConfigError,
@@ -25,6 +26,7 @@ from busagent.errors import (
 from busagent.keys import Keys
 from busagent.memory import Memory, from_json, to_json
 from busagent.placeholder import Placeholder
+from busagent.placement import Placement, place
 from busagent.records import ServerInfo
 from busagent.wire import Ref, pack, pack_reply, substitute, unpack, unpack_reply
 from tests.agents import Point
@@ -143,7 +145,8 @@ def test_keys_are_prefixed() -> None:
 
 def _fake_bus() -> Any:
     s = Settings.load(dead_after=10)
-    return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s, placement=None)
+    return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s,
+                           placement=Placement(), errors=contextlib.nullcontext)
 
 
 def _server(name: str, **kw: Any) -> str:
@@ -162,17 +165,17 @@ def test_placement_prefers_light_servers_and_spreads_bursts() -> None:
         "full": _server("full", agents=100),
         "other": _server("other", modules=["x"]),
     })
-    picks = [registry.place(b, "m", "m", None) for _ in range(30)]
+    picks = [place(b, "m", "m", None) for _ in range(30)]
     assert set(picks) == {"idle1", "idle2", "busy"}
     assert abs(picks.count("idle1") - picks.count("idle2")) <= 1
     assert picks.count("busy") < picks.count("idle1")
-    assert registry.place(b, "x", "x", None) == "other"
+    assert place(b, "x", "x", None) == "other"
     with pytest.raises(PlacementError, match="did not load module 'm'"):
-        registry.place(b, "m", "m", "other")
+        place(b, "m", "m", "other")
     with pytest.raises(PlacementError, match="no live server named 'dead'"):
-        registry.place(b, "m", "m", "dead")
+        place(b, "m", "m", "dead")
     with pytest.raises(PlacementError, match="full"):
-        registry.place(b, "m", "m", "full")
+        place(b, "m", "m", "full")
 
 
 def test_ids_are_unique_across_a_fork() -> None:

@@ -1,4 +1,4 @@
-"""Running one call (kinds ``call``, ``observe``, ``method``) on its agent.
+"""Running one call (kinds ``call``, ``observe``, ``method``, ``deliver``) on its agent.
 
 :meth:`Executor.run` turns a :class:`.jobs.Job` into a :class:`.jobs.Done`, or into an awaitable
 when the call must wait (an ``async`` reply, or forwarded placeholders whose replies are not
@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from busagent import stream
+from busagent import hub, stream
 from busagent.agent import Agent, is_remote
 from busagent.bus import Bus, decode
 from busagent.errors import BusagentError, CallTimeout, ProtocolError
 from busagent.stream import Emitter, Event
-from busagent.wire import VERSION, CallBody, Entry, Ref, signature, substitute, unpack
+from busagent.wire import VERSION, CallBody, DeliverBody, Entry, Ref, signature, substitute, unpack
 
 from .jobs import Done, Job, Replies
 
@@ -126,6 +126,8 @@ class Executor:
         e = job.entry
         self.verify(e)
         agent = self.agent(e.agent)
+        if e.kind == "deliver":
+            return self._deliver(job, agent)
         refs: list[Ref] = []
         body = CallBody.model_validate(unpack(e.body, refs))
         if body.deadline is not None and time.time() > body.deadline:
@@ -161,6 +163,23 @@ class Executor:
         elif body.stream:
             self._stream(e.call, agent, [value])
         return self.replies.done(job, agent, value)
+
+    def _deliver(self, job: Job, agent: Agent) -> Outcome:
+        """A hub's notice (:func:`busagent.proxy.deliver`): the agent observes what the hub
+        holds for it; with ``speak`` it then takes a turn, ``reply()`` from memory, always as
+        stream events (the task center follows them)."""
+        d = DeliverBody.model_validate(unpack(job.entry.body))
+        seen = hub.deliver(agent, d.hub)
+        if not d.speak:
+            return self.replies.done(job, agent, seen)
+        turn = agent.reply()
+        if inspect.isawaitable(turn) or inspect.isasyncgen(turn):
+            return self._finish_async(job, agent, turn, True)
+        if inspect.isgenerator(turn):
+            turn = self._stream(job.entry.call, agent, turn)
+        else:
+            self._stream(job.entry.call, agent, [turn])
+        return self.replies.done(job, agent, turn)
 
     async def _await_inputs(self, job: Job, ids: list[str], deadline: float | None
                             ) -> Done | Job:

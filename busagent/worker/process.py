@@ -37,7 +37,6 @@ from typing import Any
 import redis
 
 from busagent import bus as _bus
-from busagent import models
 from busagent.config import Settings
 from busagent.tuning import DRAIN_BATCH
 from busagent.wire import ControlBody, unpack
@@ -95,7 +94,7 @@ class Worker:
         s = self.settings
         self.bus = bus = _bus.Bus(s)
         _bus.install(bus)
-        models.serving_as = self.name  # this server's model config overrides come first
+        self.bus.server_name = self.name  # this server's model config overrides come first
         mb = self.mailboxes
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)

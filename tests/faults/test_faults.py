@@ -57,7 +57,7 @@ def test_kill9_moves_agents_with_memory_and_answers_every_call_once(
     assert len(out) == inflight
     answered_once(b, ps)
     for i, r in enumerate(recs):
-        info = busagent.registry.agent_info(r.agent_id)
+        info = busagent.admin.agent_info(r.agent_id)
         assert info.server in {"w2", "w3"}
         mem = [(m.name, m.content) for m in r.memory.get()]
         mine = [("during", j) for j in range(inflight) if j % 5 == i]
@@ -79,7 +79,7 @@ def test_frozen_worker_cannot_answer_twice(workers: Workers) -> None:
     p1.send_signal(signal.SIGSTOP)  # frozen mid-call: presumed dead, its call moved to w2
     try:
         assert p.result(timeout=30).content == "s(x)"
-        assert busagent.registry.agent_info(s.agent_id).server == "w2"
+        assert busagent.admin.agent_info(s.agent_id).server == "w2"
     finally:
         p1.send_signal(signal.SIGCONT)
     # w1 wakes, finishes the call, is refused at commit and stops at its next heartbeat.
@@ -147,7 +147,7 @@ def test_drain_moves_agents_and_waiting_calls(workers: Workers) -> None:
     busagent.gather(ps, timeout=30)
     answered_once(b, ps)
     for i, r in enumerate(recs):
-        assert busagent.registry.agent_info(r.agent_id).server == "w2"
+        assert busagent.admin.agent_info(r.agent_id).server == "w2"
         assert [m.content for m in r.memory.get()] == list(range(i, 30, 3))
     nothing_pending(b, "w2")
 
@@ -159,7 +159,7 @@ def test_poison_call_is_dead_lettered(workers: Workers) -> None:
     p = k(Msg("user", "die"))
     with pytest.raises(busagent.DeadLettered, match="delivered 2 times"):
         p.result(timeout=60)
-    dead = busagent.registry.deadletters()
+    dead = busagent.admin.deadletters()
     assert [d["call"] for d in dead] == [p.call_id]
     assert "each worker died" in dead[0]["reason"]
     assert sum(x.poll() is not None for x in procs) == 2  # two deaths, then it stopped

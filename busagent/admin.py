@@ -1,4 +1,10 @@
-"""The registry: which servers are alive, what they host, and where a new agent goes."""
+"""Looking at and managing a running bus: servers, agents, their memory, dead letters.
+
+What the CLI and an operator's script use (``busagent servers``, ``agents``, ``memory``,
+``info``, ``stop``, ``delete``, ``deadletter``). Every function reads the process-wide bus
+(:func:`busagent.bus.current`); a Redis failure raises RedisUnavailable or BusError, never a
+redis-py exception.
+"""
 
 from __future__ import annotations
 
@@ -7,112 +13,61 @@ from typing import Any
 
 from . import bus as _bus
 from . import records
-from .bus import Bus
 from .errors import BusagentError, PlacementError, UnknownAgent
 from .memory import from_json
 from .placeholder import Placeholder
-from .records import AgentInfo, ServerInfo, pick
-from .tuning import PLACEMENT_SNAPSHOT
+from .records import AgentInfo, ServerInfo
 from .wire import pack
 
 
-def read_servers(b: Bus) -> list[ServerInfo]:
-    return records.read_servers(b.redis, b.keys.servers)
-
-
-def alive(b: Bus, s: ServerInfo, now: float | None = None) -> bool:
-    return s.alive(b.settings.dead_after, now)
-
-
-class _Snapshot:
-    def __init__(self) -> None:
-        self.at = 0.0
-        self.servers: list[ServerInfo] = []
-
-
-def _live(b: Bus, fresh: bool = False) -> list[ServerInfo]:
-    snap: _Snapshot | None = b.placement
-    if snap is None:
-        snap = b.placement = _Snapshot()
-    now = time.monotonic()
-    if fresh or now - snap.at > PLACEMENT_SNAPSHOT:
-        t = time.time()
-        snap.servers = [s for s in read_servers(b) if alive(b, s, t)]
-        snap.at = now
-    return snap.servers
-
-
-def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) -> str:
-    """The server a new agent of ``module`` goes to: the named one (which must be alive and have
-    loaded the module), else the least loaded live server that loaded it, else worker processes
-    started for this program."""
-    if server is not None:
-        for s in _live(b, fresh=True):
-            if s.name == server:
-                if module not in s.modules:
-                    raise PlacementError(
-                        f"server {server!r} did not load module {module!r} (it loaded "
-                        f"{s.modules}); restart it with `busagent worker --name {server} "
-                        f"--agents {load}`"
-                    )
-                if s.agents + count > s.capacity:
-                    raise PlacementError(f"server {server!r} is full ({s.capacity} agents)")
-                s.agents += count
-                return server
-        raise PlacementError(
-            f"no live server named {server!r}; start it with `busagent worker --name {server} "
-            f"--agents {load}` against the same Redis, or see `busagent servers`"
-        )
-    for fresh in (False, True):
-        best = pick(_live(b, fresh), module, count)
-        if best is not None:
-            return best.name
-    from .spawn import ensure_children
-
-    names = ensure_children(b, load)
-    best = pick([s for s in _live(b, fresh=True) if s.name in names], module, count)
-    if best is None:
-        raise PlacementError(
-            f"worker processes for {load} started but none can take {count} more agent(s): "
-            "they are full or not registered; raise their capacity (BUSAGENT_CAPACITY, "
-            "`busagent worker --capacity`) or child_workers")
-    return best.name
-
-
 def servers(include_dead: bool = True) -> list[dict[str, Any]]:
-    """Every server in the registry, with ``alive``."""
+    """Every server in the registry: its record's fields plus ``state`` (``up``, ``late``,
+    ``stopping`` or ``dead``: :meth:`ServerInfo.state`), ``alive`` (takes new agents: ``up``
+    or ``late``) and ``age`` (seconds since its last heartbeat, one decimal). Sorted by name."""
     b = _bus.current()
     now = time.time()
+    with b.errors():
+        found = records.read_servers(b.redis, b.keys.servers)
     out = []
-    for s in read_servers(b):
-        a = alive(b, s, now)
-        if a or include_dead:
-            out.append({**s.model_dump(), "alive": a, "age": round(now - s.heartbeat, 1)})
+    for s in found:
+        state = s.state(b.settings.dead_after, now)
+        alive = state in ("up", "late")
+        if alive or include_dead:
+            out.append({**s.model_dump(), "state": state, "alive": alive,
+                        "age": round(now - s.heartbeat, 1)})
     return out
 
 
 def agents(server: str | None = None) -> list[dict[str, Any]]:
-    """Every registered agent (``HGETALL {prefix}:agents``), optionally of one server."""
+    """Every registered agent (``HGETALL {prefix}:agents``) as ``{id, name, cls, server,
+    created}``, optionally only ``server``'s, sorted by server then name."""
     b = _bus.current()
+    with b.errors():
+        raw = b.redis.hvals(b.keys.agents)
     out = []
-    for raw in b.redis.hvals(b.keys.agents):
-        info = AgentInfo.model_validate_json(raw)
+    for item in raw:
+        info = AgentInfo.model_validate_json(item)
         if server is None or info.server == server:
             out.append(info.model_dump())
     return sorted(out, key=lambda a: (a["server"], a["name"]))
 
 
 def agent_info(agent_id: str) -> AgentInfo:
+    """The agent's registry record. Raises UnknownAgent if it is not registered."""
     b = _bus.current()
-    raw = b.redis.hget(b.keys.agents, agent_id)
+    with b.errors():
+        raw = b.redis.hget(b.keys.agents, agent_id)
     if raw is None:
         raise UnknownAgent(f"agent {agent_id!r} is not registered; see `busagent agents`")
     return AgentInfo.model_validate_json(raw)
 
 
 def agent_memory(agent_id: str) -> list[Any]:
+    """The agent's memory as of its last completed call, oldest first ([] if it has none)."""
     b = _bus.current()
-    return [from_json(x) for x in b.redis.lrange(b.keys.memory(agent_id), 0, -1)]
+    with b.errors():
+        items: Any = b.redis.lrange(b.keys.memory(agent_id), 0, -1)
+    return [from_json(x) for x in items]
 
 
 class ServerClient:
@@ -123,35 +78,40 @@ class ServerClient:
 
     def _info(self) -> ServerInfo | None:
         b = _bus.current()
-        raw = b.redis.hget(b.keys.servers, self.server)
+        with b.errors():
+            raw = b.redis.hget(b.keys.servers, self.server)
         return None if raw is None else ServerInfo.model_validate_json(raw)
 
-    def is_alive(self) -> bool:
-        info = self._info()
-        return info is not None and alive(_bus.current(), info)
-
-    def get_server_info(self) -> dict[str, Any]:
-        """``{name, host, pid, cpu, mem (MiB), agents, inflight, capacity, modules, alive, ...}``
-        from the last heartbeat (no waiting on a fresh CPU sample)."""
+    def _known(self) -> ServerInfo:
         info = self._info()
         if info is None:
             raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
-        b = _bus.current()
-        return {**info.model_dump(), "alive": alive(b, info)}
+        return info
+
+    def is_alive(self) -> bool:
+        """Whether the server takes new agents (``up`` or ``late``; False if unknown)."""
+        info = self._info()
+        return info is not None and info.alive(_bus.current().settings.dead_after)
+
+    def get_server_info(self) -> dict[str, Any]:
+        """``{name, host, pid, cpu, mem (MiB), agents, inflight, capacity, modules, state,
+        alive, ...}`` from the last heartbeat (no waiting on a fresh CPU sample). Raises
+        PlacementError if no server has this name."""
+        info = self._known()
+        state = info.state(_bus.current().settings.dead_after)
+        return {**info.model_dump(), "state": state, "alive": state in ("up", "late")}
 
     def set_model_configs(self, configs: Any) -> list[str]:
         """Model configs for this server only (a JSON file, a dict or a list of dicts); they
         override the global ones of the same name. Returns the config names."""
-        if self._info() is None:
-            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+        self._known()
         from .models import load_model_configs
 
         return load_model_configs(configs, server=self.server)
 
     def _control(self, op: str, agent: str | None = None, timeout: float | None = 30.0) -> Any:
         b = _bus.current()
-        if self._info() is None:
-            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+        self._known()
         call_id = _bus.new_id()
         fields = b.entry(call_id, agent or "", "control", pack({"op": op, "agent": agent}))
         p = Placeholder(call_id, agent or "")
@@ -196,10 +156,12 @@ class ServerClient:
 
 
 def deadletters(count: int = 100) -> list[dict[str, Any]]:
-    """The newest dead-lettered calls: id, call, agent, kind, reason, tries, server."""
+    """The newest ``count`` dead-lettered calls, newest first: ``{id, call, agent, kind,
+    caller, reason, tries, server}`` (fields the entry lacks are left out)."""
     b = _bus.current()
+    with b.errors():
+        raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
     out = []
-    raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
     for entry_id, fields in raw:
         f = {k.decode(): v for k, v in fields.items()}
         row = {"id": entry_id.decode()}
@@ -212,9 +174,11 @@ def deadletters(count: int = 100) -> list[dict[str, Any]]:
 
 def replay(entry_id: str) -> str:
     """Send a dead-lettered call again, to its agent's current server, under its call id (the
-    error reply it got is removed first so its reader sees the new one). Returns the call id."""
+    error reply it got is removed first so its reader sees the new one). Returns the call id.
+    Raises UnknownAgent if there is no such entry, the routing error if it cannot be sent."""
     b = _bus.current()
-    raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)
+    with b.errors():
+        raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)
     if not raw:
         raise UnknownAgent(f"no dead-letter entry {entry_id}; see `busagent deadletter`")
     f = {k.decode(): v for k, v in raw[0][1].items()}
@@ -222,14 +186,17 @@ def replay(entry_id: str) -> str:
     agent: str = f.get("agent", b"").decode()
     if not call or not agent:
         raise BusagentError(f"dead-letter entry {entry_id} has no call or agent to replay")
-    b.redis.delete(b.keys.reply(call))
+    with b.errors():
+        b.redis.delete(b.keys.reply(call))
     p = Placeholder(call, agent)
     b.route(agent, call, f.get("kind", b"call").decode(), f.get("body", b""), p._fail)
     b.sender.flush()
     if p._error is not None:
         raise p._error
-    b.redis.xdel(b.keys.deadletter, entry_id)
+    with b.errors():
+        b.redis.xdel(b.keys.deadletter, entry_id)
     return call
 
 
-__all__ = ["ServerClient", "agents", "deadletters", "place", "replay", "servers"]
+__all__ = ["ServerClient", "agent_info", "agent_memory", "agents", "deadletters", "replay",
+           "servers"]
