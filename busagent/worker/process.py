@@ -114,12 +114,14 @@ class Worker:
         loop_ready.wait()
         asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
         self.committer = Committer(bus, self.inbox.key, self.loop, mb.written)
-        self.inbox.ensure_group()
-        self.heartbeat.adopt(self.hosting.rebuild)
+        with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
+            self.inbox.ensure_group()
+            self.heartbeat.adopt(self.hosting.rebuild)
         for i in range(s.threads):
             self._spawn(self._runner, f"runner-{i}")
         self._spawn(self._beat, "heartbeat")
-        self.heartbeat.announce()
+        with bus.errors():
+            self.heartbeat.announce()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded), bus.url_for_humans)
 
     async def _setup_loop(self) -> None:
