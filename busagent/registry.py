@@ -6,14 +6,14 @@ import time
 from typing import Any
 
 from . import bus as _bus
-from . import records
+from . import records, replies
 from .bus import Bus
 from .errors import BusagentError, PlacementError, UnknownAgent
 from .memory import from_json
 from .placeholder import Placeholder
+from .protocol import ControlBody, ControlOp, Entry, describe
 from .records import AgentInfo, ServerInfo, pick
 from .tuning import PLACEMENT_SNAPSHOT
-from .wire import pack
 
 
 def read_servers(b: Bus) -> list[ServerInfo]:
@@ -148,15 +148,17 @@ class ServerClient:
 
         return load_model_configs(configs, server=self.server)
 
-    def _control(self, op: str, agent: str | None = None, timeout: float | None = 30.0) -> Any:
+    def _control(self, op: ControlOp, agent: str | None = None,
+                 timeout: float | None = 30.0) -> Any:
         b = _bus.current()
         if self._info() is None:
             raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
         call_id = _bus.new_id()
-        fields = b.entry(call_id, agent or "", "control", pack({"op": op, "agent": agent}))
+        fields = b.sender.entry("control", ControlBody(op=op, agent=agent).pack(), call=call_id,
+                                agent=agent or "").fields()
         p = Placeholder(call_id, agent or "")
         key = b.keys.inbox(self.server)
-        b.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
+        b.sender.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
         return p.result(timeout)
 
     def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
@@ -201,12 +203,7 @@ def deadletters(count: int = 100) -> list[dict[str, Any]]:
     out = []
     raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
     for entry_id, fields in raw:
-        f = {k.decode(): v for k, v in fields.items()}
-        row = {"id": entry_id.decode()}
-        for name in ("call", "agent", "kind", "caller", "reason", "tries", "server"):
-            if name in f:
-                row[name] = f[name].decode(errors="replace")
-        out.append(row)
+        out.append({"id": entry_id.decode(), **describe(fields)})
     return out
 
 
@@ -217,14 +214,16 @@ def replay(entry_id: str) -> str:
     raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)
     if not raw:
         raise UnknownAgent(f"no dead-letter entry {entry_id}; see `busagent deadletter`")
-    f = {k.decode(): v for k, v in raw[0][1].items()}
-    call: str = f.get("call", b"").decode()
-    agent: str = f.get("agent", b"").decode()
+    try:
+        e = Entry.from_fields(raw[0][1])
+    except BusagentError as err:
+        raise BusagentError(f"dead-letter entry {entry_id} cannot be replayed: {err}") from None
+    call, agent = e.call, e.agent
     if not call or not agent:
         raise BusagentError(f"dead-letter entry {entry_id} has no call or agent to replay")
-    b.redis.delete(b.keys.reply(call))
+    replies.release(b, [call])
     p = Placeholder(call, agent)
-    b.route(agent, call, f.get("kind", b"call").decode(), f.get("body", b""), p._fail)
+    b.sender.route(agent, call, e.kind, e.body, p._fail)
     b.sender.flush()
     if p._error is not None:
         raise p._error

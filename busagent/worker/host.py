@@ -33,12 +33,11 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import psutil
 import redis
 
 from busagent import bus as _bus
-from busagent import models, stream
+from busagent import models, replies, scripts, stream
 from busagent.agent import Agent, assigning_id, is_remote
 from busagent.classpath import lookup
 from busagent.config import Settings
@@ -51,10 +50,23 @@ from busagent.errors import (
     ProtocolError,
     UnknownAgent,
     UnknownClass,
-    code_of,
 )
 from busagent.keys import GROUP
 from busagent.memory import Memory, from_json
+from busagent.protocol import (
+    VERSION,
+    CallBody,
+    ControlBody,
+    CreateBatch,
+    CreateBody,
+    Entry,
+    Ref,
+    Reply,
+    check_size,
+    deadletter,
+    signature,
+    substitute,
+)
 from busagent.records import AgentInfo, ServerInfo
 from busagent.tuning import (
     COMMIT_BATCH,
@@ -64,21 +76,6 @@ from busagent.tuning import (
     MAX_INFLIGHT,
     READ_COUNT,
     RECOVERY_LOCK_MS,
-)
-from busagent.wire import (
-    VERSION,
-    CallBody,
-    ControlBody,
-    CreateBatch,
-    CreateBody,
-    Entry,
-    ErrorInfo,
-    Ref,
-    pack,
-    pack_reply,
-    signature,
-    substitute,
-    unpack,
 )
 
 from . import recovery
@@ -231,7 +228,7 @@ class Worker:
         spec = self.r.hget(self.keys.specs, agent_id)
         if spec is None:
             raise UnknownAgent(f"agent {agent_id} has no stored spec to rebuild it from")
-        body = CreateBody.model_validate(unpack(spec))  # type: ignore[arg-type]
+        body = CreateBody.unpack(spec)  # type: ignore[arg-type]
         agent = self._build(agent_id, body)
         items: Any = self.r.lrange(self.keys.memory(agent_id), 0, -1)
         agent.memory = Memory(from_json(x) for x in items)  # already saved: nothing to rewrite
@@ -282,7 +279,7 @@ class Worker:
     def _wake_reader(self) -> None:
         """End the leader's blocking read now rather than at its timeout: an entry that the
         worker acknowledges without replying."""
-        fields = self.bus.entry(f"wake-{_bus.new_id()}", "", "control", pack({"op": "wake"}))
+        fields = self.bus.sender.entry("control", ControlBody(op="wake").pack()).fields()
         # If this fails the read times out on its own within a second.
         with contextlib.suppress(redis.exceptions.RedisError):
             self.r.xadd(self.inbox, fields)  # type: ignore[arg-type]
@@ -364,8 +361,8 @@ class Worker:
     def _heartbeat_once(self) -> None:
         if self.fenced:
             return
-        ok = self.bus.script("heartbeat", [self.keys.servers],
-                             [self.name, self.info().model_dump_json()])
+        ok = scripts.heartbeat(self.bus.scripts, self.keys, self.name,
+                               self.info().model_dump_json())
         if not ok:
             log.error("worker %s was declared dead and its agents moved elsewhere; stopping",
                       self.name)
@@ -507,31 +504,20 @@ class Worker:
         self.held.add(entry_id)
         self.inflight += 1
         try:
-            entry = Entry(
-                v=int(fields.get(b"v", b"0")),
-                call=fields[b"call"].decode(),
-                agent=fields.get(b"agent", b"").decode(),
-                caller=fields.get(b"caller", b"").decode(),
-                kind=fields.get(b"kind", b"").decode(),  # type: ignore[arg-type]
-                body=fields.get(b"body", b""),
-                tries=int(fields.get(b"tries", b"0")),
-                restore=fields.get(b"restore") == b"1",
-                sig=fields.get(b"sig", b"").decode(),
-            )
-        except (KeyError, ValueError, UnicodeDecodeError) as e:
-            call = fields.get(b"call")
+            entry = Entry.from_fields(fields)
+        except ProtocolError as e:
+            call = Entry.reply_to(fields)
             log.warning("malformed entry %s: %s", entry_id, e)
-            done = Done(entry_id, call.decode(errors="replace") if call else "",
-                        self._error_reply(ProtocolError(f"malformed call entry: {e}")))
+            done = Done(entry_id, call, self._error_reply(e))
             if not call:  # nobody to answer: keep it where an operator can look
-                done.dead = {**fields, b"reason": f"malformed, no call id: {e}".encode()}
+                done.dead = deadletter(fields, f"malformed, no call id: {e}", self.name)
             return done
         agent = entry.agent if entry.kind != "control" or entry.agent else CONTROL
         box = self.mailboxes.get(agent)
         if box is None:
             box = self.mailboxes[agent] = deque()
         job = Job(entry_id, entry)
-        if entry.kind == "create" and not entry.agent:
+        if entry.kind == "create_many":
             job.held = self._hold(entry)
         box.append(job)
         if agent not in self.busy:
@@ -546,7 +532,7 @@ class Worker:
         Called with ``cond`` held."""
         held: list[str] = []
         with contextlib.suppress(Exception):  # a malformed body fails in _create_batch
-            for agent_id in CreateBatch.model_validate(unpack(entry.body)).agents:
+            for agent_id in CreateBatch.unpack(entry.body).agents:
                 if agent_id not in self.busy:
                     self.busy.add(agent_id)
                     held.append(agent_id)
@@ -565,9 +551,8 @@ class Worker:
 
     def _deadletter(self, fields: dict[bytes, bytes]) -> None:
         try:
-            entry: dict[Any, Any] = {**fields, b"server": self.name.encode()}
-            self.r.xadd(self.keys.deadletter, entry, maxlen=self.settings.deadletter_max,
-                        approximate=True)
+            self.r.xadd(self.keys.deadletter, fields,  # type: ignore[arg-type]
+                        maxlen=self.settings.deadletter_max, approximate=True)
         except redis.exceptions.RedisError as e:
             log.warning("could not dead-letter an entry: %s", e)
 
@@ -659,13 +644,15 @@ class Worker:
         if e.v != VERSION:
             raise ProtocolError(f"protocol version {e.v} is not {VERSION}; upgrade busagent on "
                                 "the caller or the worker so they match")
-        self.bus.check_size(e.body, "the call")
+        check_size(e.body, self.settings.max_message_bytes, "the call")
         secret = self.settings.secret
         if secret and not hmac.compare_digest(
                 e.sig, signature(secret, e.v, e.call, e.agent, e.kind, e.body)):
             raise ProtocolError("the call is not signed with this bus's shared secret "
                                 "(BUSAGENT_SECRET); refused")
-        if e.kind == "create":
+        if e.kind == "create_many":
+            return self._create_batch(job)
+        if e.kind in ("create", "restore"):
             return self._create(job)
         if e.kind == "control":
             return self._control(job)
@@ -678,7 +665,7 @@ class Worker:
                 "restarted); create it again"
             )
         refs: list[Ref] = []
-        body = CallBody.model_validate(unpack(e.body, refs))
+        body = CallBody.unpack(e.body, refs)
         if body.deadline is not None and time.time() > body.deadline:
             raise CallTimeout("the caller's deadline passed before the call started")
         if e.kind == "call":
@@ -776,9 +763,9 @@ class Worker:
     async def _await_inputs(self, job: Job, refs: list[Ref], deadline: float | None) -> None:
         try:
             timeout = None if deadline is None else max(deadline - time.time(), 0.001)
-            raw = await self.bus.afetch([r.call_id for r in refs], timeout)
+            raw = await replies.afetch(self.bus, [r.call_id for r in refs], timeout)
             values = self._decode_inputs(raw)
-            body = CallBody.model_validate(unpack(job.entry.body))
+            body = CallBody.unpack(job.entry.body)
             job.resolved = (substitute(body.args, values), substitute(body.kwargs, values))
         except Exception as err:  # noqa: BLE001
             self._commit_soon(Done(job.entry_id, job.entry.call, self._error_reply(err)))
@@ -789,11 +776,8 @@ class Worker:
 
     def _peek(self, refs: list[Ref]) -> dict[str, Any] | None:
         ids = list(dict.fromkeys(r.call_id for r in refs))
-        pipe = self.r.pipeline(transaction=False)
-        for c in ids:
-            pipe.lindex(self.keys.reply(c), 0)
-        raw = dict(zip(ids, pipe.execute(), strict=True))
-        if any(v is None for v in raw.values()):
+        raw = replies.peek(self.bus, ids)
+        if len(raw) < len(ids):
             return None
         return self._decode_inputs(raw)
 
@@ -802,19 +786,17 @@ class Worker:
         values: dict[str, Any] = {}
         for call_id, data in raw.items():
             try:
-                values[call_id] = _bus.decode(data)
+                values[call_id] = replies.decode(data)
             except BusagentError as err:
                 raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
         return values
 
     def _create(self, job: Job) -> Done:
         e = job.entry
-        if not e.agent:
-            return self._create_batch(job)
         try:
             if len(self.agents) >= self.capacity:
                 raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
-            if e.restore:
+            if e.kind == "restore":
                 # Moved here by recovery: rebuilt, not new. Nobody waits on this entry.
                 if e.agent not in self.agents:  # (a retried move may queue it twice)
                     self.agents[e.agent] = self._restore(e.agent)
@@ -822,7 +804,7 @@ class Worker:
             if e.agent in self.agents:  # a create sent twice (a retried send): same agent
                 return self._done(job, self.agents[e.agent],
                                   {"agent_id": e.agent, "server": self.name})
-            body = CreateBody.model_validate(unpack(e.body))
+            body = CreateBody.unpack(e.body)
             agent = self._build(e.agent, body)
             if body.memory:
                 agent.memory = Memory(body.memory)
@@ -831,7 +813,7 @@ class Worker:
             self.failed[e.agent] = f"{type(err).__name__}: {err}"
             if len(self.failed) > FAILED_CREATES:
                 self.failed.pop(next(iter(self.failed)))
-            if e.restore:
+            if e.kind == "restore":
                 log.warning("could not rebuild agent %s: %s", e.agent, err)
                 return Done(job.entry_id, "", b"")
             if not isinstance(err, BusagentError):  # the constructor itself raised
@@ -848,7 +830,7 @@ class Worker:
         record no longer names this server (recovery moved the chunk's agents while the entry
         waited) is left to the server that has it, so none is built twice."""
         e = job.entry
-        ids = CreateBatch.model_validate(unpack(e.body)).agents
+        ids = CreateBatch.unpack(e.body).agents
         pipe = self.r.pipeline(transaction=False)
         pipe.hmget(self.keys.agents, ids)
         pipe.hmget(self.keys.specs, ids)
@@ -863,8 +845,7 @@ class Worker:
             try:
                 if len(self.agents) >= self.capacity:
                     raise BusagentError(f"server {self.name} is full ({self.capacity} agents)")
-                self.agents[agent_id] = self._build(agent_id,
-                                                    CreateBody.model_validate(unpack(spec)))
+                self.agents[agent_id] = self._build(agent_id, CreateBody.unpack(spec))
                 built += 1
             except Exception as err:  # noqa: BLE001 - reported per agent to the caller
                 failed[agent_id] = f"{type(err).__name__}: {err}"
@@ -892,7 +873,7 @@ class Worker:
 
     def _control(self, job: Job) -> Done:
         e = job.entry
-        body = ControlBody.model_validate(unpack(e.body))
+        body = ControlBody.unpack(e.body)
         value: Any
         if body.op == "delete":
             if not e.agent:
@@ -931,7 +912,7 @@ class Worker:
 
     def _ok_reply(self, value: Any) -> bytes:
         try:
-            data = pack_reply(True, value)
+            data = Reply.ok(value)
         except NotSerializable as e:
             return self._error_reply(NotSerializable(f"the reply cannot travel on the bus: {e}"))
         if len(data) > self.settings.max_message_bytes:
@@ -943,8 +924,7 @@ class Worker:
     def _error_reply(self, err: BaseException, tb: str | None = None) -> bytes:
         if tb is None:
             tb = "" if isinstance(err, BusagentError) else _user_traceback(err)
-        return pack_reply(False, error=ErrorInfo(type=code_of(err), message=str(err), traceback=tb,
-                                                 server=self.name))
+        return Reply.fail(err, server=self.name, traceback=tb)
 
     def _commit(self, done: Done, flush: bool = True) -> None:
         """Queue a finished call; write the queue now unless more of the agent's calls follow."""
@@ -996,19 +976,8 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
 
     def _write(self, batch: list[Done]) -> None:
-        recs = []
-        for d in batch:
-            op = 2 if d.drop else 1 if d.mem_cleared else 0
-            rec: list[Any] = [d.entry_id, d.call_id, d.reply, d.agent_id or "", op]
-            if d.mem_new and not d.drop:
-                rec.extend(d.mem_new)
-            recs.append(rec)
-        k = self.keys
-        fenced = self.bus.script(
-            "commit", [self.inbox, k.agents, k.specs],
-            [GROUP, self.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
-             msgpack.packb(recs, use_bin_type=False)],  # Lua's cmsgpack predates bin types
-        )
+        fenced = scripts.commit(self.bus.scripts, self.keys, self.inbox,
+                                self.settings.reply_ttl, batch)
         if fenced:
             log.warning("%d replies refused: their calls were moved to another worker", fenced)
 
