@@ -156,6 +156,13 @@ class Entry(BaseModel):
 
 Entry._NAMES = {name.encode(): name for name in Entry.model_fields}
 
+#: the entry field names each Lua script spells (writes or reads), beside the model they must
+#: match: ``tests/test_protocol.py`` reads the scripts and checks both ways.
+LUA_ENTRY_FIELDS: dict[str, frozenset[str]] = {
+    "route.lua": frozenset({"v", "call", "agent", "caller", "kind", "body", "sig"}),
+    "move.lua": frozenset({"tries", "call", "kind", "agent", "reason"}),
+}
+
 #: what a dead-lettered entry carries beside its own fields: why (move.lua, the worker) and the
 #: server that gave up on it (the worker).
 DEADLETTER_FIELDS = ("reason", "server")

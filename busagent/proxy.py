@@ -113,11 +113,14 @@ class RemoteMemory:
         start = 0 if recent_n is None else -recent_n
         if recent_n == 0:
             return []
-        return [from_json(x) for x in b.redis.lrange(b.keys.memory(self.agent_id), start, -1)]
+        with b.errors():
+            items = b.redis.lrange(b.keys.memory(self.agent_id), start, -1)
+        return [from_json(x) for x in items]
 
     def size(self) -> int:
         b = _bus.current()
-        return int(b.redis.llen(b.keys.memory(self.agent_id)))
+        with b.errors():
+            return int(b.redis.llen(b.keys.memory(self.agent_id)))
 
 
 def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Placeholder]:

@@ -46,7 +46,7 @@ def decode(data: bytes) -> Any:
 
 def write(b: Bus, pipe: Any, call_id: str, reply: bytes) -> None:
     """Queue on ``pipe`` the writing of a reply (``Reply.ok``/``Reply.fail`` bytes)."""
-    k = b.keys.reply(call_id)
+    k = key(b, call_id)
     pipe.rpush(k, reply)
     pipe.expire(k, b.settings.reply_ttl)
 
@@ -74,8 +74,9 @@ async def apeek(b: Bus, call_ids: Sequence[str], take: bool = False) -> dict[str
 
 def release(b: Bus, call_ids: Sequence[str]) -> None:
     """Delete replies nobody needs any more, before their ``reply_ttl``."""
-    for i in range(0, len(call_ids), SEND_BATCH):
-        b.redis.unlink(*[b.keys.reply(c) for c in call_ids[i : i + SEND_BATCH]])
+    with b.errors():
+        for i in range(0, len(call_ids), SEND_BATCH):
+            b.redis.unlink(*[key(b, c) for c in call_ids[i : i + SEND_BATCH]])
 
 
 class _Wait:

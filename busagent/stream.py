@@ -94,7 +94,8 @@ def follow(call_ids: Sequence[str], timeout: float | None = None,
                 raise CallTimeout(f"stream(s) {sorted(calls[k] for k in cursors)} did not end "
                                   f"within {timeout} s; pass a longer timeout")
             wait = max(1, min(block_ms, int(left * 1000)))
-        got: Any = b.redis.xread(dict[Any, Any](cursors), block=wait, count=500)
+        with b.errors():
+            got: Any = b.redis.xread(dict[Any, Any](cursors), block=wait, count=500)
         for key_raw, entries in got or []:
             key = key_raw.decode() if isinstance(key_raw, bytes) else key_raw
             for entry_id, f in entries:
