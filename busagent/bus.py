@@ -28,10 +28,7 @@ from .errors import BusagentError, BusError, ConfigError, RedisUnavailable, Skip
 from .ids import new_id
 from .keys import Keys
 from .scripts import Scripts
-from .sender import Sender
-
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-
+from .sender import REDIS_DOWN, Sender
 
 #: set while a worker loads a user's script (see :func:`busagent.worker.load.load_script`): a
 #: context variable, so it holds for the loading thread only, never for the worker's others.
@@ -132,7 +129,7 @@ class Bus:
         if isinstance(e, redis.exceptions.NoPermissionError):
             return RedisUnavailable(f"Redis at {where} refused a command to this user: {e}; "
                                     "grant the ACL the README lists")
-        if isinstance(e, (*_REDIS_ERRORS, OSError)):
+        if isinstance(e, (*REDIS_DOWN, OSError)):
             return RedisUnavailable(f"lost Redis at {where}: {e}; check that it is up and the "
                                     "URL (BUSAGENT_REDIS_URL)")
         return BusError(f"Redis at {where} refused a command: {e}")

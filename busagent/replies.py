@@ -19,11 +19,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import redis
-
 from . import scripts
 from .errors import CallTimeout, RedisUnavailable
 from .protocol import Reply
+from .sender import REDIS_DOWN
 from .tuning import PEEK_BATCH, SEND_BATCH
 
 if TYPE_CHECKING:
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
 
 #: a timeout argument meaning "the ``call_timeout`` setting".
 DEFAULT: Any = object()
-
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def key(b: Bus, call_id: str) -> str:
@@ -158,7 +155,7 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
             # redis-py's hints say int; Redis takes fractional seconds since 6.0.
             w.read(r.blpop([k], wait) if take
                    else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
-        except _REDIS_ERRORS as e:
+        except REDIS_DOWN as e:
             time.sleep(w.backoff(e))
     return w.out
 
@@ -178,6 +175,6 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
             k, wait = w.next()
             w.read(await r.blpop([k], wait) if take
                    else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
-        except _REDIS_ERRORS as e:
+        except REDIS_DOWN as e:
             await asyncio.sleep(w.backoff(e))
     return w.out

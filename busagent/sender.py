@@ -26,7 +26,8 @@ from .tuning import LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
 if TYPE_CHECKING:
     from .bus import Bus
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: redis-py errors that mean Redis cannot be reached for now: wait and try again.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Sender:
             try:
                 self._attempt(batch)
                 return
-            except (*_REDIS_ERRORS, OSError) as e:
+            except (*REDIS_DOWN, OSError) as e:
                 if time.monotonic() + delay > deadline:
                     err = self._unavailable(e)
                     for op in batch:
