@@ -214,8 +214,8 @@ class Body(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kw: Any) -> None:
         super().__pydantic_init_subclass__(**kw)
-        cls._DEFAULTS = {n: f.default for n, f in cls.model_fields.items()
-                         if not f.is_required()}
+        cls._DEFAULTS = {n: f.get_default(call_default_factory=True)
+                         for n, f in cls.model_fields.items() if not f.is_required()}
 
     def pack(self) -> bytes:
         """The msgpack map of the fields (not a model dump: user values inside ``args`` keep
@@ -235,9 +235,12 @@ class Body(BaseModel):
 _B = TypeVar("_B", bound=Body)
 
 
+# Mutable defaults are factories: pydantic would copy a literal [] for every body built.
+
+
 class CallBody(Body):
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     #: for kind "method": which method.
     method: str | None = None
     #: epoch seconds after which the caller no longer waits; the worker then skips the call.
@@ -249,10 +252,10 @@ class CallBody(Body):
 class CreateBody(Body):
     cls: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     name: str
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     #: memory to start with (``agent.to_dist()`` carries the local agent's memory over).
-    memory: list[Any] = []
+    memory: list[Any] = Field(default_factory=list)
 
 
 class CreateBatch(Body):

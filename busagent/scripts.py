@@ -53,14 +53,12 @@ class Scripts:
     def load(self) -> None:
         self.sha = {n: str(self.r.script_load(src)) for n, src in LUA.items()}
 
-    def run(self, name: str, keys: Sequence[str], args: Sequence[Any],
-            client: redis.Redis | None = None) -> Any:
-        c = self.r if client is None else client
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return c.evalsha(self.sha[name], len(keys), *keys, *args)
+            return self.r.evalsha(self.sha[name], len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             self.load()
-            return c.evalsha(self.sha[name], len(keys), *keys, *args)
+            return self.r.evalsha(self.sha[name], len(keys), *keys, *args)
 
     async def arun(self, client: aredis.Redis, name: str, keys: Sequence[str],
                    args: Sequence[Any]) -> Any:

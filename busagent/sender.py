@@ -168,7 +168,7 @@ class Sender:
                     self._bus.scripts.load()
                     op.add(client)
             except (redis.exceptions.ResponseError, redis.exceptions.DataError) as e:
-                op.on_error(BusagentError(f"Redis refused a command: {e}"))
+                op.on_error(self._bus.translate(e))
             return
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
@@ -188,7 +188,7 @@ class Sender:
                 ):
                     retry.append(op)
                 else:
-                    op.on_error(BusagentError(f"Redis refused a command: {bad[0]}"))
+                    op.on_error(self._bus.translate(bad[0]))
             if not retry:
                 return
             self._bus.scripts.load()
