@@ -95,7 +95,11 @@ class Bus:
                 "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
-        self.scripts = Scripts(self.redis)
+        try:
+            self.scripts = Scripts(self.redis)
+        except (redis.exceptions.RedisError, OSError) as e:  # e.g. an ACL without SCRIPT LOAD
+            self.close()
+            raise self.translate(e) from None
         self.sender = Sender(self)
 
     @property
