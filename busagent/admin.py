@@ -12,12 +12,12 @@ import time
 from typing import Any
 
 from . import bus as _bus
-from . import records
+from . import records, replies
 from .errors import BusagentError, PlacementError, UnknownAgent
 from .memory import from_json
 from .placeholder import Placeholder
+from .protocol import ControlBody, ControlOp, Entry, describe
 from .records import AgentInfo, ServerInfo
-from .wire import pack
 
 
 def servers(include_dead: bool = True) -> list[dict[str, Any]]:
@@ -109,14 +109,16 @@ class ServerClient:
 
         return load_model_configs(configs, server=self.server)
 
-    def _control(self, op: str, agent: str | None = None, timeout: float | None = 30.0) -> Any:
+    def _control(self, op: ControlOp, agent: str | None = None,
+                 timeout: float | None = 30.0) -> Any:
         b = _bus.current()
         self._known()
         call_id = _bus.new_id()
-        fields = b.entry(call_id, agent or "", "control", pack({"op": op, "agent": agent}))
+        fields = b.sender.entry("control", ControlBody(op=op, agent=agent).pack(), call=call_id,
+                                agent=agent or "").fields()
         p = Placeholder(call_id, agent or "")
         key = b.keys.inbox(self.server)
-        b.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
+        b.sender.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
         return p.result(timeout)
 
     def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
@@ -163,12 +165,7 @@ def deadletters(count: int = 100) -> list[dict[str, Any]]:
         raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
     out = []
     for entry_id, fields in raw:
-        f = {k.decode(): v for k, v in fields.items()}
-        row = {"id": entry_id.decode()}
-        for name in ("call", "agent", "kind", "caller", "reason", "tries", "server"):
-            if name in f:
-                row[name] = f[name].decode(errors="replace")
-        out.append(row)
+        out.append({"id": entry_id.decode(), **describe(fields)})
     return out
 
 
@@ -181,15 +178,16 @@ def replay(entry_id: str) -> str:
         raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)
     if not raw:
         raise UnknownAgent(f"no dead-letter entry {entry_id}; see `busagent deadletter`")
-    f = {k.decode(): v for k, v in raw[0][1].items()}
-    call: str = f.get("call", b"").decode()
-    agent: str = f.get("agent", b"").decode()
+    try:
+        e = Entry.from_fields(raw[0][1])
+    except BusagentError as err:
+        raise BusagentError(f"dead-letter entry {entry_id} cannot be replayed: {err}") from None
+    call, agent = e.call, e.agent
     if not call or not agent:
         raise BusagentError(f"dead-letter entry {entry_id} has no call or agent to replay")
-    with b.errors():
-        b.redis.delete(b.keys.reply(call))
+    replies.release(b, [call])
     p = Placeholder(call, agent)
-    b.route(agent, call, f.get("kind", b"call").decode(), f.get("body", b""), p._fail)
+    b.sender.route(agent, call, e.kind, e.body, p._fail)
     b.sender.flush()
     if p._error is not None:
         raise p._error

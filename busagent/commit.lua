@@ -7,11 +7,14 @@
 -- while this one was presumed dead) is skipped whole, so its reply is written once, by the
 -- worker that owns it, and the memory never gets a second copy of its changes.
 --
--- KEYS[1] the inbox stream, KEYS[2] the agents hash, KEYS[3] the specs hash.
--- ARGV: group, reply ttl, reply key prefix, memory key prefix, batch.
--- batch: array of {entry id, call id, reply, agent id, op, new memory items...}
+-- Called by busagent/scripts.py:commit, the only code that knows this KEYS/ARGV order.
+-- KEYS[1] the inbox stream, KEYS[2] the agents hash, KEYS[3] the specs hash, then the reply and
+--   memory keys the batch names by index.
+-- ARGV: group, reply ttl, batch.
+-- batch: array of {entry id, reply key index, reply, agent id, memory key index, op,
+--                  new memory items...}; an index of 0: no reply to write, or no agent
 --   op: 0 nothing, 1 memory cleared first, 2 agent gone (drop memory, record and spec)
-local recs = cmsgpack.unpack(ARGV[5])
+local recs = cmsgpack.unpack(ARGV[3])
 local ttl = tonumber(ARGV[2])
 local fenced = 0
 for _, r in ipairs(recs) do
@@ -19,20 +22,20 @@ for _, r in ipairs(recs) do
     fenced = fenced + 1
   else
     redis.call('XDEL', KEYS[1], r[1])
-    if r[2] ~= '' and r[3] ~= '' then
-      local rk = ARGV[3] .. r[2]
+    if r[2] > 0 then
+      local rk = KEYS[r[2]]
       redis.call('RPUSH', rk, r[3])
       redis.call('EXPIRE', rk, ttl)
     end
-    if r[4] ~= '' then
-      local mk = ARGV[4] .. r[4]
-      if r[5] == 2 then
+    if r[5] > 0 then
+      local mk = KEYS[r[5]]
+      if r[6] == 2 then
         redis.call('DEL', mk)
         redis.call('HDEL', KEYS[2], r[4])
         redis.call('HDEL', KEYS[3], r[4])
       else
-        if r[5] == 1 then redis.call('DEL', mk) end
-        if #r > 5 then redis.call('RPUSH', mk, unpack(r, 6)) end
+        if r[6] == 1 then redis.call('DEL', mk) end
+        if #r > 6 then redis.call('RPUSH', mk, unpack(r, 7)) end
       end
     end
   end

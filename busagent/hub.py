@@ -37,8 +37,8 @@ from . import bus as _bus
 from . import proxy
 from .errors import ConfigError
 from .message import Msg
+from .protocol import pack, unpack
 from .proxy import RemoteAgent
-from .wire import pack, unpack
 
 EVERYONE = "*"
 

@@ -49,7 +49,7 @@ def _dec(v: Any) -> Any:
     if len(v) == 1 and "$b64" in v:
         return base64.b64decode(v["$b64"])
     if len(v) == 2 and "$model" in v:
-        from .wire import _model_class
+        from .protocol import _model_class
 
         return _model_class(v["$model"]).model_validate(_dec(v["data"]))
     return {k: _dec(x) for k, x in v.items()}

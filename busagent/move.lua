@@ -6,13 +6,20 @@
 --
 -- A call that has now been delivered to max_deliveries workers that all died is not moved but
 -- dead-lettered: its caller gets an error reply and the entry is kept in the dead-letter stream.
+-- Entries nobody waits on (no call id: a restore, a wake) get no reply.
 --
--- KEYS[1] agents hash, KEYS[2] old inbox, KEYS[3] dead-letter stream.
--- ARGV: group, inbox prefix, reply prefix, reply ttl, max deliveries, dead-letter max length,
+-- The reply keys of dead-lettered calls are derived from the prefix (the keys not in KEYS: see
+-- busagent/scripts.py). Entry fields are those of busagent.protocol.Entry; the restore entries
+-- come ready-made from Python.
+--
+-- Called by busagent/scripts.py:move, the only code that knows this KEYS/ARGV order.
+-- KEYS[1] agents hash, KEYS[2] old inbox, KEYS[3] dead-letter stream, KEYS[4..] new inboxes.
+-- ARGV: group, reply prefix, reply ttl, max deliveries, dead-letter max length,
 --       old server name, snapshot end id, batch (msgpack)
--- batch: array of {agent id, new server, record JSON, restore sig, {snapshot entry ids...}}
-local batch = cmsgpack.unpack(ARGV[9])
-local maxd = tonumber(ARGV[5])
+-- batch: array of {agent id, new inbox KEYS index, record JSON, restore entry fields (flat),
+--                  {snapshot entry ids...}}
+local batch = cmsgpack.unpack(ARGV[8])
+local maxd = tonumber(ARGV[4])
 local moved, dead = 0, 0
 
 local function move(id, fields, target)
@@ -29,34 +36,34 @@ local function move(id, fields, target)
   tries = tries + 1
   redis.call('XACK', KEYS[2], ARGV[1], id)
   redis.call('XDEL', KEYS[2], id)
-  local call, kind = '', ''
+  local call = ''
   for i = 1, #f, 2 do
-    if f[i] == 'call' then call = f[i + 1] elseif f[i] == 'kind' then kind = f[i + 1] end
+    if f[i] == 'call' then call = f[i + 1] end
   end
   if tries >= maxd then
     f[#f + 1] = 'reason'
-    f[#f + 1] = 'delivered ' .. tries .. ' times; each worker died (last: ' .. ARGV[7] .. ')'
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', unpack(f))
+    f[#f + 1] = 'delivered ' .. tries .. ' times; each worker died (last: ' .. ARGV[6] .. ')'
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
     if call ~= '' then
-      local rk = ARGV[3] .. call
+      local rk = ARGV[2] .. call
       redis.call('RPUSH', rk, cmsgpack.pack({ok = false, error = {type = 'DeadLettered',
         message = 'the call was delivered ' .. tries .. ' times and its worker died each time;'
-          .. ' it is in the dead-letter stream (`busagent deadletter`)', server = ARGV[7]}}))
-      redis.call('EXPIRE', rk, ARGV[4])
+          .. ' it is in the dead-letter stream (`busagent deadletter`)', server = ARGV[6]}}))
+      redis.call('EXPIRE', rk, ARGV[3])
     end
     dead = dead + 1
     return
   end
   f[#f + 1] = 'tries'
   f[#f + 1] = tostring(tries)
-  redis.call('XADD', ARGV[2] .. target, '*', unpack(f))
+  redis.call('XADD', target, '*', unpack(f))
   moved = moved + 1
 end
 
 local target = {}
 for _, a in ipairs(batch) do
-  local agent, server, record, sig, ids = a[1], a[2], a[3], a[4], a[5]
-  target[agent] = server
+  local agent, inbox, record, restore, ids = a[1], KEYS[a[2]], a[3], a[4], a[5]
+  target[agent] = inbox
   redis.call('HSET', KEYS[1], agent, record)
   -- A create still waiting in the old inbox builds the agent; otherwise restore it.
   local creating = false
@@ -69,17 +76,15 @@ for _, a in ipairs(batch) do
     end
   end
   if not creating then
-    redis.call('XADD', ARGV[2] .. server, '*', 'v', '1', 'call', 'restore-' .. agent,
-      'agent', agent, 'caller', 'recovery', 'kind', 'create', 'restore', '1', 'sig', sig,
-      'body', '')
+    redis.call('XADD', inbox, '*', unpack(restore))
   end
   for _, id in ipairs(ids) do
     local e = redis.call('XRANGE', KEYS[2], id, id)
-    if e[1] then move(id, e[1][2], server) end
+    if e[1] then move(id, e[1][2], inbox) end
   end
 end
 -- Calls that reached the old inbox after the snapshot was taken.
-local tail = redis.call('XRANGE', KEYS[2], '(' .. ARGV[8], '+')
+local tail = redis.call('XRANGE', KEYS[2], '(' .. ARGV[7], '+')
 for _, e in ipairs(tail) do
   local agent
   for i = 1, #e[2], 2 do

@@ -13,6 +13,7 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import bus as _bus
+from . import replies
 from .errors import BusagentError
 
 _UNSET: Any = object()
@@ -44,7 +45,7 @@ class Placeholder:
 
     def _settle(self, data: bytes) -> None:
         try:
-            self._value = _bus.decode(data)
+            self._value = replies.decode(data)
         except BusagentError as e:
             self._error = e
 
@@ -52,13 +53,12 @@ class Placeholder:
         """True once the reply has been read (never blocks)."""
         return self._value is not _UNSET or self._error is not None
 
-    def result(self, timeout: float | object | None = _bus._DEFAULT) -> Any:
+    def result(self, timeout: float | object | None = replies.DEFAULT) -> Any:
         """The reply's value; raises RemoteError if the remote code raised, CallTimeout (a
         TimeoutError) when ``timeout`` (default: the ``call_timeout`` setting) passes."""
         if not self.done():
             _forbid_blocking_in_loop()
-            b = _bus.current()
-            got = b.fetch([self.call_id], timeout)
+            got = replies.fetch(_bus.current(), [self.call_id], timeout)
             if self._error is None:
                 self._settle(got[self.call_id])
         return self._unwrap()
@@ -126,7 +126,7 @@ def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
     return out
 
 
-def gather(placeholders: Iterable[Placeholder], timeout: float | object | None = _bus._DEFAULT,
+def gather(placeholders: Iterable[Placeholder], timeout: float | object | None = replies.DEFAULT,
            return_exceptions: bool = False, release: bool = False) -> list[Any]:
     """Wait for many placeholders with batched reads; values in the given order. The first error
     is raised unless ``return_exceptions``, which puts exceptions in the list instead.
@@ -135,19 +135,20 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
     pending, errors = _collect(ps)
     if pending:
         _forbid_blocking_in_loop()
-        got = _bus.current().fetch(pending, timeout, errors, take=release)
+        got = replies.fetch(_bus.current(), pending, timeout, errors, take=release)
     else:
         got = {}
     return _finish(ps, got, return_exceptions)
 
 
 async def agather(placeholders: Iterable[Placeholder],
-                  timeout: float | object | None = _bus._DEFAULT,
+                  timeout: float | object | None = replies.DEFAULT,
                   return_exceptions: bool = False, release: bool = False) -> list[Any]:
     """:func:`gather` for asyncio code."""
     ps = list(placeholders)
     pending, errors = _collect(ps)
-    got = await _bus.current().afetch(pending, timeout, errors, take=release) if pending else {}
+    got = (await replies.afetch(_bus.current(), pending, timeout, errors, take=release)
+           if pending else {})
     return _finish(ps, got, return_exceptions)
 
 
@@ -155,4 +156,4 @@ def release(placeholders: Iterable[Placeholder]) -> None:
     """Delete the replies of these calls from Redis now instead of after ``reply_ttl``: for a
     caller that is the only reader (a shard gathering its participants). Placeholders already
     resolved keep their values; any other holder can no longer resolve them."""
-    _bus.current().release([p.call_id for p in placeholders])
+    replies.release(_bus.current(), [p.call_id for p in placeholders])

@@ -21,8 +21,8 @@ from .errors import (
 )
 from .memory import from_json
 from .placeholder import Placeholder
+from .protocol import CallBody, CreateBatch, CreateBody, DeliverBody, Kind, check_size
 from .records import AgentInfo
-from .wire import DeliverBody, pack
 
 
 class RemoteAgent:
@@ -57,24 +57,19 @@ class RemoteAgent:
                                f"imported; import {module} first")
         return cls(agent_id, info.name, agent_cls, info.server)
 
-    def _call(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+    def _call(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any],
               method: str | None = None, stream: bool = False) -> Placeholder:
         b = _bus.current()
-        body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
-        if method:
-            body["method"] = method
-        if stream:
-            body["stream"] = True
         timeout = b.settings.call_timeout
-        if timeout is not None:
-            body["deadline"] = time.time() + timeout
+        body = CallBody(args=list(args), kwargs=kwargs, method=method, stream=stream,
+                        deadline=None if timeout is None else time.time() + timeout)
         try:
-            data = pack(body)
+            data = body.pack()
         except NotSerializable as e:
             raise NotSerializable(f"arguments to {self.name}.{method or kind}: {e}") from None
-        b.check_size(data, f"a call to {self.name}")
+        check_size(data, b.settings.max_message_bytes, f"a call to {self.name}")
         p = Placeholder(_bus.new_id(), self.agent_id)
-        b.route(self.agent_id, p.call_id, kind, data, p._fail)
+        b.sender.route(self.agent_id, p.call_id, kind, data, p._fail)
         return p
 
     def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
@@ -160,14 +155,14 @@ def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Pla
     a thousand calls travel in one routing step: what a shard fanning a round out to 10,000
     participants should use."""
     b = _bus.current()
-    body: dict[str, Any] = {"args": list(args), "kwargs": kwargs}
-    if b.settings.call_timeout is not None:
-        body["deadline"] = time.time() + b.settings.call_timeout
+    timeout = b.settings.call_timeout
+    body = CallBody(args=list(args), kwargs=kwargs,
+                    deadline=None if timeout is None else time.time() + timeout)
     try:
-        data = pack(body)
+        data = body.pack()
     except NotSerializable as e:
         raise NotSerializable(f"arguments to fanout: {e}") from None
-    b.check_size(data, "a fan-out call")
+    check_size(data, b.settings.max_message_bytes, "a fan-out call")
     ps = {_bus.new_id(): a.agent_id for a in agents}
     placeholders = {c: Placeholder(c, a) for c, a in ps.items()}
 
@@ -175,7 +170,7 @@ def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Pla
         for c in call_ids:
             placeholders[c]._fail(err)
 
-    b.route_many(list(ps), list(ps.values()), "call", data, failed)
+    b.sender.route_many(list(ps), list(ps.values()), "call", data, failed)
     return list(placeholders.values())
 
 
@@ -187,7 +182,7 @@ def deliver(agent_ids: Sequence[str], hub: str, speak: bool = False) -> list[Pla
     once: the count observed, or the turn's reply. Addressed by id (the record routes it), so
     no proxy or class is needed; a thousand agents cost one routing step."""
     b = _bus.current()
-    data = pack(DeliverBody(hub=hub, speak=speak).model_dump())
+    data = DeliverBody(hub=hub, speak=speak).pack()
     calls = {_bus.new_id(): a for a in agent_ids}
     placeholders = {c: Placeholder(c, a) for c, a in calls.items()}
 
@@ -195,7 +190,7 @@ def deliver(agent_ids: Sequence[str], hub: str, speak: bool = False) -> list[Pla
         for c in call_ids:
             placeholders[c]._fail(err)
 
-    b.route_many(list(calls), list(calls.values()), "deliver", data, failed)
+    b.sender.route_many(list(calls), list(calls.values()), "deliver", data, failed)
     return list(placeholders.values())
 
 
@@ -206,14 +201,15 @@ def _spec(b: _bus.Bus, cls: type, path: str, args: tuple[Any, ...], kwargs: dict
     if not isinstance(name, str):
         raise ConfigError(f"an agent's name must be a string, not {name!r}")
     try:
-        body = pack({"cls": path, "name": name, "args": list(args), "kwargs": kwargs,
-                     "memory": memory or []})
+        body = CreateBody(cls=path, name=name, args=list(args), kwargs=kwargs,
+                          memory=memory or []).pack()
     except NotSerializable as e:
         raise NotSerializable(
             f"constructor arguments of {cls.__name__}: {e}; pass data and build objects in "
             "__init__ on the worker"
         ) from None
-    b.check_size(body, f"the constructor arguments of {cls.__name__}")
+    check_size(body, b.settings.max_message_bytes,
+               f"the constructor arguments of {cls.__name__}")
     return name, body
 
 
@@ -227,7 +223,7 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
     million agents costs a thousand messages. Every agent still has its own record and stored
     constructor call, so it is recovered like any other. ``agent.ready()`` raises its own
     constructor's error, if it had one."""
-    if _bus.loading_script:
+    if _bus.loading_script.get():
         raise SkipStatement("creating distributed agents while a worker loads a script")
     b = _bus.current()
     conf = DistConf.of(to_dist)
@@ -253,7 +249,8 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
             specs[agent_id] = body
             out.append(RemoteAgent(agent_id, name, cls, server, created))
         # The entry names the agents; the worker reads their specs, written just before it.
-        fields = b.entry(call_id, "", "create", pack({"agents": list(specs)}))
+        fields = b.sender.entry("create_many", CreateBatch(agents=list(specs)).pack(),
+                                call=call_id).fields()
 
         def add(pipe: Any, records: dict[str, str] = records, specs: dict[str, bytes] = specs,
                 fields: dict[str, Any] = fields, server: str = server) -> None:
@@ -261,7 +258,7 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
             pipe.hset(keys.specs, mapping=specs)
             pipe.xadd(keys.inbox(server), fields)
 
-        b.send(add, 3, created._fail)
+        b.sender.send(add, 3, created._fail)
     return out
 
 
@@ -282,7 +279,7 @@ def _arguments(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
            memory: list[Any] | None = None) -> RemoteAgent:
     """Build an agent on a worker: the class travels by name, the arguments as data."""
-    if _bus.loading_script:
+    if _bus.loading_script.get():
         raise SkipStatement("creating a distributed agent while a worker loads a script")
     b = _bus.current()
     path, load = class_path(cls)
@@ -291,7 +288,7 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
     agent_id, call_id = _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
     keys = b.keys
-    fields = b.entry(call_id, agent_id, "create", body)
+    fields = b.sender.entry("create", body, call=call_id, agent=agent_id).fields()
 
     def add(pipe: Any) -> None:
         # The record first: calls sent right after this are routed by it and queue behind the
@@ -301,5 +298,5 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
         pipe.xadd(keys.inbox(server), fields)
 
     created = Placeholder(call_id, agent_id)
-    b.send(add, 3, created._fail)
+    b.sender.send(add, 3, created._fail)
     return RemoteAgent(agent_id, name, cls, server, created)

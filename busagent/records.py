@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .wire import VERSION
+from .protocol import VERSION
 
 State = Literal["up", "stopping", "late", "dead"]
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from . import bus as _bus
 from .errors import CallTimeout, code_of
-from .wire import pack, unpack
+from .protocol import pack, unpack
 
 EventType = Literal["start", "chunk", "end", "error"]
 

@@ -11,7 +11,7 @@ import pytest
 import busagent
 from busagent import DistConf, Msg, Placeholder
 from busagent.errors import MessageTooLarge, ProtocolError, UnknownClass
-from busagent.wire import pack
+from busagent.protocol import VERSION, pack
 from tests.agents import Adder
 
 from .conftest import Workers, wait_for
@@ -33,7 +33,7 @@ def test_hostile_entries_get_errors_and_the_worker_survives(workers: Workers) ->
     b = busagent.bus.current()
     a = Adder("a", to_dist=DistConf(server="w1"))
     assert a(None).content == 1
-    ok = {"v": 1, "agent": a.agent_id, "caller": "evil", "kind": "call"}
+    ok = {"v": VERSION, "agent": a.agent_id, "caller": "evil", "kind": "call"}
 
     # No call id at all: nobody to answer; dropped and acknowledged.
     b.redis.xadd(b.keys.inbox("w1"), {"junk": b"\x00\xff"})
@@ -51,7 +51,7 @@ def test_hostile_entries_get_errors_and_the_worker_survives(workers: Workers) ->
     with pytest.raises(MessageTooLarge):
         _send(b, "w1", **ok, body=pack({"args": ["x" * 10_000]})).result(timeout=10)
     for cls in ("os:system", "tests.agents:Point", "builtins:object"):
-        create = {"v": 1, "agent": busagent.bus.new_id(), "caller": "evil", "kind": "create",
+        create = {"v": VERSION, "agent": busagent.bus.new_id(), "caller": "evil", "kind": "create",
                   "body": pack({"cls": cls, "name": "x", "args": [], "kwargs": {}})}
         with pytest.raises(UnknownClass):
             _send(b, "w1", **create).result(timeout=10)

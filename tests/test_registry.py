@@ -9,6 +9,7 @@ import redis
 
 import busagent
 from busagent import DistConf, Msg, ServerClient
+from busagent.protocol import VERSION
 from tests.agents import Adder, Sleeper
 
 from .conftest import Workers, wait_for
@@ -48,7 +49,7 @@ def test_stream_headers_are_readable_in_xrange(workers: Workers, redis_url: str,
     fields = {k.decode(): v for k, v in entries[-1].items()}
     assert fields["agent"].decode() == s.agent_id
     assert fields["call"].decode() in {p.call_id for p in ps}
-    assert fields["v"] == b"1" and b":" in fields["caller"]
+    assert fields["v"] == str(VERSION).encode() and b":" in fields["caller"]
     busagent.gather(ps, timeout=20)
     # Answered calls are acknowledged and deleted: the stream holds only what is in flight.
     wait_for(lambda: r.xlen(inbox) == 0, what="an empty inbox")

@@ -27,8 +27,8 @@ from busagent.keys import Keys
 from busagent.memory import Memory, from_json, to_json
 from busagent.placeholder import Placeholder
 from busagent.placement import Placement, place
+from busagent.protocol import Ref, Reply, pack, substitute, unpack
 from busagent.records import ServerInfo
-from busagent.wire import Ref, pack, pack_reply, substitute, unpack, unpack_reply
 from tests.agents import Point
 
 
@@ -94,13 +94,13 @@ def test_codec_rejects_garbage_and_unknown_models() -> None:
 
 
 def test_reply_roundtrip_and_error_mapping() -> None:
-    r = unpack_reply(pack_reply(True, Msg("a", 1)))
-    assert r.ok and r.value.content == 1
+    r = Reply.parse(Reply.ok(Msg("a", 1)))
+    assert r.success and r.value.content == 1
     e = from_wire("ValueError", "bad", "tb", "w1")
     assert isinstance(e, RemoteError) and e.type == "ValueError" and "tb" in str(e)
     assert isinstance(from_wire("UnknownAgent", "gone", "", "w1"), UnknownAgent)
     with pytest.raises(ProtocolError):
-        unpack_reply(pack({"nope": 1}))
+        Reply.parse(pack({"nope": 1}))
 
 
 def test_memory_tracks_changes_for_incremental_saves() -> None:

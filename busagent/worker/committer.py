@@ -14,13 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-import msgpack
 import redis
 
+from busagent import scripts
 from busagent.bus import Bus
-from busagent.keys import GROUP
 from busagent.tuning import COMMIT_BATCH
 
 from .jobs import Done
@@ -109,18 +107,7 @@ class Committer:
                 backoff = min(backoff * 2, 2.0)
 
     def _write(self, batch: list[Done]) -> None:
-        recs = []
-        for d in batch:
-            op = 2 if d.drop else 1 if d.mem_cleared else 0
-            rec: list[Any] = [d.entry_id, d.call_id, d.reply, d.agent_id or "", op]
-            if d.mem_new and not d.drop:
-                rec.extend(d.mem_new)
-            recs.append(rec)
-        k = self.bus.keys
-        fenced = self.bus.script(
-            "commit", [self.inbox, k.agents, k.specs],
-            [GROUP, self.bus.settings.reply_ttl, k.reply_prefix, k.memory_prefix,
-             msgpack.packb(recs, use_bin_type=False)],  # Lua's cmsgpack predates bin types
-        )
+        fenced = scripts.commit(self.bus.scripts, self.bus.keys, self.inbox,
+                                self.bus.settings.reply_ttl, batch)
         if fenced:
             log.warning("%d replies refused: their calls were moved to another worker", fenced)

@@ -15,12 +15,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from busagent import hub, stream
+from busagent import hub, replies, stream
 from busagent.agent import Agent, is_remote
-from busagent.bus import Bus, decode
+from busagent.bus import Bus
 from busagent.errors import BusagentError, CallTimeout, ProtocolError
+from busagent.protocol import (
+    VERSION,
+    CallBody,
+    DeliverBody,
+    Entry,
+    Ref,
+    check_size,
+    signature,
+    substitute,
+)
 from busagent.stream import Emitter, Event
-from busagent.wire import VERSION, CallBody, DeliverBody, Entry, Ref, signature, substitute, unpack
 
 from .jobs import Done, Job, Replies
 
@@ -57,16 +66,14 @@ class BusIO:
         self.keys = bus.keys
 
     def check_size(self, body: bytes, what: str) -> None:
-        self.bus.check_size(body, what)
+        check_size(body, self.bus.settings.max_message_bytes, what)
 
     def peek(self, call_ids: list[str]) -> list[bytes | None]:
-        pipe = self.r.pipeline(transaction=False)
-        for c in call_ids:
-            pipe.lindex(self.keys.reply(c), 0)
-        return pipe.execute()
+        got = replies.peek(self.bus, call_ids)
+        return [got.get(c) for c in call_ids]
 
     async def fetch(self, call_ids: list[str], timeout: float | None) -> dict[str, bytes]:
-        return await self.bus.afetch(call_ids, timeout)
+        return await replies.afetch(self.bus, call_ids, timeout)
 
     def stream(self, call: str, events: Iterable[Event]) -> None:
         # A call run again after a crash starts its stream over (a new start): reset the key.
@@ -129,7 +136,7 @@ class Executor:
         if e.kind == "deliver":
             return self._deliver(job, agent)
         refs: list[Ref] = []
-        body = CallBody.model_validate(unpack(e.body, refs))
+        body = CallBody.unpack(e.body, refs)
         if body.deadline is not None and time.time() > body.deadline:
             raise CallTimeout("the caller's deadline passed before the call started")
         if e.kind == "call":
@@ -168,7 +175,7 @@ class Executor:
         """A hub's notice (:func:`busagent.proxy.deliver`): the agent observes what the hub
         holds for it; with ``speak`` it then takes a turn, ``reply()`` from memory, always as
         stream events (the task center follows them)."""
-        d = DeliverBody.model_validate(unpack(job.entry.body))
+        d = DeliverBody.unpack(job.entry.body)
         seen = hub.deliver(agent, d.hub)
         if not d.speak:
             return self.replies.done(job, agent, seen)
@@ -186,7 +193,7 @@ class Executor:
         try:
             timeout = None if deadline is None else max(deadline - time.time(), 0.001)
             values = _decode_inputs((await self.io.fetch(ids, timeout)).items())
-            body = CallBody.model_validate(unpack(job.entry.body))
+            body = CallBody.unpack(job.entry.body)
             job.resolved = (substitute(body.args, values), substitute(body.kwargs, values))
         except Exception as err:  # noqa: BLE001
             return self.replies.failed(job, err)
@@ -247,7 +254,7 @@ def _decode_inputs(raw: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for call_id, data in raw:
         try:
-            values[call_id] = decode(data)
+            values[call_id] = replies.decode(data)
         except BusagentError as err:
             raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
     return values

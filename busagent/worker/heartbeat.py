@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable, Sized
 import psutil
 import redis
 
+from busagent import scripts
 from busagent.bus import Bus
 from busagent.errors import BusagentError, UnknownAgent
+from busagent.protocol import VERSION
 from busagent.records import AgentInfo, ServerInfo
 from busagent.tuning import RECOVERY_LOCK_MS
-from busagent.wire import VERSION
 
 from . import recovery
 from .hosting import forget
@@ -103,8 +104,8 @@ class Heartbeat:
         """Write the record; False once fenced (then it is never written again)."""
         if self.fenced:
             return False
-        ok = self.bus.script("heartbeat", [self.keys.servers],
-                             [self.server, self.info().model_dump_json()])
+        ok = scripts.heartbeat(self.bus.scripts, self.keys, self.server,
+                               self.info().model_dump_json())
         if not ok:
             log.error("worker %s was declared dead and its agents moved elsewhere; stopping",
                       self.server)

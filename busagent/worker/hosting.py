@@ -24,9 +24,9 @@ from busagent.errors import (
 )
 from busagent.keys import Keys
 from busagent.memory import Memory, from_json
+from busagent.protocol import CreateBatch, CreateBody
 from busagent.records import AgentInfo
 from busagent.tuning import FAILED_CREATES
-from busagent.wire import CreateBatch, CreateBody, unpack
 
 from .jobs import Done, Job, Replies, silent, user_traceback
 
@@ -93,7 +93,7 @@ class Hosting:
         spec = self.r.hget(self.keys.specs, agent_id)
         if spec is None:
             raise UnknownAgent(f"agent {agent_id} has no stored spec to rebuild it from")
-        body = CreateBody.model_validate(unpack(spec))  # type: ignore[arg-type]
+        body = CreateBody.unpack(spec)  # type: ignore[arg-type]
         agent = self.build(agent_id, body)
         items: Any = self.r.lrange(self.keys.memory(agent_id), 0, -1)
         agent.memory = Memory(from_json(x) for x in items)  # already saved: nothing to rewrite
@@ -125,24 +125,30 @@ class Hosting:
 
     # --- create and delete (kinds create and control) ----------------------------------------
 
-    def create(self, job: Job) -> Done:
-        """A create entry: one agent, a rebuild moved here by recovery (``restore``), or a bulk
-        create (no agent id). Replies ``{agent_id, server}``; a failed constructor replies
-        ConstructorError and drops the agent's record."""
+    def restore_entry(self, job: Job) -> Done:
+        """A ``restore`` entry: an agent moved here by recovery, rebuilt from its spec and stored
+        memory. Nobody waits on it; a failure is logged and remembered for its calls."""
         e = job.entry
-        if not e.agent:
-            return self.create_many(job)
         try:
             self._check_room()
-            if e.restore:
-                # Moved here by recovery: rebuilt, not new. Nobody waits on this entry.
-                if e.agent not in self.agents:  # (a retried move may queue it twice)
-                    self.agents[e.agent] = self.restore(e.agent)
-                return silent(job.entry_id)
+            if e.agent not in self.agents:  # (a retried move may queue it twice)
+                self.agents[e.agent] = self.restore(e.agent)
+        except Exception as err:  # noqa: BLE001 - its calls say why (UnknownAgent)
+            self._remember_failure(e.agent, err)
+            self._trim_failures()
+            log.warning("could not rebuild agent %s: %s", e.agent, err)
+        return silent(job.entry_id)
+
+    def create(self, job: Job) -> Done:
+        """A ``create`` entry: build one agent. Replies ``{agent_id, server}``; a failed
+        constructor replies ConstructorError and drops the agent's record."""
+        e = job.entry
+        try:
+            self._check_room()
             if e.agent in self.agents:  # a create sent twice (a retried send): same agent
                 return self.replies.done(job, self.agents[e.agent],
                                          {"agent_id": e.agent, "server": self.server})
-            body = CreateBody.model_validate(unpack(e.body))
+            body = CreateBody.unpack(e.body)
             agent = self.build(e.agent, body)
             if body.memory:
                 agent.memory = Memory(body.memory)
@@ -150,9 +156,6 @@ class Hosting:
         except Exception as err:  # noqa: BLE001 - the constructor's error goes to the caller
             self._remember_failure(e.agent, err)
             self._trim_failures()
-            if e.restore:
-                log.warning("could not rebuild agent %s: %s", e.agent, err)
-                return silent(job.entry_id)
             if not isinstance(err, BusagentError):  # the constructor itself raised
                 reply = self.replies.error(ConstructorError(f"{type(err).__name__}: {err}"),
                                            user_traceback(err))
@@ -168,7 +171,7 @@ class Hosting:
         waited) is left to the server that has it, so none is built twice. Replies
         ``{server, created, failed: {agent id: reason}}``."""
         e = job.entry
-        ids = CreateBatch.model_validate(unpack(e.body)).agents
+        ids = CreateBatch.unpack(e.body).agents
         pipe = self.r.pipeline(transaction=False)
         pipe.hmget(self.keys.agents, ids)
         pipe.hmget(self.keys.specs, ids)
@@ -182,8 +185,7 @@ class Hosting:
                 continue
             try:
                 self._check_room()
-                self.agents[agent_id] = self.build(agent_id,
-                                                   CreateBody.model_validate(unpack(spec)))
+                self.agents[agent_id] = self.build(agent_id, CreateBody.unpack(spec))
                 built += 1
             except Exception as err:  # noqa: BLE001 - reported per agent to the caller
                 failed[agent_id] = self._remember_failure(agent_id, err)

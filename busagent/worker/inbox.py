@@ -17,10 +17,9 @@ import redis
 
 from busagent.bus import Bus
 from busagent.errors import ProtocolError
-from busagent.ids import new_id
 from busagent.keys import GROUP
+from busagent.protocol import ControlBody, CreateBatch, Entry, deadletter
 from busagent.tuning import HISTORY_EVERY, READ_COUNT
-from busagent.wire import CreateBatch, Entry, pack, unpack
 
 from .jobs import Job, Rejected
 
@@ -108,15 +107,17 @@ class Inbox:
     def wake(self) -> None:
         """End the leader's blocking read now rather than at its timeout: an entry that the
         worker acknowledges without replying."""
-        fields = self.bus.entry(f"wake-{new_id()}", "", "control", pack({"op": "wake"}))
+        fields = self.bus.sender.entry("control", ControlBody(op="wake").pack()).fields()
         # If this fails the read times out on its own within a second.
         with contextlib.suppress(redis.exceptions.RedisError):
             self.r.xadd(self.key, fields)  # type: ignore[arg-type]
 
-    def deadletter(self, fields: dict[bytes, bytes]) -> None:
+    def deadletter(self, bad: Rejected) -> None:
         """Keep an entry nobody can be told about where an operator can look."""
+        if bad.dead is None:
+            return
         try:
-            entry: dict[Any, Any] = {**fields, b"server": self.server.encode()}
+            entry: Any = deadletter(bad.dead, f"malformed, no call id: {bad.error}", self.server)
             self.r.xadd(self.bus.keys.deadletter, entry,
                         maxlen=self.bus.settings.deadletter_max, approximate=True)
         except redis.exceptions.RedisError as e:
@@ -127,28 +128,14 @@ def parse(entry_id: bytes, fields: dict[bytes, bytes]) -> Job | Rejected:
     """A stream entry's fields as a Job, or Rejected if malformed (with the dead-letter fields
     when it has no call id to answer)."""
     try:
-        entry = Entry(
-            v=int(fields.get(b"v", b"0")),
-            call=fields[b"call"].decode(),
-            agent=fields.get(b"agent", b"").decode(),
-            caller=fields.get(b"caller", b"").decode(),
-            kind=fields.get(b"kind", b"").decode(),  # type: ignore[arg-type]
-            body=fields.get(b"body", b""),
-            tries=int(fields.get(b"tries", b"0")),
-            restore=fields.get(b"restore") == b"1",
-            sig=fields.get(b"sig", b"").decode(),
-        )
-    except (KeyError, ValueError, UnicodeDecodeError) as e:
-        call = fields.get(b"call")
+        entry = Entry.from_fields(fields)
+    except ProtocolError as e:
+        call = Entry.reply_to(fields)
         log.warning("malformed entry %s: %s", entry_id, e)
-        bad = Rejected(entry_id, call.decode(errors="replace") if call else "",
-                       ProtocolError(f"malformed call entry: {e}"))
-        if not call:
-            bad.dead = {**fields, b"reason": f"malformed, no call id: {e}".encode()}
-        return bad
+        return Rejected(entry_id, call, e, None if call else fields)
     job = Job(entry_id, entry)
-    if entry.kind == "create" and not entry.agent:
+    if entry.kind == "create_many":
         job.held = []
         with contextlib.suppress(Exception):  # a malformed body fails in the create itself
-            job.held = CreateBatch.model_validate(unpack(entry.body)).agents
+            job.held = CreateBatch.unpack(entry.body).agents
     return job

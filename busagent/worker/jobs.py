@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from busagent.agent import Agent
-from busagent.errors import BusagentError, MessageTooLarge, NotSerializable, code_of
-from busagent.wire import Entry, ErrorInfo, pack_reply
+from busagent.errors import BusagentError, MessageTooLarge, NotSerializable
+from busagent.protocol import Entry, Reply
 
 
 @dataclass(slots=True)
@@ -40,7 +40,7 @@ class Rejected:
     #: "" when the entry has no call id: nobody waits, so it goes to the dead letters.
     call: str
     error: BusagentError
-    #: the entry's fields with a ``reason``, for the dead-letter stream (no call id only).
+    #: the entry's fields, for the dead-letter stream (no call id only).
     dead: dict[bytes, bytes] | None = None
 
 
@@ -78,7 +78,7 @@ class Replies:
     def ok(self, value: Any) -> bytes:
         """``value`` as an ok reply."""
         try:
-            data = pack_reply(True, value)
+            data = Reply.ok(value)
         except NotSerializable as e:
             return self.error(NotSerializable(f"the reply cannot travel on the bus: {e}"))
         if len(data) > self.max_bytes:
@@ -91,8 +91,7 @@ class Replies:
         else with the user's frames."""
         if tb is None:
             tb = "" if isinstance(err, BusagentError) else user_traceback(err)
-        return pack_reply(False, error=ErrorInfo(type=code_of(err), message=str(err),
-                                                 traceback=tb, server=self.server))
+        return Reply.fail(err, server=self.server, traceback=tb)
 
     def failed(self, job: Job, err: BaseException) -> Done:
         """``job`` answered with ``err``; nothing of the agent's is written."""

@@ -52,7 +52,7 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     tree = ast.parse(path.read_text(), str(path))
-    _bus.loading_script = True
+    loading = _bus.loading_script.set(True)
     try:
         for stmt in tree.body:
             if isinstance(stmt, _SKIP) or _is_main_guard(stmt):
@@ -68,7 +68,7 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
                     continue
                 raise
     finally:
-        _bus.loading_script = False
+        _bus.loading_script.reset(loading)
     return name, mod
 
 

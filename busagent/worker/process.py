@@ -38,8 +38,8 @@ import redis
 
 from busagent import bus as _bus
 from busagent.config import Settings
+from busagent.protocol import ControlBody
 from busagent.tuning import DRAIN_BATCH
-from busagent.wire import ControlBody, unpack
 
 from . import recovery
 from .committer import Committer
@@ -211,8 +211,7 @@ class Worker:
                 raise
             mine, rejected = mb.deliver(jobs, rejected)
             for bad in rejected:
-                if bad.dead is not None:
-                    self.inbox.deadletter(bad.dead)
+                self.inbox.deadletter(bad)
                 self.committer.add(Done(bad.entry_id, bad.call, self.replies.error(bad.error)))
             if mine is not None:
                 self._drain(mine)
@@ -250,16 +249,16 @@ class Worker:
 
     def _run(self, job: Job) -> Outcome:
         kind = job.entry.kind
-        if kind != "create" and kind != "control":
+        if kind not in _HOSTING and kind != "control":
             return self.executor.run(job)
         try:
             self.executor.verify(job.entry)
-            return self.hosting.create(job) if kind == "create" else self._control(job)
+            return self._control(job) if kind == "control" else _HOSTING[kind](self.hosting, job)
         except Exception as err:  # noqa: BLE001 - a worker survives whatever it runs
             return self.replies.failed(job, err)
 
     def _control(self, job: Job) -> Done:
-        body = ControlBody.model_validate(unpack(job.entry.body))
+        body = ControlBody.unpack(job.entry.body)
         value: Any
         if body.op == "delete":
             return self.hosting.delete(job)
@@ -301,6 +300,12 @@ class Worker:
                 job = out  # inputs resolved: a runner thread runs it
         finally:
             self.mailboxes.unpark(agent_id, job)
+
+
+#: the kinds hosting runs (building and rebuilding agents); calls go to the executor.
+_HOSTING: dict[str, Callable[[Hosting, Job], Done]] = {
+    "create": Hosting.create, "create_many": Hosting.create_many, "restore": Hosting.restore_entry,
+}
 
 
 def run(name: str | None, modules: list[str], settings: Settings, **kw: Any) -> None:

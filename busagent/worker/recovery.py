@@ -15,16 +15,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import redis
 
-from busagent import records
+from busagent import records, replies, scripts
 from busagent.bus import Bus
 from busagent.errors import UnknownAgent
 from busagent.keys import GROUP
+from busagent.protocol import Entry, Reply
 from busagent.records import AgentInfo, ServerInfo, pick, read_servers
 from busagent.tuning import MOVE_BATCH, RECOVERY_LOCK_MS
-from busagent.wire import VERSION, ErrorInfo, pack_reply, signature
 
 log = logging.getLogger("busagent.recovery")
 
@@ -99,7 +98,7 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     last = b"0-0"
     for entry_id, fields in entries(b, inbox):
         last = entry_id
-        agent = fields.get(b"agent", b"").decode(errors="replace")
+        agent = Entry.agent_of(fields)
         if agent:
             by_agent[agent].append(entry_id)
         else:
@@ -110,16 +109,16 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after, now)
             and x.name != server
             and x.name not in exclude]
-    batch: list[list[Any]] = []
+    batch: list[scripts.Move] = []
     for a in agents:
         target = pick(live, a.cls.split(":")[0])
         if target is None:
             res.stranded += 1
             continue
         record = a.model_copy(update={"server": target.name}).model_dump_json()
-        call = f"restore-{a.id}"
-        sig = signature(s.secret, VERSION, call, a.id, "create", b"")
-        batch.append([a.id, target.name, record, sig, by_agent.get(a.id, [])])
+        restore = Entry.new(s.secret, "restore", b"", agent=a.id, caller="recovery")
+        batch.append(scripts.Move(a.id, target.name, record, restore.fields(),
+                                  by_agent.get(a.id, [])))
         if len(batch) == MOVE_BATCH:
             _move(b, server, inbox, last, batch, res)
             batch = []
@@ -129,7 +128,7 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     # Calls left for agents nobody has any more: answer them.
     leftover = []
     for entry_id, fields in entries(b, inbox):
-        agent = fields.get(b"agent", b"").decode(errors="replace")
+        agent = Entry.agent_of(fields)
         if not agent or b.redis.hexists(k.agents, agent):
             continue
         leftover.append((entry_id, fields))
@@ -146,15 +145,11 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
     return res
 
 
-def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[list[Any]],
+def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[scripts.Move],
           res: Result) -> None:
-    k = b.keys
     s = b.settings
-    moved, dead = b.script(
-        "move", [k.agents, inbox, k.deadletter],
-        [GROUP, k.inbox_prefix, k.reply_prefix, s.reply_ttl, s.max_deliveries, s.deadletter_max,
-         server, last, msgpack.packb(batch, use_bin_type=False)],
-    )
+    moved, dead = scripts.move(b.scripts, b.keys, server, last, batch, reply_ttl=s.reply_ttl,
+                               max_deliveries=s.max_deliveries, deadletter_max=s.deadletter_max)
     res.moved_agents += len(batch)
     res.moved_calls += int(moved)
     res.deadlettered += int(dead)
@@ -176,14 +171,12 @@ def answer(b: Bus, inbox: str, waiting: list[tuple[bytes, dict[bytes, bytes]]],
     """Answer waiting calls with ``err`` and remove them from the inbox."""
     if not waiting:
         return
-    reply = pack_reply(False, error=ErrorInfo(type=getattr(err, "code", type(err).__name__),
-                                              message=str(err), server=server))
+    reply = Reply.fail(err, server=server)
     pipe = b.redis.pipeline(transaction=True)
     for entry_id, fields in waiting:
-        call = fields.get(b"call", b"").decode(errors="replace")
-        if call and not call.startswith(("wake-", "restore-")):
-            pipe.rpush(b.keys.reply(call), reply)
-            pipe.expire(b.keys.reply(call), b.settings.reply_ttl)
+        call = Entry.reply_to(fields)  # "" for entries nobody waits on (a restore, a wake)
+        if call:
+            replies.write(b, pipe, call, reply)
         pipe.xack(inbox, GROUP, entry_id)
         pipe.xdel(inbox, entry_id)
     try:

@@ -1,0 +1,423 @@
+"""The protocol: every message on the bus as one model, used by the sender and the receiver.
+
+What travels on the bus, and the only module that spells it:
+
+* a **stream entry** (:class:`Entry`) in a server's inbox: plain-string header fields, so
+  ``XRANGE`` in redis-cli is readable, and a msgpack ``body``. Senders XADD ``Entry.fields()``;
+  the worker parses ``Entry.from_fields()``, which raises ProtocolError for a malformed entry.
+* a **body** (:class:`CallBody`, :class:`CreateBody`, :class:`CreateBatch`,
+  :class:`ControlBody`): built by the sender, ``.pack()``-ed into ``Entry.body``, read back with
+  ``.unpack()``.
+* a **reply** (:class:`Reply`): ``Reply.ok(value)`` / ``Reply.fail(err)`` give the bytes a worker,
+  recovery or a script writes to ``{p}:reply:{call}``; ``Reply.parse`` reads them.
+
+Nothing here unpickles: a Msg, a placeholder reference and a pydantic model are msgpack
+extension types, and a pydantic model is rebuilt only from a class the receiving process has
+already imported (its own code or a module it was told to load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .classpath import lookup
+from .errors import MessageTooLarge, NotSerializable, ProtocolError, code_of, from_wire
+from .message import Msg
+
+#: Version 2 (was 1): the kinds ``create_many`` and ``restore`` and call-less entries are new;
+#: a v1 worker would misread them, and a v2 worker a v1 bulk create or rebuild (a v1 restore
+#: read as a plain create would drop the agent). The version check refuses either clearly.
+VERSION = 2
+
+EXT_MSG = 1
+EXT_REF = 2
+EXT_MODEL = 3
+
+#: call: ``reply``; method: a ``@remote`` method; observe: ``observe``; create: build one agent;
+#: create_many: build the agents a :class:`CreateBatch` names (their specs are in ``{p}:specs``);
+#: restore: rebuild an agent from its spec and stored memory (recovery, nobody waits);
+#: control: a server operation (:class:`ControlBody`); deliver: a hub's notice or turn, a
+#: worker built-in (:class:`DeliverBody`).
+Kind = Literal["call", "method", "observe", "create", "create_many", "restore", "control",
+               "deliver"]
+ControlOp = Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake", "state"]
+#: kinds addressed to one agent (``agent`` must be set).
+AGENT_KINDS = frozenset({"call", "method", "observe", "create", "restore", "deliver"})
+#: kinds whose sender never waits: they carry no call id and are never answered.
+UNANSWERED_KINDS = frozenset({"restore"})
+
+
+class Ref:
+    """A placeholder as a receiving process sees it: the call id whose reply stands for a value."""
+
+    __slots__ = ("call_id",)
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+
+    def __repr__(self) -> str:
+        return f"Ref({self.call_id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.call_id == self.call_id
+
+    def __hash__(self) -> int:
+        return hash(self.call_id)
+
+
+# --- stream entries ------------------------------------------------------------------------------
+
+
+class Entry(BaseModel):
+    """One stream entry in a server's inbox. The field names below are the entry's field names
+    on the wire, here and nowhere else in Python.
+
+    ``call`` is empty for an entry nobody waits on: a ``restore`` (always) and the worker's own
+    ``wake`` control op. Such an entry is never answered (:meth:`reply_to`).
+
+    Lua scripts that write or read entries (checked against this model by a unit test):
+
+    * ``route.lua`` XADDs ``v, call, agent, caller, kind, body`` and ``sig`` when signed.
+    * ``move.lua`` XADDs the restore entries Python built (``Entry.fields()``, passed flat),
+      re-XADDs moved entries with ``tries`` counted, and reads ``tries``, ``call``, ``kind`` and
+      ``agent``; dead-lettered entries get a ``reason`` (see :data:`DEADLETTER_FIELDS`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    v: int
+    kind: Kind
+    #: the call id whose reply the caller waits on; "" when nobody waits.
+    call: str = Field(default="", max_length=128)
+    agent: str = Field(default="", max_length=256)
+    caller: str = Field(default="", max_length=256)
+    body: bytes = b""
+    #: how many workers died holding this call (set when recovery moves it).
+    tries: int = 0
+    #: HMAC of the signed fields when a secret is configured.
+    sig: str = ""
+
+    #: the field names as the bytes redis-py returns, for :meth:`from_fields`.
+    _NAMES: ClassVar[dict[bytes, str]]
+
+    @model_validator(mode="after")
+    def _addressed(self) -> Entry:
+        if self.v != VERSION:
+            return self  # another version's rules: the worker refuses it, naming the version
+        if self.kind in AGENT_KINDS and not self.agent:
+            raise ValueError(f"a {self.kind} entry needs an agent id")
+        if self.kind in UNANSWERED_KINDS:
+            if self.call:
+                raise ValueError(f"a {self.kind} entry has no call id (nobody waits on it)")
+        elif not self.call and self.kind != "control":
+            raise ValueError(f"a {self.kind} entry needs a call id")
+        return self
+
+    @classmethod
+    def new(cls, secret: str | None, kind: Kind, body: bytes, call: str = "", agent: str = "",
+            caller: str = "") -> Entry:
+        """An entry signed with ``secret`` (unsigned without one)."""
+        return cls(v=VERSION, kind=kind, call=call, agent=agent, caller=caller, body=body,
+                   sig=signature(secret, VERSION, call, agent, kind, body))
+
+    def fields(self) -> dict[str, Any]:
+        """What is XADDed: fields at their defaults are left out (a reader fills them in)."""
+        return self.model_dump(exclude_defaults=True)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes]) -> Entry:
+        """Parse an entry as redis-py returns it; ProtocolError if it is malformed."""
+        names = cls._NAMES
+        try:
+            # Header fields are text; only the body stays bytes.
+            return cls.model_validate({n: v if n == "body" else v.decode()
+                                       for k, v in fields.items() if (n := names.get(k))})
+        except (ValidationError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"malformed call entry: {e}") from None
+
+    @staticmethod
+    def reply_to(fields: Mapping[bytes, bytes]) -> str:
+        """The call id to answer for an entry read raw (possibly malformed), "" when nobody
+        waits: decided by the kind, never by the shape of the id."""
+        if fields.get(b"kind", b"").decode(errors="replace") in UNANSWERED_KINDS:
+            return ""
+        return fields.get(b"call", b"").decode(errors="replace")
+
+    @staticmethod
+    def agent_of(fields: Mapping[bytes, bytes]) -> str:
+        """The agent id of an entry read raw (possibly malformed), "" if none."""
+        return fields.get(b"agent", b"").decode(errors="replace")
+
+
+Entry._NAMES = {name.encode(): name for name in Entry.model_fields}
+
+#: the entry field names each Lua script spells (writes or reads), beside the model they must
+#: match: ``tests/test_protocol.py`` reads the scripts and checks both ways.
+LUA_ENTRY_FIELDS: dict[str, frozenset[str]] = {
+    "route.lua": frozenset({"v", "call", "agent", "caller", "kind", "body", "sig"}),
+    "move.lua": frozenset({"tries", "call", "kind", "agent", "reason"}),
+}
+
+#: what a dead-lettered entry carries beside its own fields: why (move.lua, the worker) and the
+#: server that gave up on it (the worker).
+DEADLETTER_FIELDS = ("reason", "server")
+
+
+def deadletter(fields: Mapping[bytes, bytes], reason: str, server: str) -> dict[bytes, bytes]:
+    """The fields a worker keeps in the dead-letter stream for an entry it cannot answer."""
+    return {**fields, b"reason": reason.encode(), b"server": server.encode()}
+
+
+def describe(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    """The readable header fields of an entry (a dead letter's included), for people."""
+    wanted = {"call", "agent", "kind", "caller", "tries", *DEADLETTER_FIELDS}
+    return {k.decode(): v.decode(errors="replace") for k, v in fields.items()
+            if k.decode(errors="replace") in wanted}
+
+
+def sign_input(v: int, call: str, agent: str, kind: str, body: bytes) -> bytes:
+    return f"{v}|{call}|{agent}|{kind}|".encode() + body
+
+
+def signature(secret: str | None, v: int, call: str, agent: str, kind: str, body: bytes) -> str:
+    """The hex HMAC-SHA256 of a call's identifying fields and body ("" without a secret)."""
+    if not secret:
+        return ""
+    return hmac.new(secret.encode(), sign_input(v, call, agent, kind, body),
+                    hashlib.sha256).hexdigest()
+
+
+def check_size(data: bytes, limit: int, what: str) -> None:
+    """Refuse an encoded message over ``max_message_bytes`` (``limit``), before it travels."""
+    if len(data) > limit:
+        raise MessageTooLarge(
+            f"{what} is {len(data):,} bytes encoded, over max_message_bytes={limit:,}; send a "
+            "reference (a URL or a Redis key) instead, or raise BUSAGENT_MAX_MESSAGE_BYTES on "
+            "callers and workers alike"
+        )
+
+
+# --- bodies --------------------------------------------------------------------------------------
+
+
+class Body(BaseModel):
+    """An entry's body: a sender builds the model and ``pack()``s it; the receiver ``unpack``s."""
+
+    #: each field's default: left out of the packed map, so bodies stay small.
+    _DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kw: Any) -> None:
+        super().__pydantic_init_subclass__(**kw)
+        cls._DEFAULTS = {n: f.get_default(call_default_factory=True)
+                         for n, f in cls.model_fields.items() if not f.is_required()}
+
+    def pack(self) -> bytes:
+        """The msgpack map of the fields (not a model dump: user values inside ``args`` keep
+        their own ext types, a pydantic model stays a model)."""
+        d = self._DEFAULTS
+        return pack({k: v for k, v in self.__dict__.items() if k not in d or v != d[k]})
+
+    @classmethod
+    def unpack(cls: type[_B], data: bytes, refs: list[Ref] | None = None) -> _B:
+        """Decode a body (refs collected as :func:`unpack` does); ProtocolError if malformed."""
+        try:
+            return cls.model_validate(unpack(data, refs))
+        except ValidationError as e:
+            raise ProtocolError(f"malformed {cls.__name__}: {e}") from None
+
+
+_B = TypeVar("_B", bound=Body)
+
+
+# Mutable defaults are factories: pydantic would copy a literal [] for every body built.
+
+
+class CallBody(Body):
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: for kind "method": which method.
+    method: str | None = None
+    #: epoch seconds after which the caller no longer waits; the worker then skips the call.
+    deadline: float | None = None
+    #: write the reply as stream events even if ``reply`` is not a generator
+    stream: bool = False
+
+
+class CreateBody(Body):
+    cls: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    name: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: memory to start with (``agent.to_dist()`` carries the local agent's memory over).
+    memory: list[Any] = Field(default_factory=list)
+
+
+class CreateBatch(Body):
+    """``busagent.create_many``: the agents to build; their specs are in ``{p}:specs``."""
+
+    agents: list[str]
+
+
+class DeliverBody(Body):
+    """Kind ``deliver``, a worker built-in: the agent observes what ``hub`` holds for it
+    (``busagent.hub.deliver``); with ``speak`` it then takes a turn, ``reply()`` from memory,
+    written as stream events for the task center. The reply is the count of messages
+    observed, or the turn's reply."""
+
+    hub: str
+    speak: bool = False
+
+
+class ControlBody(Body):
+    """A server operation. ``wake`` ends the worker's own blocking read; it has no call id."""
+
+    op: ControlOp
+    agent: str | None = None
+
+
+# --- replies -------------------------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+    traceback: str = ""
+    server: str = ""
+
+
+class Reply(BaseModel):
+    """A reply as it lies in ``{p}:reply:{call}``: ``{ok, value, error}`` in msgpack.
+
+    Written by the worker and recovery through :meth:`ok` / :meth:`fail`, and by two scripts
+    by hand, with error types checked against ``errors`` by a unit test: ``route.lua``
+    (``UnknownAgent``) and ``move.lua`` (``DeadLettered``)."""
+
+    success: bool = Field(alias="ok")
+    value: Any = None
+    error: ErrorInfo | None = None
+
+    @staticmethod
+    def ok(value: Any) -> bytes:
+        """The encoded reply carrying ``value`` (NotSerializable if it cannot travel)."""
+        return pack({"ok": True, "value": value, "error": None})
+
+    @staticmethod
+    def fail(err: BaseException, server: str = "", traceback: str = "") -> bytes:
+        """The encoded error reply for ``err``: its code (busagent's class name survives the
+        bus) and message, with where it happened."""
+        return pack({"ok": False, "value": None, "error": {
+            "type": code_of(err), "message": str(err), "traceback": traceback, "server": server}})
+
+    @classmethod
+    def parse(cls, data: bytes) -> Reply:
+        try:
+            return cls.model_validate(unpack(data))
+        except ValidationError as e:
+            raise ProtocolError(f"malformed reply on the bus: {e}") from None
+
+    def value_or_raise(self) -> Any:
+        """The value, or the error raised as busagent's own class (or a RemoteError)."""
+        if self.success:
+            return self.value
+        e = self.error
+        if e is None:
+            raise ProtocolError("an error reply without an error")
+        raise from_wire(e.type, e.message, e.traceback, e.server)
+
+
+# --- msgpack codec -----------------------------------------------------------------------------
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Msg):
+        return msgpack.ExtType(EXT_MSG, pack(obj.to_wire()))
+    ref = getattr(obj, "__busagent_ref__", None)
+    if ref is not None:
+        return msgpack.ExtType(EXT_REF, ref().encode())
+    if isinstance(obj, Ref):
+        return msgpack.ExtType(EXT_REF, obj.call_id.encode())
+    if isinstance(obj, BaseModel):
+        cls = type(obj)
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        return msgpack.ExtType(EXT_MODEL, pack([path, obj.model_dump(mode="python")]))
+    if isinstance(obj, tuple | set | frozenset):
+        return list(obj)
+    raise NotSerializable(
+        f"a value of type {type(obj).__name__} cannot travel on the bus; use msgpack-able "
+        "values (None, bool, int, float, str, bytes, list, dict), Msg or a pydantic model"
+    )
+
+
+def pack(obj: Any) -> bytes:
+    try:
+        return msgpack.packb(obj, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
+    except NotSerializable:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise NotSerializable(f"cannot encode value for the bus: {e}") from None
+
+
+def _model_class(path: str) -> type[BaseModel]:
+    # Only classes already imported here: decoding must never import code on a sender's word.
+    found, obj = lookup(path, sys.modules)
+    if not found:
+        raise ProtocolError(
+            f"pydantic model {path!r} is not loaded in this process; load its module in the worker "
+            "(--agents MODULE)"
+        )
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise ProtocolError(f"{path!r} is not a pydantic model")
+    return obj
+
+
+def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
+    """Decode bytes from the bus. Placeholder references become :class:`Ref` objects and are
+    appended to ``refs`` when given, so the caller can resolve them."""
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code == EXT_MSG:
+            fields = unpack(payload, refs)
+            if not isinstance(fields, dict):
+                raise ProtocolError("a Msg on the bus must be a map")
+            return Msg.model_validate(fields)
+        if code == EXT_REF:
+            ref = Ref(payload.decode())
+            if refs is not None:
+                refs.append(ref)
+            return ref
+        if code == EXT_MODEL:
+            path, fields = unpack(payload, refs)
+            return _model_class(path).model_validate(fields)
+        raise ProtocolError(f"unknown msgpack extension type {code}")
+
+    try:
+        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except (ProtocolError, NotSerializable):
+        raise
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, ValidationError) as e:
+        raise ProtocolError(f"malformed data on the bus: {e}") from None
+
+
+def substitute(obj: Any, values: dict[str, Any]) -> Any:
+    """``obj`` with every Ref replaced by its resolved value (Msgs and containers walked)."""
+    if isinstance(obj, Ref):
+        return values[obj.call_id]
+    if isinstance(obj, list):
+        return [substitute(x, values) for x in obj]
+    if isinstance(obj, dict):
+        return {k: substitute(v, values) for k, v in obj.items()}
+    if isinstance(obj, Msg):
+        content = substitute(obj.content, values)
+        if content is not obj.content:
+            return obj.model_copy(update={"content": content})
+        return obj
+    return obj

@@ -1,0 +1,180 @@
+"""A reply's whole life: ``{p}:reply:{call}``, a one-element list holding an encoded
+:class:`~busagent.protocol.Reply`, kept ``reply_ttl`` seconds.
+
+* written by the worker's group commit (``commit.lua``), by ``route.lua`` (unknown agent),
+  ``move.lua`` (dead-lettered) and recovery (:func:`write`);
+* read without waiting by :func:`peek` (``collect.lua``: many replies a script call), the way a
+  worker reads the placeholders passed to it;
+* waited for by :func:`fetch` (blocking) and :func:`afetch` (asyncio): one wait loop,
+  :class:`_Wait`, under both;
+* deleted by :func:`release` (or read and deleted at once with ``take``).
+
+Placeholders are built on this module; so is the worker's reading of its inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from . import scripts
+from .errors import CallTimeout, RedisUnavailable
+from .protocol import Reply
+from .sender import REDIS_DOWN
+from .tuning import PEEK_BATCH, SEND_BATCH
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+#: a timeout argument meaning "the ``call_timeout`` setting".
+DEFAULT: Any = object()
+
+
+def key(b: Bus, call_id: str) -> str:
+    return b.keys.reply(call_id)
+
+
+def decode(data: bytes) -> Any:
+    """A reply's value, or its error raised (busagent's own class, else a RemoteError)."""
+    return Reply.parse(data).value_or_raise()
+
+
+def write(b: Bus, pipe: Any, call_id: str, reply: bytes) -> None:
+    """Queue on ``pipe`` the writing of a reply (``Reply.ok``/``Reply.fail`` bytes)."""
+    k = key(b, call_id)
+    pipe.rpush(k, reply)
+    pipe.expire(k, b.settings.reply_ttl)
+
+
+def peek(b: Bus, call_ids: Sequence[str], take: bool = False) -> dict[str, bytes]:
+    """The replies already there, without waiting (``take``: and delete them)."""
+    got: dict[str, bytes] = {}
+    for i in range(0, len(call_ids), PEEK_BATCH):
+        chunk = call_ids[i : i + PEEK_BATCH]
+        values = scripts.collect(b.scripts, [b.keys.reply(c) for c in chunk], take)
+        got.update((c, v) for c, v in zip(chunk, values, strict=True) if v is not None)
+    return got
+
+
+async def apeek(b: Bus, call_ids: Sequence[str], take: bool = False) -> dict[str, bytes]:
+    """:func:`peek` on this event loop's client."""
+    client = b.async_client()
+    got: dict[str, bytes] = {}
+    for i in range(0, len(call_ids), PEEK_BATCH):
+        chunk = call_ids[i : i + PEEK_BATCH]
+        values = await scripts.acollect(b.scripts, client, [b.keys.reply(c) for c in chunk], take)
+        got.update((c, v) for c, v in zip(chunk, values, strict=True) if v is not None)
+    return got
+
+
+def release(b: Bus, call_ids: Sequence[str]) -> None:
+    """Delete replies nobody needs any more, before their ``reply_ttl``."""
+    with b.errors():
+        for i in range(0, len(call_ids), SEND_BATCH):
+            b.redis.unlink(*[key(b, c) for c in call_ids[i : i + SEND_BATCH]])
+
+
+class _Wait:
+    """The state of one wait for many replies, shared by :func:`fetch` and :func:`afetch`:
+    what is still pending, the deadline sliced into blocking reads, and the backoff through a
+    Redis outage. The front ends only do the I/O it asks for."""
+
+    def __init__(self, b: Bus, call_ids: Sequence[str], timeout: float | object | None,
+                 errors: dict[str, BaseException] | None, take: bool) -> None:
+        self.b = b
+        self.take = take
+        t = b.settings.call_timeout if timeout is DEFAULT else timeout
+        self.deadline = None if t is None else time.monotonic() + float(t)  # type: ignore[arg-type]
+        self.out: dict[str, bytes] = {}
+        self.pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
+        self.delay = 0.05
+
+    def should_peek(self) -> bool:
+        # One key: the blocking read below returns at once if its reply is there.
+        return len(self.pending) > 1
+
+    def peeked(self, got: dict[str, bytes]) -> bool:
+        """Take what a peek found; True when nothing is left."""
+        self.out.update(got)
+        self.pending = [c for c in self.pending if c not in got]
+        return not self.pending
+
+    def next(self) -> tuple[str, float]:
+        """The key to block on and for how long. Wait on the newest: replies to a fan-out tend
+        to arrive in order, so once it is there most of the others are too, and one more peek
+        collects them."""
+        wait = self.b.settings.block_slice
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                n = len(self.pending)
+                raise CallTimeout(
+                    f"{n} of {n + len(self.out)} call(s) not answered in time (first: "
+                    f"{self.pending[0]}); the agent may be busy or its worker down: see "
+                    "`busagent servers`, or pass a longer timeout"
+                )
+            wait = min(wait, left)
+        # BLMOVE takes a float timeout; 0 would mean forever.
+        return self.b.keys.reply(self.pending[-1]), max(wait, 0.001)
+
+    def read(self, got: Any) -> None:
+        """Take the answer of the blocking read (BLPOP's ``[key, value]`` when taking)."""
+        self.delay = 0.05  # Redis answered: an outage is over
+        if self.take:
+            got = None if got is None else got[1]
+        if got is not None:
+            self.out[self.pending.pop()] = cast(bytes, got)
+
+    def backoff(self, e: BaseException) -> float:
+        """How long to wait before trying again through an outage; past the caller's deadline,
+        say Redis was the problem (not the agent)."""
+        if self.deadline is not None and time.monotonic() + self.delay > self.deadline:
+            raise RedisUnavailable(
+                f"lost Redis at {self.b.url_for_humans} while waiting for replies and it did "
+                f"not come back before the deadline: {e}"
+            ) from None
+        d = self.delay
+        self.delay = min(self.delay * 2, 1.0)
+        return d
+
+
+def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
+          errors: dict[str, BaseException] | None = None, take: bool = False) -> dict[str, bytes]:
+    """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
+    calls known to have failed before reaching Redis: they are skipped and reported by the
+    caller. ``take``: delete each reply as it is read (the caller is its only reader)."""
+    b.sender.flush()
+    w, r = _Wait(b, call_ids, timeout, errors, take), b.redis
+    while w.pending:
+        try:
+            if w.should_peek() and w.peeked(peek(b, w.pending, take)):
+                break
+            k, wait = w.next()
+            # redis-py's hints say int; Redis takes fractional seconds since 6.0.
+            w.read(r.blpop([k], wait) if take
+                   else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
+        except REDIS_DOWN as e:
+            time.sleep(w.backoff(e))
+    return w.out
+
+
+async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
+                 errors: dict[str, BaseException] | None = None,
+                 take: bool = False) -> dict[str, bytes]:
+    """:func:`fetch` for asyncio code: the send queue is flushed on another thread and the
+    event loop is never blocked."""
+    if b.sender.queued():
+        await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
+    w, r = _Wait(b, call_ids, timeout, errors, take), b.async_client()
+    while w.pending:
+        try:
+            if w.should_peek() and w.peeked(await apeek(b, w.pending, take)):
+                break
+            k, wait = w.next()
+            w.read(await r.blpop([k], wait) if take
+                   else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
+        except REDIS_DOWN as e:
+            await asyncio.sleep(w.backoff(e))
+    return w.out

@@ -1,0 +1,201 @@
+"""Sending: a call is queued and returns a placeholder at once; a background thread pipelines
+whatever has queued while the previous batch was on the wire (group commit), and a resolve
+flushes the queue itself first so a lone call pays one round trip. That is what lets
+``gather([a(x) for _ in range(1000)])`` cost a handful of round trips instead of a thousand.
+
+Calls to agents go through the routing script (:func:`busagent.scripts.route`); entries that
+name their inbox themselves (creates, control ops) are XADDed as :class:`Entry` fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from . import scripts
+from .errors import BusagentError, RedisUnavailable
+from .protocol import VERSION, Entry, Kind, signature
+from .tuning import LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+#: redis-py errors that mean Redis cannot be reached for now: wait and try again.
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+@dataclass
+class Op:
+    """Commands the sender adds to a pipeline, and who to tell if they could not be sent."""
+
+    add: Callable[[Any], None]
+    ncmds: int
+    on_error: Callable[[BaseException], None]
+    #: commands that are Lua route calls: on NOSCRIPT they are re-sent after loading the script.
+    scripted: bool = False
+
+
+class Sender:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._queue: list[Op] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="busagent-sender", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Op) -> None:
+        with self._cond:
+            if self._closed:
+                raise BusagentError("busagent is shut down; call busagent.init() again")
+            self._queue.append(op)
+            n = len(self._queue)
+            if n == 1 or n == SEND_BATCH:
+                self._cond.notify()
+
+    # --- what callers send ----------------------------------------------------------------------
+
+    def entry(self, kind: Kind, body: bytes, call: str = "", agent: str = "") -> Entry:
+        """An entry from this process, signed with the bus's secret if it has one."""
+        return Entry.new(self._bus.settings.secret, kind, body, call=call, agent=agent,
+                         caller=self._bus.caller)
+
+    def route(self, agent_id: str, call_id: str, kind: Kind, body: bytes,
+              on_error: Callable[[BaseException], None]) -> None:
+        """Queue a call to an agent (routed by its registry record)."""
+        self.route_many([call_id], [agent_id], kind, body, lambda _ids, e: on_error(e))
+
+    def route_many(self, call_ids: Sequence[str], agent_ids: Sequence[str], kind: Kind,
+                   body: bytes, on_error: Callable[[list[str], BaseException], None]) -> None:
+        """Queue one call body to many agents (route.lua: a thousand calls a script call)."""
+        b = self._bus
+        s, secret = b.settings, b.settings.secret
+        for i in range(0, len(call_ids), SEND_BATCH):
+            chunk = [(c, a, signature(secret, VERSION, c, a, kind, body))
+                     for c, a in zip(call_ids[i : i + SEND_BATCH], agent_ids[i : i + SEND_BATCH],
+                                     strict=True)]
+            add = scripts.route(b.scripts, b.keys, chunk, kind=kind, body=body, caller=b.caller,
+                                version=VERSION, reply_ttl=s.reply_ttl, sent_ttl=SENT_MARK_TTL)
+            ids = [c[0] for c in chunk]
+
+            def failed(e: BaseException, ids: list[str] = ids) -> None:
+                on_error(ids, e)
+
+            self.submit(Op(add, 1, failed, scripted=True))
+
+    def send(self, add: Callable[[Any], None], ncmds: int,
+             on_error: Callable[[BaseException], None]) -> None:
+        """Queue ``ncmds`` commands that ``add`` puts on a pipeline."""
+        self.submit(Op(add, ncmds, on_error))
+
+    def queued(self) -> bool:
+        with self._cond:
+            return bool(self._queue)
+
+    def flush(self) -> None:
+        """Send everything queued before this call returns."""
+        with self._send_lock:
+            while True:
+                with self._cond:
+                    batch = self._queue[:SEND_BATCH]
+                    del self._queue[:SEND_BATCH]
+                if not batch:
+                    return
+                self._send(batch)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                # Linger: a caller that resolves right away flushes on its own thread, which is
+                # cheaper than handing the send to this one; this thread sends what nobody
+                # waits for (fire-and-forget calls), and bursts that fill a batch.
+                until = time.monotonic() + LINGER
+                while 0 < len(self._queue) < SEND_BATCH and not self._closed:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            # _send reports failures to each op; nothing may kill this thread.
+            with contextlib.suppress(Exception):
+                self.flush()
+
+    def _send(self, batch: list[Op]) -> None:
+        """Send a batch, waiting out a Redis outage for up to SEND_PATIENCE seconds (what is
+        sent is idempotent: the routing script drops a call id it has already routed)."""
+        deadline = time.monotonic() + SEND_PATIENCE
+        delay = 0.05
+        while True:
+            try:
+                self._attempt(batch)
+                return
+            except (*REDIS_DOWN, OSError) as e:
+                if time.monotonic() + delay > deadline:
+                    err = self._unavailable(e)
+                    for op in batch:
+                        op.on_error(err)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _attempt(self, batch: list[Op]) -> None:
+        client = self._bus.redis
+        if len(batch) == 1 and batch[0].ncmds == 1:
+            # A lone command skips the pipeline machinery: the common case of a caller that
+            # resolves each call before making the next.
+            op = batch[0]
+            try:
+                try:
+                    op.add(client)
+                except redis.exceptions.NoScriptError:
+                    self._bus.scripts.load()
+                    op.add(client)
+            except (redis.exceptions.ResponseError, redis.exceptions.DataError) as e:
+                op.on_error(self._bus.translate(e))
+            return
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for op in batch:
+                op.add(pipe)
+            results = pipe.execute(raise_on_error=False)
+            retry: list[Op] = []
+            i = 0
+            for op in batch:
+                res = results[i : i + op.ncmds]
+                i += op.ncmds
+                bad = [r for r in res if isinstance(r, Exception)]
+                if not bad:
+                    continue
+                if op.scripted and attempt == 0 and any(
+                    isinstance(r, redis.exceptions.NoScriptError) for r in bad
+                ):
+                    retry.append(op)
+                else:
+                    op.on_error(self._bus.translate(bad[0]))
+            if not retry:
+                return
+            self._bus.scripts.load()
+            batch = retry
+
+    def _unavailable(self, e: BaseException) -> RedisUnavailable:
+        return RedisUnavailable(
+            f"could not send to Redis at {self._bus.url_for_humans}: {e}; check the URL "
+            "(BUSAGENT_REDIS_URL) and that the server is up"
+        )
