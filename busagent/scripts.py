@@ -140,7 +140,9 @@ def commit(s: Scripts, keys: Keys, inbox: str, reply_ttl: int, batch: Sequence[F
     for d in batch:
         op = 2 if d.drop else 1 if d.mem_cleared else 0
         rk = at(keys.reply(d.call_id)) if d.call_id and d.reply else 0
-        mk = at(keys.memory(d.agent_id)) if d.agent_id else 0
+        # Only a memory that changes is a key the script touches (most calls change none).
+        changed = d.drop or d.mem_cleared or d.mem_new
+        mk = at(keys.memory(d.agent_id)) if d.agent_id and changed else 0
         rec: list[Any] = [d.entry_id, rk, d.reply, d.agent_id or "", mk, op]
         if d.mem_new and not d.drop:
             rec.extend(d.mem_new)
