@@ -13,7 +13,7 @@ from typing import Any
 
 from . import bus as _bus
 from . import records, replies
-from .errors import BusagentError, PlacementError, UnknownAgent
+from .errors import BusagentError, PlacementError, UnknownAgent, UsageError
 from .memory import from_json
 from .placeholder import Placeholder
 from .protocol import ControlBody, ControlOp, Entry, describe
@@ -181,10 +181,10 @@ def replay(entry_id: str) -> str:
     try:
         e = Entry.from_fields(raw[0][1])
     except BusagentError as err:
-        raise BusagentError(f"dead-letter entry {entry_id} cannot be replayed: {err}") from None
+        raise UsageError(f"dead-letter entry {entry_id} cannot be replayed: {err}") from None
     call, agent = e.call, e.agent
     if not call or not agent:
-        raise BusagentError(f"dead-letter entry {entry_id} has no call or agent to replay")
+        raise UsageError(f"dead-letter entry {entry_id} has no call or agent to replay")
     replies.release(b, [call])
     p = Placeholder(call, agent)
     b.sender.route(agent, call, e.kind, e.body, p._fail)

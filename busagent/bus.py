@@ -88,7 +88,11 @@ class Bus:
             self._embedded = embedded.start()
             url = self._embedded.url
         self.url = url
-        self.redis = connect(url, settings)
+        try:
+            self.redis = connect(url, settings)
+        except ValueError as e:  # redis-py's URL parser
+            self.close()
+            raise ConfigError(f"bad Redis URL {self.url_for_humans!r}: {e}") from None
         try:
             self.redis.ping()
         except redis.exceptions.AuthenticationError as e:
@@ -177,6 +181,9 @@ class Bus:
 # --- the process-wide bus ------------------------------------------------------------------------
 
 _bus: Bus | None = None
+#: the settings of the last init(), kept when connecting failed: a later call reconnects with
+#: them (and fails the same way) instead of quietly using another Redis.
+_wanted: Settings | None = None
 _lock = threading.Lock()
 
 
@@ -184,24 +191,37 @@ def init(redis_url: str | None = None, **settings: Any) -> Bus:
     """Connect this process to the bus: ``redis_url`` (or ``BUSAGENT_REDIS_URL``), else the
     shared embedded Redis that ``busagent redis`` started, else a private embedded Redis.
     Calling it again with other settings reconnects."""
-    global _bus
     if loading_script.get():
         raise SkipStatement("busagent.init() while a worker loads a script")
     s = Settings.load(redis_url=redis_url, **settings)
     with _lock:
-        if _bus is not None:
-            if _bus.settings == s or (redis_url is None and not settings):
-                return _bus
-            _bus.close()
-        _bus = Bus(s)
-        return _bus
+        if _bus is not None and (_bus.settings == s or (redis_url is None and not settings)):
+            return _bus
+        return _connect(s)
+
+
+def _connect(s: Settings) -> Bus:
+    """Replace the process-wide bus by one on ``s`` (called with ``_lock`` held). Raises
+    RedisUnavailable or ConfigError, leaving no bus (never the previous one, closed)."""
+    global _bus, _wanted
+    if _bus is not None:
+        _bus.close()
+        _bus = None
+    _wanted = s
+    _bus = Bus(s)
+    return _bus
 
 
 def current() -> Bus:
-    """The process-wide bus, connecting with defaults on first use."""
+    """The process-wide bus: connecting on first use with the settings of the last
+    :func:`init` (even one that failed: RedisUnavailable again rather than another Redis), or
+    with the defaults if it was never called."""
     if _bus is not None:
         return _bus
-    return init()
+    if _wanted is None:
+        return init()
+    with _lock:
+        return _bus if _bus is not None else _connect(_wanted)
 
 
 def install(bus: Bus) -> None:
@@ -212,9 +232,11 @@ def install(bus: Bus) -> None:
 
 
 def shutdown() -> None:
-    """Flush pending sends, stop child workers and the private embedded Redis."""
-    global _bus
+    """Flush pending sends, stop child workers and the private embedded Redis. A later call
+    connects afresh, as on first use."""
+    global _bus, _wanted
     with _lock:
+        _wanted = None
         if _bus is not None:
             _bus.close()
             _bus = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -81,5 +81,8 @@ class Settings(BaseModel):
             )
         try:
             return cls(**values)
-        except ValueError as e:
-            raise ConfigError(f"invalid busagent settings: {e}") from None
+        except ValidationError as e:
+            # One line per the CLI's rule: "name: what is wrong (got value)" for each setting.
+            bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x['input']!r})"
+                            for x in e.errors())
+            raise ConfigError(f"invalid busagent settings: {bad}") from None

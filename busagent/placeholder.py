@@ -14,7 +14,7 @@ from typing import Any
 
 from . import bus as _bus
 from . import replies
-from .errors import BusagentError
+from .errors import BusagentError, UsageError
 
 _UNSET: Any = object()
 
@@ -58,9 +58,12 @@ class Placeholder:
         TimeoutError) when ``timeout`` (default: the ``call_timeout`` setting) passes."""
         if not self.done():
             _forbid_blocking_in_loop()
-            got = replies.fetch(_bus.current(), [self.call_id], timeout)
-            if self._error is None:
-                self._settle(got[self.call_id])
+            b = _bus.current()
+            # A send Redis refused fails its placeholder during the flush: raise that now, not
+            # a CallTimeout at the deadline.
+            b.sender.flush()
+            if not self.done():
+                self._settle(replies.fetch(b, [self.call_id], timeout)[self.call_id])
         return self._unwrap()
 
     def stream(self, timeout: float | None = None) -> Iterator[Any]:
@@ -95,7 +98,7 @@ def _forbid_blocking_in_loop() -> None:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    raise BusagentError(
+    raise UsageError(
         "a placeholder was resolved with a blocking read inside a running event loop; "
         "use `await placeholder` or `await busagent.agather(...)` in async code"
     )
@@ -132,12 +135,14 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
     is raised unless ``return_exceptions``, which puts exceptions in the list instead.
     ``release``: delete each reply from Redis as it is read (see :func:`release`)."""
     ps = list(placeholders)
-    pending, errors = _collect(ps)
-    if pending:
+    got: dict[str, bytes] = {}
+    if not all(p.done() for p in ps):
         _forbid_blocking_in_loop()
-        got = replies.fetch(_bus.current(), pending, timeout, errors, take=release)
-    else:
-        got = {}
+        b = _bus.current()
+        b.sender.flush()  # refused sends fail their placeholders now (see Placeholder.result)
+        pending, errors = _collect(ps)
+        if pending:
+            got = replies.fetch(b, pending, timeout, errors, take=release)
     return _finish(ps, got, return_exceptions)
 
 
@@ -146,9 +151,14 @@ async def agather(placeholders: Iterable[Placeholder],
                   return_exceptions: bool = False, release: bool = False) -> list[Any]:
     """:func:`gather` for asyncio code."""
     ps = list(placeholders)
-    pending, errors = _collect(ps)
-    got = (await replies.afetch(_bus.current(), pending, timeout, errors, take=release)
-           if pending else {})
+    got: dict[str, bytes] = {}
+    if not all(p.done() for p in ps):
+        b = _bus.current()
+        if b.sender.queued():  # refused sends fail their placeholders now, off the loop
+            await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
+        pending, errors = _collect(ps)
+        if pending:
+            got = await replies.afetch(b, pending, timeout, errors, take=release)
     return _finish(ps, got, return_exceptions)
 
 

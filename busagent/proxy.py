@@ -148,12 +148,14 @@ class RemoteMemory:
             return int(b.redis.llen(b.keys.memory(self.agent_id)))
 
 
-def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Placeholder]:
-    """Call ``reply`` on every agent with the same arguments; the placeholders, in order.
+def fanout(agents: Sequence[RemoteAgent | str], *args: Any, **kwargs: Any) -> list[Placeholder]:
+    """Call ``reply`` on every agent (a proxy, or an agent id: routing reads the agent's record,
+    so an id is enough) with the same arguments; the placeholders, in order.
 
     The same as ``[a(*args, **kwargs) for a in agents]`` but the arguments are encoded once and
     a thousand calls travel in one routing step: what a shard fanning a round out to 10,000
-    participants should use."""
+    participants should use. Raises NotSerializable or MessageTooLarge for the arguments; an
+    unknown agent id fails its own placeholder with UnknownAgent."""
     b = _bus.current()
     timeout = b.settings.call_timeout
     body = CallBody(args=list(args), kwargs=kwargs,
@@ -163,7 +165,7 @@ def fanout(agents: Sequence[RemoteAgent], *args: Any, **kwargs: Any) -> list[Pla
     except NotSerializable as e:
         raise NotSerializable(f"arguments to fanout: {e}") from None
     check_size(data, b.settings.max_message_bytes, "a fan-out call")
-    ps = {_bus.new_id(): a.agent_id for a in agents}
+    ps = {_bus.new_id(): a if isinstance(a, str) else a.agent_id for a in agents}
     placeholders = {c: Placeholder(c, a) for c, a in ps.items()}
 
     def failed(call_ids: list[str], err: BaseException) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import scripts
-from .errors import BusagentError, RedisUnavailable
+from .errors import RedisUnavailable, UsageError
 from .protocol import VERSION, Entry, Kind, signature
 from .tuning import LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
 
@@ -54,7 +54,7 @@ class Sender:
     def submit(self, op: Op) -> None:
         with self._cond:
             if self._closed:
-                raise BusagentError("busagent is shut down; call busagent.init() again")
+                raise UsageError("busagent is shut down; call busagent.init() again")
             self._queue.append(op)
             n = len(self._queue)
             if n == 1 or n == SEND_BATCH:

@@ -53,3 +53,21 @@ def test_a_lost_redis_is_redis_unavailable() -> None:
     finally:
         busagent.shutdown()
         server.stop()
+
+
+def test_a_failed_init_never_falls_back_to_another_redis() -> None:
+    """init(url) that cannot connect leaves the process on that URL: later calls fail the same
+    way instead of quietly using the shared or a private embedded Redis."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    busagent.shutdown()
+    try:
+        _raises(RedisUnavailable, lambda: busagent.init(f"redis://127.0.0.1:{port}/0"))
+        _raises(RedisUnavailable, busagent.agents)
+        _raises(RedisUnavailable, busagent.bus.current)
+        _raises(busagent.ConfigError, lambda: busagent.init("not-a-url"))
+    finally:
+        busagent.shutdown()

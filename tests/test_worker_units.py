@@ -316,6 +316,11 @@ class FakeIO:
         async for ev in events:
             out.append(ev)
 
+    def deliver(self, agent: Agent, hub: str) -> int:
+        """A hub holding one message for every agent: it observes it."""
+        agent.observe(f"{hub}: hello")
+        return 1
+
 
 def executor(*agents: Agent, io: FakeIO | None = None, secret: str | None = None
              ) -> tuple[Executor, FakeIO]:
@@ -484,6 +489,20 @@ def test_an_input_that_failed_fails_the_call() -> None:
     done = asyncio.run(out)  # type: ignore[arg-type]
     with pytest.raises(CallTimeout):
         decode(finished(done).reply)
+
+
+def test_a_hub_notice_is_delivered_and_a_turn_is_streamed() -> None:
+    a = Echo("e")
+    ex, io = executor(a)
+    notice = job(a.agent_id, "deliver", pack({"hub": "room"}))
+    assert decode(finished(ex.run(notice)).reply) == 1
+    assert a.memory.get() == ["room: hello"]
+    turn = job(a.agent_id, "deliver", pack({"hub": "room", "speak": True}))
+    done = finished(ex.run(turn))
+    # The turn replies from memory (reply() with no input) and always streams.
+    assert decode(done.reply) is None
+    assert [e.type for e in io.streams[turn.entry.call]] == ["start", "chunk", "end"]
+    assert a.memory.get() == ["room: hello", "room: hello"]  # (adding None adds nothing)
 
 
 # --- parsing and the runner glue ---------------------------------------------------------------

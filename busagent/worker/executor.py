@@ -3,8 +3,8 @@
 :meth:`Executor.run` turns a :class:`.jobs.Job` into a :class:`.jobs.Done`, or into an awaitable
 when the call must wait (an ``async`` reply, or forwarded placeholders whose replies are not
 there yet). It never parks, creates or commits: the worker parks what it returns and commits
-the outcome. What it needs from Redis comes through :class:`CallIO`, so it runs in tests with
-none.
+the outcome. What it needs from Redis and hubs comes through :class:`CallIO` (on a real bus:
+:class:`.busio.BusIO`), so it runs in tests with neither.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from busagent import hub, replies, stream
 from busagent.agent import Agent, is_remote
-from busagent.bus import Bus
 from busagent.errors import BusagentError, CallTimeout, ProtocolError
 from busagent.protocol import (
     VERSION,
@@ -25,7 +23,7 @@ from busagent.protocol import (
     DeliverBody,
     Entry,
     Ref,
-    check_size,
+    Reply,
     signature,
     substitute,
 )
@@ -56,45 +54,9 @@ class CallIO(Protocol):
     async def astream(self, call: str, events: AsyncIterator[Event]) -> None:
         """:meth:`stream` on the loop thread."""
 
-
-class BusIO:
-    """:class:`CallIO` on a :class:`busagent.bus.Bus`."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self.r = bus.redis
-        self.keys = bus.keys
-
-    def check_size(self, body: bytes, what: str) -> None:
-        check_size(body, self.bus.settings.max_message_bytes, what)
-
-    def peek(self, call_ids: list[str]) -> list[bytes | None]:
-        got = replies.peek(self.bus, call_ids)
-        return [got.get(c) for c in call_ids]
-
-    async def fetch(self, call_ids: list[str], timeout: float | None) -> dict[str, bytes]:
-        return await replies.afetch(self.bus, call_ids, timeout)
-
-    def stream(self, call: str, events: Iterable[Event]) -> None:
-        # A call run again after a crash starts its stream over (a new start): reset the key.
-        key, it = self.keys.chunks(call), iter(events)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.delete(key)
-        pipe.xadd(key, stream.fields(next(it)))
-        pipe.expire(key, self.bus.settings.reply_ttl)
-        pipe.execute()
-        for ev in it:
-            self.r.xadd(key, stream.fields(ev))
-
-    async def astream(self, call: str, events: AsyncIterator[Event]) -> None:
-        key, ar = self.keys.chunks(call), self.bus.async_client()
-        async with ar.pipeline(transaction=False) as pipe:
-            pipe.delete(key)
-            pipe.xadd(key, stream.fields(await events.__anext__()))
-            pipe.expire(key, self.bus.settings.reply_ttl)
-            await pipe.execute()
-        async for ev in events:
-            await ar.xadd(key, stream.fields(ev))
+    def deliver(self, agent: Agent, hub: str) -> int:
+        """Have ``agent`` observe what ``hub`` holds for it (``busagent.hub.deliver``); how
+        many messages it observed."""
 
 
 class Executor:
@@ -176,7 +138,7 @@ class Executor:
         holds for it; with ``speak`` it then takes a turn, ``reply()`` from memory, always as
         stream events (the task center follows them)."""
         d = DeliverBody.unpack(job.entry.body)
-        seen = hub.deliver(agent, d.hub)
+        seen = self.io.deliver(agent, d.hub)
         if not d.speak:
             return self.replies.done(job, agent, seen)
         turn = agent.reply()
@@ -254,7 +216,7 @@ def _decode_inputs(raw: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for call_id, data in raw:
         try:
-            values[call_id] = replies.decode(data)
+            values[call_id] = Reply.parse(data).value_or_raise()
         except BusagentError as err:
             raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
     return values

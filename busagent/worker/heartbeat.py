@@ -19,7 +19,7 @@ import redis
 
 from busagent import scripts
 from busagent.bus import Bus
-from busagent.errors import BusagentError, UnknownAgent
+from busagent.errors import BusError, ConfigError, UnknownAgent
 from busagent.protocol import VERSION
 from busagent.records import AgentInfo, ServerInfo
 from busagent.tuning import RECOVERY_LOCK_MS
@@ -79,7 +79,7 @@ class Heartbeat:
             # On this host a dead pid is proof enough; elsewhere, trust the heartbeat's age.
             gone = old.host == socket.gethostname() and not psutil.pid_exists(old.pid)
             if old.alive(self.bus.settings.dead_after) and old.pid != os.getpid() and not gone:
-                raise BusagentError(
+                raise ConfigError(
                     f"a worker named {self.server!r} is already running (pid {old.pid} on "
                     f"{old.host}); pick another --name or stop it with `busagent stop "
                     f"{self.server}`"
@@ -87,7 +87,7 @@ class Heartbeat:
         deadline = time.monotonic() + RECOVERY_LOCK_MS / 1000
         while not recovery.lock(self.bus, self.server, self.server):
             if time.monotonic() > deadline:
-                raise BusagentError(f"recovery of the previous {self.server!r} did not finish")
+                raise BusError(f"recovery of the previous {self.server!r} did not finish")
             time.sleep(0.2)  # another worker is moving our predecessor's agents: let it finish
         try:
             rebuild(recovery.agents_of(self.bus, self.server))

@@ -18,6 +18,7 @@ from busagent.classpath import lookup
 from busagent.errors import (
     BusagentError,
     ConstructorError,
+    PlacementError,
     ProtocolError,
     UnknownAgent,
     UnknownClass,
@@ -113,7 +114,8 @@ class Hosting:
 
     def _check_room(self) -> None:
         if len(self.agents) >= self.capacity:
-            raise BusagentError(f"server {self.server} is full ({self.capacity} agents)")
+            raise PlacementError(f"server {self.server} is full ({self.capacity} agents); "
+                                 "raise its --capacity (BUSAGENT_CAPACITY) or start another")
 
     def _remember_failure(self, agent_id: str, err: BaseException) -> str:
         why = self.failed[agent_id] = f"{type(err).__name__}: {err}"

@@ -30,6 +30,8 @@ def load(spec: str) -> tuple[str, types.ModuleType]:
     except ImportError as e:
         raise ConfigError(f"cannot import agent module {spec!r}: {e}; check --agents and "
                           "PYTHONPATH") from None
+    except SyntaxError as e:
+        raise ConfigError(f"agent module {spec!r} does not compile: {e}") from None
 
 
 def load_script(path: Path) -> tuple[str, types.ModuleType]:
@@ -51,7 +53,10 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
     sys.modules[name] = mod
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
-    tree = ast.parse(path.read_text(), str(path))
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"agent script {str(path)!r} does not compile: {e}") from None
     loading = _bus.loading_script.set(True)
     try:
         for stmt in tree.body:
@@ -62,11 +67,12 @@ def load_script(path: Path) -> tuple[str, types.ModuleType]:
                 exec(code, mod.__dict__)  # the operator named this file
             except SkipStatement:
                 continue
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - reported as one line, below
                 if isinstance(stmt, ast.Assign | ast.AnnAssign | ast.AugAssign):
                     log.debug("skipped line %d of %s: %s", stmt.lineno, path, e)
                     continue
-                raise
+                raise ConfigError(f"agent script {str(path)!r} failed at line {stmt.lineno}: "
+                                  f"{type(e).__name__}: {e}") from None
     finally:
         _bus.loading_script.reset(loading)
     return name, mod

@@ -42,8 +42,9 @@ from busagent.protocol import ControlBody
 from busagent.tuning import DRAIN_BATCH
 
 from . import recovery
+from .busio import BusIO
 from .committer import Committer
-from .executor import BusIO, Executor, Outcome
+from .executor import Executor, Outcome
 from .heartbeat import Heartbeat
 from .hosting import Hosting
 from .inbox import Inbox
@@ -159,10 +160,19 @@ class Worker:
         self.committer.exiting = True
         self.committer.flush()
         fenced = self.heartbeat.fenced
+        stranded = 0
         if self.drain and not fenced:
             res = recovery.recover(self.bus, self.name, self.name, exclude={self.name})
             log.info("drained %s: %s", self.name, res)
-        if not fenced:
+            stranded = res.stranded if res is not None else 0
+        if stranded:
+            # No live worker could take them: deleting them would lose their memory. They stay
+            # registered to this server, now recorded dead with `stranded` agents, so the next
+            # worker that loads their modules recovers them (its sweep), calls waiting included.
+            log.warning("drain of %s: %d agents had no live worker to go to; they stay "
+                        "registered and move to the next worker that can host them",
+                        self.name, stranded)
+        elif not fenced:
             self.heartbeat.deregister()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.bus.close()

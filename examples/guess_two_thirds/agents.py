@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import busagent
-from busagent import Agent, Msg, RemoteAgent, models
+from busagent import Agent, Msg, models
 
 #: prompts are data: system prompts and user prompts by id, as in the paper's configs
 PROMPTS: dict[str, Any] = json.loads(
@@ -80,9 +80,9 @@ class Group(Agent):
 
     def __init__(self, name: str, participants: list[str], max_value: int = 100) -> None:
         super().__init__(name)
-        # Handles built from ids: the shard calls participants directly, never through the
-        # moderator.
-        self.participants = [RemoteAgent(pid, pid, Agent, "") for pid in participants]
+        # Agent ids: the shard calls participants directly (routing finds each one's worker),
+        # never through the moderator.
+        self.participants = participants
         self.max_value = max_value
 
     async def reply(self, x: Msg | None = None) -> dict[str, Any]:

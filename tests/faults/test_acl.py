@@ -70,3 +70,29 @@ def test_documented_acl_is_enough(tcp_redis: str) -> None:
             w.kill()
         busagent.shutdown()
         admin.close()
+
+
+def test_a_refused_send_fails_its_placeholder_at_once(tcp_redis: str) -> None:
+    """Redis refusing the routing script (an ACL without EVALSHA) is the caller's error now,
+    not a CallTimeout after the whole deadline: result, gather and agather alike."""
+    import asyncio
+    import time
+
+    admin = redis.Redis.from_url(tcp_redis)
+    admin.execute_command("ACL", "SETUSER", "noroute", "on", ">pw", "~*", "&*", "+@all",
+                          "-evalsha", "-eval")
+    try:
+        busagent.init(tcp_redis.replace("redis://", "redis://noroute:pw@"))
+        ghost = busagent.RemoteAgent("some-agent", "ghost", Adder, "")
+        t = time.monotonic()
+        with pytest.raises(busagent.RedisUnavailable, match="evalsha"):
+            ghost(Msg("user", 1)).result(timeout=30)
+        got = busagent.gather([ghost(Msg("user", 2))], timeout=30, return_exceptions=True)
+        assert isinstance(got[0], busagent.RedisUnavailable)
+        got = asyncio.run(busagent.agather([ghost(Msg("user", 3))], timeout=30,
+                                           return_exceptions=True))
+        assert isinstance(got[0], busagent.RedisUnavailable)
+        assert time.monotonic() - t < 15  # far from the 3 x 30 s of deadlines
+    finally:
+        busagent.shutdown()
+        admin.close()

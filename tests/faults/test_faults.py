@@ -134,6 +134,26 @@ def test_sigterm_finishes_what_it_read_and_answers_the_rest(workers: Workers) ->
     answered_once(b, ps)
 
 
+def test_drain_with_nowhere_to_go_keeps_the_agents_for_the_next_worker(
+        workers: Workers) -> None:
+    p1 = workers.start("w1")
+    b = busagent.bus.current()
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    assert a(Msg("user", 1)).content == 2
+    assert ServerClient("w1").stop(drain=True)
+    assert p1.wait(30) == 0
+    # No other worker: nothing was deleted, memory included.
+    assert busagent.admin.agent_info(a.agent_id).server == "w1"
+    assert [m.content for m in a.memory.get()] == [1]
+    p = a(Msg("user", 10))  # waits in the stopped server's inbox
+    workers.start("w2")
+    wait_for(lambda: busagent.admin.agent_info(a.agent_id).server == "w2", timeout=20,
+             what="the next worker took the stranded agent")
+    assert p.result(timeout=20).content == 11
+    assert [m.content for m in a.memory.get()] == [1, 10]
+    nothing_pending(b, "w2")
+
+
 def test_drain_moves_agents_and_waiting_calls(workers: Workers) -> None:
     p1 = workers.start("w1")
     workers.start("w2")
