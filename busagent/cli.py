@@ -77,10 +77,11 @@ def worker(
     from busagent.worker import run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    if url is None:
-        url = embedded.start_shared()
+    # Settings first: bad input must not start a shared Redis as a side effect.
     settings = Settings.load(redis_url=url, prefix=prefix, capacity=capacity, threads=threads,
                              grace=grace)
+    if settings.redis_url is None:
+        settings = settings.model_copy(update={"redis_url": embedded.start_shared()})
     run(name, agents, settings, parent_pid=parent_pid)
 
 
