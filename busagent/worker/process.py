@@ -17,8 +17,9 @@ answered by one thread with no hand-off, and a burst is spread over the pool.
 
 :class:`Worker` is the only part that knows every collaborator; they never call back into it.
 A call goes: :class:`.inbox.Inbox` reads it -> :class:`.mailboxes.Mailboxes` queues it and hands
-its agent to a thread -> :class:`.executor.Executor` (calls) or :class:`.hosting.Hosting`
-(creates, control ops) turns it into a Done, or an awaitable the worker parks on the loop ->
+its agent to a thread -> :class:`.executor.Executor` (calls, hub deliveries),
+:class:`.hosting.Hosting` (create, create_many, restore) or the worker's own control ops turn
+it into a Done, or an awaitable the worker parks on the loop ->
 :class:`.committer.Committer` writes it and reports back to the mailboxes.
 """
 
