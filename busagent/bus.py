@@ -131,6 +131,8 @@ class Bus:
         boundary where they are translated): a caller catches BusagentError, never redis's."""
         try:
             yield
+        except BusagentError:
+            raise  # already ours (CallTimeout and RedisUnavailable are OSErrors too)
         except redis.exceptions.RedisError as e:
             raise self.translate(e) from None
         except OSError as e:

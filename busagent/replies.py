@@ -147,16 +147,17 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
     caller. ``take``: delete each reply as it is read (the caller is its only reader)."""
     b.sender.flush()
     w, r = _Wait(b, call_ids, timeout, errors, take), b.redis
-    while w.pending:
-        try:
-            if w.should_peek() and w.peeked(peek(b, w.pending, take)):
-                break
-            k, wait = w.next()
-            # redis-py's hints say int; Redis takes fractional seconds since 6.0.
-            w.read(r.blpop([k], wait) if take
-                   else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
-        except REDIS_DOWN as e:
-            time.sleep(w.backoff(e))
+    with b.errors():  # an outage is waited out below; any other refusal is a busagent error
+        while w.pending:
+            try:
+                if w.should_peek() and w.peeked(peek(b, w.pending, take)):
+                    break
+                k, wait = w.next()
+                # redis-py's hints say int; Redis takes fractional seconds since 6.0.
+                w.read(r.blpop([k], wait) if take
+                       else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
+            except REDIS_DOWN as e:
+                time.sleep(w.backoff(e))
     return w.out
 
 
@@ -168,13 +169,14 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
     if b.sender.queued():
         await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
     w, r = _Wait(b, call_ids, timeout, errors, take), b.async_client()
-    while w.pending:
-        try:
-            if w.should_peek() and w.peeked(await apeek(b, w.pending, take)):
-                break
-            k, wait = w.next()
-            w.read(await r.blpop([k], wait) if take
-                   else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
-        except REDIS_DOWN as e:
-            await asyncio.sleep(w.backoff(e))
+    with b.errors():  # as in fetch
+        while w.pending:
+            try:
+                if w.should_peek() and w.peeked(await apeek(b, w.pending, take)):
+                    break
+                k, wait = w.next()
+                w.read(await r.blpop([k], wait) if take
+                       else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
+            except REDIS_DOWN as e:
+                await asyncio.sleep(w.backoff(e))
     return w.out

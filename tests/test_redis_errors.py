@@ -71,3 +71,19 @@ def test_a_failed_init_never_falls_back_to_another_redis() -> None:
         _raises(busagent.ConfigError, lambda: busagent.init("not-a-url"))
     finally:
         busagent.shutdown()
+
+
+def test_the_boundary_translates_redis_errors_and_keeps_ours(bus: busagent.bus.Bus) -> None:
+    # CallTimeout and RedisUnavailable are OSErrors too: they must pass through as they are.
+    for ours in (busagent.CallTimeout("deadline"), RedisUnavailable("gone")):
+        with pytest.raises(type(ours)) as got, bus.errors():
+            raise ours
+        assert got.value is ours
+    _raises(BusError, lambda: _in(bus, redis.exceptions.ResponseError("WRONGTYPE")))
+    _raises(RedisUnavailable, lambda: _in(bus, redis.exceptions.ConnectionError("reset")))
+    _raises(RedisUnavailable, lambda: _in(bus, redis.exceptions.NoPermissionError("NOPERM")))
+
+
+def _in(bus: busagent.bus.Bus, err: BaseException) -> None:
+    with bus.errors():
+        raise err
