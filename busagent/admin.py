@@ -31,7 +31,7 @@ def servers(include_dead: bool = True) -> list[dict[str, Any]]:
     out = []
     for s in found:
         state = s.state(b.settings.dead_after, now)
-        alive = state in ("up", "late")
+        alive = state in records.LIVE
         if alive or include_dead:
             out.append({**s.model_dump(), "state": state, "alive": alive,
                         "age": round(now - s.heartbeat, 1)})
@@ -99,7 +99,7 @@ class ServerClient:
         PlacementError if no server has this name."""
         info = self._known()
         state = info.state(_bus.current().settings.dead_after)
-        return {**info.model_dump(), "state": state, "alive": state in ("up", "late")}
+        return {**info.model_dump(), "state": state, "alive": state in records.LIVE}
 
     def set_model_configs(self, configs: Any) -> list[str]:
         """Model configs for this server only (a JSON file, a dict or a list of dicts); they

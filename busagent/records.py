@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from .protocol import VERSION
 
 State = Literal["up", "stopping", "late", "dead"]
+#: the states of a server that takes new agents (and is a target for recovered ones).
+LIVE: frozenset[State] = frozenset({"up", "late"})
 
 
 
@@ -74,7 +76,7 @@ class ServerInfo(BaseModel):
 
     def alive(self, dead_after: float, now: float | None = None) -> bool:
         """Takes new agents: ``up`` or ``late``."""
-        return self.state(dead_after, now) in ("up", "late")
+        return self.state(dead_after, now) in LIVE
 
 
 def parse_server(raw: bytes | str) -> ServerInfo | None:

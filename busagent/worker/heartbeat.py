@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sized
 import psutil
 import redis
 
-from busagent import scripts
+from busagent import records, scripts
 from busagent.bus import Bus
 from busagent.errors import BusError, ConfigError, UnknownAgent
 from busagent.protocol import VERSION
@@ -115,12 +115,7 @@ class Heartbeat:
     def sweep(self) -> None:
         """Recover servers that stopped heart-beating; drop their records once empty and old."""
         now = time.time()
-        servers: dict[bytes, bytes] = self.r.hgetall(self.keys.servers)  # type: ignore[assignment]
-        for raw in servers.values():
-            try:
-                info = ServerInfo.model_validate_json(raw)
-            except ValueError:
-                continue
+        for info in records.read_servers(self.r, self.keys.servers):
             if info.name == self.server or self.stopping.is_set():
                 continue
             if recovery.needs_recovery(self.bus, info, now):

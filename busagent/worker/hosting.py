@@ -91,12 +91,13 @@ class Hosting:
 
     def restore(self, agent_id: str) -> Agent:
         """Rebuild an agent from its stored spec, with its memory as stored in Redis."""
-        spec = self.r.hget(self.keys.specs, agent_id)
+        pipe = self.r.pipeline(transaction=False)  # one round trip for the spec and the memory
+        pipe.hget(self.keys.specs, agent_id)
+        pipe.lrange(self.keys.memory(agent_id), 0, -1)
+        spec, items = pipe.execute()
         if spec is None:
             raise UnknownAgent(f"agent {agent_id} has no stored spec to rebuild it from")
-        body = CreateBody.unpack(spec)  # type: ignore[arg-type]
-        agent = self.build(agent_id, body)
-        items: Any = self.r.lrange(self.keys.memory(agent_id), 0, -1)
+        agent = self.build(agent_id, CreateBody.unpack(spec))
         agent.memory = Memory(from_json(x) for x in items)  # already saved: nothing to rewrite
         return agent
 
@@ -107,7 +108,7 @@ class Hosting:
             try:
                 self.agents[info.id] = self.restore(info.id)
             except Exception as e:  # noqa: BLE001
-                self.failed[info.id] = f"{type(e).__name__}: {e}"
+                self._remember_failure(info.id, e)
                 log.warning("could not rebuild agent %s: %s", info.id, e)
         if self.agents:
             log.warning("rebuilt %d agents of the previous %s", len(self.agents), self.server)
@@ -118,12 +119,11 @@ class Hosting:
                                  "raise its --capacity (BUSAGENT_CAPACITY) or start another")
 
     def _remember_failure(self, agent_id: str, err: BaseException) -> str:
+        """Keep why ``agent_id`` could not be built (the last FAILED_CREATES); the reason."""
         why = self.failed[agent_id] = f"{type(err).__name__}: {err}"
-        return why
-
-    def _trim_failures(self) -> None:
-        while len(self.failed) > FAILED_CREATES:
+        if len(self.failed) > FAILED_CREATES:
             self.failed.pop(next(iter(self.failed)))
+        return why
 
     # --- create and delete (kinds create and control) ----------------------------------------
 
@@ -137,7 +137,6 @@ class Hosting:
                 self.agents[e.agent] = self.restore(e.agent)
         except Exception as err:  # noqa: BLE001 - its calls say why (UnknownAgent)
             self._remember_failure(e.agent, err)
-            self._trim_failures()
             log.warning("could not rebuild agent %s: %s", e.agent, err)
         return silent(job.entry_id)
 
@@ -157,7 +156,6 @@ class Hosting:
                 agent.memory._saved = 0  # persist the carried-over memory with this reply
         except Exception as err:  # noqa: BLE001 - the constructor's error goes to the caller
             self._remember_failure(e.agent, err)
-            self._trim_failures()
             if not isinstance(err, BusagentError):  # the constructor itself raised
                 reply = self.replies.error(ConstructorError(f"{type(err).__name__}: {err}"),
                                            user_traceback(err))
@@ -195,7 +193,6 @@ class Hosting:
             pipe = self.r.pipeline(transaction=False)
             forget(pipe, self.keys, list(failed))
             pipe.execute()
-            self._trim_failures()
         return Done(job.entry_id, e.call, self.replies.ok(
             {"server": self.server, "created": built, "failed": failed}))
 
@@ -212,8 +209,7 @@ class Hosting:
     def delete_all(self) -> int:
         """Drop every agent with its memory, record and spec; how many there were."""
         ids = list(self.agents)
-        for a in ids:
-            self.agents.pop(a, None)
+        self.agents.clear()
         pipe = self.r.pipeline(transaction=True)
         forget(pipe, self.keys, ids)
         pipe.execute()

@@ -88,8 +88,8 @@ class Worker:
 
     def start(self) -> None:
         """Load modules, connect, register and start serving in background threads. Raises
-        ConfigError for a module that does not load, RedisUnavailable, and BusagentError if a
-        live worker has this name."""
+        ConfigError for a module that does not load or a name a live worker has, and
+        RedisUnavailable or BusError when Redis fails."""
         for spec in self.specs:
             mod_name, mod = load(spec)
             self.loaded[mod_name] = mod
