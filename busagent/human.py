@@ -36,7 +36,8 @@ class Human(Agent):
         self._answers: queue.Queue[str] = queue.Queue()
         self._shown = 0
 
-    def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
+    def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
+                ) -> Any:
         raise ConfigError("a Human lives where its terminal or UI is; keep it local")
 
     def respond(self, text: str) -> None:
