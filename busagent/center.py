@@ -115,7 +115,8 @@ class TaskCenter:
         """Run up to ``round`` rounds; yields the speakers' events as they arrive.
 
         Who speaks in a round: ``allowed_roles`` (a role or a list of roles, matched whole,
-        never as substrings) are the speakers, notified or not, as in ModelScope; else
+        never as substrings; ``[]`` is ModelScope's "not given") are the speakers, notified or
+        not, as in ModelScope; else
         ``speakers``; else the members notified since their last turn. With both, ``speakers``
         picks and ``allowed_roles`` limits. A round in which nobody can speak yields one
         ``skipped`` event with no role whose data says why, and ends the step.
@@ -166,10 +167,18 @@ class TaskCenter:
 
     def _allowed(self, allowed_roles: str | Sequence[str] | None) -> list[Member] | None:
         """The members ``allowed_roles`` names, checked before anything runs."""
-        if allowed_roles is None:
+        given: Any = allowed_roles  # checked here: callers pass anything
+        if given is None:
             return None
-        names = [allowed_roles] if isinstance(allowed_roles, str) else list(allowed_roles)
-        if not names or not all(isinstance(n, str) for n in names):
+        if isinstance(given, str):
+            names: list[Any] = [given]
+        elif isinstance(given, Iterable) and not isinstance(given, bytes | dict):
+            names = list(given)
+        else:
+            names = [given]
+        if not names:
+            return None  # ModelScope's default ([]): no restriction, the notified speak
+        if not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"allowed_roles {allowed_roles!r}: give a role or a list of roles")
         members = self.hub.members()
         out = _named(self.hub, names, members, "allowed_roles")

@@ -178,8 +178,12 @@ def test_allowed_roles_speak_and_are_whole_names(workers: Workers) -> None:
         list(center.step(allowed_roles=["log"]))
     with pytest.raises(ConfigError, match="role_play"):  # lists the roles there are
         list(center.step(allowed_roles="role_play"))
-    with pytest.raises(ConfigError, match="allowed_roles"):
-        list(center.step(allowed_roles=[]))
+    for bad in (5, [None], [""], {"role_play1": 1}):
+        with pytest.raises(ConfigError, match="allowed_roles"):
+            list(center.step(allowed_roles=bad))  # type: ignore[arg-type]
+    # ModelScope's default, []: no restriction, the notified members speak
+    notified = sorted(m.role for m in center.notified())
+    assert notified and ends(list(center.step(allowed_roles=[]))) == notified
 
     # a chooser that names nobody, or nobody allowed: the step says why
     events = list(center.step(speakers=lambda c, ms: ["ghost"]))
