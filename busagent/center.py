@@ -180,18 +180,13 @@ class TaskCenter:
             return None  # ModelScope's default ([]): no restriction, the notified speak
         if not all(isinstance(n, str) and n for n in names):
             raise ConfigError(f"allowed_roles {allowed_roles!r}: give a role or a list of roles")
-        members = self.hub.members()
-        out = _named(self.hub, names, members, "allowed_roles")
-        watchers = sorted(m.role for m in out if m.watcher)
-        if watchers:
-            raise ConfigError(f"allowed_roles: {', '.join(watchers)} is a watcher of hub "
-                              f"{self.hub.name!r}; watchers observe and never speak")
-        return out
+        return _named(self.hub, names, self.hub.members(), "allowed_roles")
 
     def _choose(self, speakers: Speakers, allowed: list[Member] | None
                 ) -> tuple[list[Member], str]:
         """This round's speakers, in the order they joined, or none and why."""
-        members = [m for m in self.hub.members() if not m.watcher]
+        everyone = self.hub.members()
+        members = [m for m in everyone if not m.watcher]
         if speakers is None:
             if allowed is not None:
                 ids = {m.id for m in members}
@@ -202,18 +197,18 @@ class TaskCenter:
                             "its last turn" if members else
                             f"nobody to speak: hub {self.hub.name!r} has no members")
         if isinstance(speakers, str):
-            chosen = _named(self.hub, [speakers], members, "speakers")
+            chosen = _named(self.hub, [speakers], everyone, "speakers")
             how = f"speakers {speakers!r}"
         elif hasattr(speakers, "agent_id"):  # a moderator agent names the speakers
             named = self._ask(speakers, members)
-            chosen = _named(self.hub, named, members, None)
-            how = f"the moderator named {named!r}, no member's role or name"
+            chosen = _named(self.hub, named, everyone, None)
+            how = f"the moderator named {named!r}, no speaking member's role or name"
         elif callable(speakers):
             named = list(speakers(self, members))
-            chosen = _named(self.hub, named, members, None)
-            how = f"speakers() named {named!r}, no member's role or name"
+            chosen = _named(self.hub, named, everyone, None)
+            how = f"speakers() named {named!r}, no speaking member's role or name"
         else:
-            chosen = _named(self.hub, list(speakers), members, "speakers")
+            chosen = _named(self.hub, list(speakers), everyone, "speakers")
             how = f"speakers {speakers!r}"
         if allowed is not None:
             ok = {m.id for m in allowed}
@@ -303,18 +298,21 @@ class TaskCenter:
 
 def _named(hub: Hub, names: Iterable[Any], members: list[Member], what: str | None
            ) -> list[Member]:
-    """The members that ``names`` name (whole roles, else names, else agent ids), in the order
-    they joined. ``what`` set (the caller's own list): an unknown name raises ConfigError;
-    unset (a moderator's or a function's answer): unknown names are left out."""
+    """The speaking members that ``names`` name (whole roles, else names, else agent ids), in
+    the order they joined. ``what`` set (the caller's own list): an unknown name or a watcher's
+    raises ConfigError; unset (a moderator's or a function's answer): they are left out."""
     out: dict[str, Member] = {}
     for n in names:
         n = str(n)
         found = ([m for m in members if m.role == n] or [m for m in members if m.name == n]
                  or [m for m in members if m.id == n])
-        if not found and what is not None:
+        if what is not None and not found:
             raise ConfigError(f"{what}: hub {hub.name!r} has no role, name or member {n!r}; "
-                              f"roles: {sorted({m.role for m in members})}")
-        out.update((m.id, m) for m in found)
+                              f"roles: {sorted({m.role for m in members if not m.watcher})}")
+        if what is not None and any(m.watcher for m in found):
+            raise ConfigError(f"{what}: {n} is a watcher of hub {hub.name!r}; watchers "
+                              "observe and never speak")
+        out.update((m.id, m) for m in found if not m.watcher)
     return [m for m in members if m.id in out]
 
 

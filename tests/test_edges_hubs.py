@@ -176,6 +176,10 @@ def test_allowed_roles_speak_and_are_whole_names(workers: Workers) -> None:
     # a role that cannot speak is refused before anything runs, saying why
     with pytest.raises(ConfigError, match="watcher"):
         list(center.step(allowed_roles=["log"]))
+    with pytest.raises(ConfigError, match="watcher"):
+        list(center.step(speakers="log"))
+    events = list(center.step(speakers=lambda c, ms: ["log"]))  # a chooser naming a watcher
+    assert [e.type for e in events] == ["skipped"] and "log" in str(events[0].data)
     with pytest.raises(ConfigError, match="role_play"):  # lists the roles there are
         list(center.step(allowed_roles="role_play"))
     for bad in (5, [None], [""], {"role_play1": 1}):
