@@ -6,7 +6,7 @@ import contextvars
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
 from .ids import new_id
@@ -31,23 +31,60 @@ def is_remote(cls: type, name: str) -> bool:
     return bool(getattr(getattr(cls, name, None), "__busagent_remote__", False))
 
 
+#: AgentScope's ``to_dist`` arguments: an agent server's address and its pool settings
+_AGENTSCOPE_KEYS = frozenset({"host", "port", "max_pool_size", "max_expire_time",
+                              "max_timeout_seconds", "local_mode", "lazy_launch",
+                              "launch_server", "retry_strategy"})
+
+
+def _bad_to_dist(what: str) -> ConfigError:
+    return ConfigError(f"to_dist {what}: use to_dist=True (the least loaded worker) or "
+                       "DistConf(server=NAME) (the worker started with `busagent worker --name "
+                       "NAME`)")
+
+
 class DistConf(BaseModel):
     """Where a distributed agent goes. ``server=None``: the least loaded live worker that loaded
-    the agent's module, else worker processes started for this program."""
+    the agent's module, else worker processes started for this program.
+
+    Raises ConfigError (never pydantic's ValidationError) for anything else, naming what to use
+    instead: AgentScope's ``{"host": ..., "port": ...}`` addresses an agent server, and busagent
+    places by worker name, so such a dict is refused with that hint rather than guessed at."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     server: str | None = None
 
+    def __init__(self, **data: Any) -> None:
+        agentscope = sorted(_AGENTSCOPE_KEYS & data.keys())
+        if agentscope:
+            raise _bad_to_dist(f"{', '.join(agentscope)}: busagent places agents on workers "
+                               "by name, not by host and port (a worker on that host "
+                               "registers itself in Redis)")
+        unknown = sorted(set(data) - {"server"})
+        if unknown:
+            raise _bad_to_dist(f"has unknown field(s) {', '.join(map(repr, unknown))}")
+        server = data.get("server")
+        if server is not None and (not isinstance(server, str) or not server.strip()):
+            raise _bad_to_dist(f"server {server!r}: a worker name is a non-empty string")
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # unreachable after the checks; kept one line all the same
+            raise _bad_to_dist(f"is invalid: {e.errors()[0]['msg']}") from None
+
     @classmethod
     def of(cls, value: Any) -> DistConf:
+        """A DistConf from ``to_dist=``: True, a DistConf or a dict of its fields. Raises
+        ConfigError for anything else."""
         if value is True:
             return cls()
         if isinstance(value, DistConf):
             return value
         if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise _bad_to_dist(f"{value!r}: its keys must be field names")
             return cls(**value)  # a copy: the caller's dict is never changed
-        raise ConfigError(f"to_dist must be True, a DistConf or a dict, not {value!r}")
+        raise _bad_to_dist(f"{value!r} ({type(value).__name__})")
 
 
 class AgentMeta(type):
@@ -55,7 +92,9 @@ class AgentMeta(type):
     proxy is returned."""
 
     def __call__(cls, *args: Any, to_dist: Any = None, **kwargs: Any) -> Any:
-        if to_dist:
+        # AgentScope's rule: anything but None and False asks for a distributed agent, so an
+        # empty dict or a mistyped value is checked (and refused) rather than run locally.
+        if to_dist is not None and to_dist is not False:
             return _create(cls, args, kwargs, DistConf.of(to_dist))
         obj = super().__call__(*args, **kwargs)
         obj._init_args = (args, kwargs)
@@ -86,10 +125,15 @@ class Agent(metaclass=AgentMeta):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.reply(*args, **kwargs)
 
-    def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
+    def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
+                ) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
-        memory, and return the proxy."""
-        conf = DistConf.of(to_dist) if to_dist else DistConf(server=server)
+        memory, and return the proxy. ``server``: a worker's name; ``to_dist``: as the
+        constructor's. AgentScope's ``host=``, ``port=`` ... raise ConfigError saying what to
+        use instead."""
+        if agentscope:
+            DistConf(**agentscope)  # raises, naming the AgentScope arguments
+        conf = DistConf.of(to_dist) if to_dist is not None else DistConf(server=server)
         args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
         return _create(type(self), args, kwargs, conf, memory=self.memory.get())
 

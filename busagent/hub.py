@@ -51,6 +51,9 @@ class Member(BaseModel):
     #: hub seq the member starts reading after ("0-0": the whole history)
     since: str = "0-0"
     joined: float = 0.0
+    #: set once it has left: the last seq it still observes (what was published before
+    #: :meth:`Hub.leave`)
+    until: str | None = None
 
 
 class HubMessage(BaseModel):
@@ -66,13 +69,19 @@ class HubMessage(BaseModel):
     msg: Msg
 
     def to(self, member: Member) -> bool:
-        """Whether this message is addressed to ``member`` (watchers see everything)."""
+        """Whether this message is addressed to ``member`` (watchers see everything): what
+        makes a member "notified". Never its own message, so nobody is asked to answer itself."""
         if member.watcher:
             return True
         if member.id == self.sender:
-            return False  # a speaker already has its own words
+            return False
         return any(t == EVERYONE or t == member.id or t == f"role:{member.role}"
                    or t == f"name:{member.name}" for t in self.send_to)
+
+    def kept_by(self, member: Member) -> bool:
+        """Whether ``member`` observes this message: what it heard and what it said, so its
+        memory holds the conversation as the hub has it, its own lines in their place."""
+        return member.id == self.sender or self.to(member)
 
 
 class Routing(Protocol):
@@ -144,6 +153,11 @@ class Function:
         return hub.targets(list(self.fn(msg, cands)), members)
 
 
+def _left(member: str) -> str:
+    """The members hash field that keeps a member that left until its worker caught up."""
+    return f"~left:{member}"
+
+
 def _id_of(agent: Any) -> str:
     agent_id = getattr(agent, "agent_id", None)
     if not isinstance(agent_id, str):
@@ -173,7 +187,10 @@ class Hub:
         m = Member(id=_id_of(agent), name=agent.name, role=role or agent.name, watcher=watcher,
                    since=since, joined=time.time())
         with b.errors():
-            b.redis.hset(b.keys.members(self.name), m.id, m.model_dump_json())
+            pipe = b.redis.pipeline(transaction=False)
+            pipe.hset(b.keys.members(self.name), m.id, m.model_dump_json())
+            pipe.hdel(b.keys.members(self.name), _left(m.id))
+            pipe.execute()
         if not isinstance(agent, RemoteAgent):
             self.local[m.id] = agent
         if history:
@@ -188,11 +205,31 @@ class Hub:
         return str(last[0][0].decode()) if last else "0-0"
 
     def leave(self, agent: Any) -> None:
+        """Remove a member. It still observes what was published before the leave (the notices
+        of those messages may not have reached its worker yet): a local member catches up here,
+        a distributed one on its worker, which then forgets the member's last traces in the hub
+        (a record kept until then as ``~left:<id>`` in the members hash). Not a member: no-op."""
         b = _bus.current()
         agent_id = _id_of(agent)
-        with b.errors():
-            b.redis.hdel(b.keys.members(self.name), agent_id, f"~cursor:{agent_id}")
+        key = b.keys.members(self.name)
+        me = self.member(agent_id)
         self.local.pop(agent_id, None)
+        if me is None:
+            return
+        gone = me.model_copy(update={"until": self.last_seq()})
+        if not isinstance(agent, RemoteAgent):
+            self.deliver(agent, gone)
+            with b.errors():
+                b.redis.hdel(key, agent_id, f"~cursor:{agent_id}")
+            return
+        with b.errors():
+            pipe = b.redis.pipeline(transaction=True)
+            pipe.hset(key, _left(agent_id), gone.model_dump_json())
+            pipe.hdel(key, agent_id)
+            pipe.execute()
+        # Its worker catches up to ``until`` and then drops the record: that happens on the
+        # notice of the last publish if that one is still on its way, else on this one.
+        proxy.deliver([agent_id], self.name)
 
     def members(self) -> list[Member]:
         """In the order they joined, watchers included."""
@@ -207,6 +244,31 @@ class Hub:
         with b.errors():
             raw: Any = b.redis.hget(b.keys.members(self.name), agent_id)
         return None if raw is None else Member.model_validate_json(raw)
+
+    def sender(self, sent_from: Any, members: list[Member]) -> tuple[str, Member | None]:
+        """Who ``sent_from`` is: an agent, a Member, an agent id, a role (ModelScope's
+        ``send_from``) or a name, tried in that order, as (the id to record, the member). A
+        string that is none of them is a sender from outside the hub, recorded as it is.
+        Raises ConfigError when it is a role several members share, or a watcher."""
+        if sent_from is None:
+            return "", None
+        if isinstance(sent_from, Member):
+            key = sent_from.id
+        elif isinstance(sent_from, str):
+            key = sent_from
+        else:
+            key = _id_of(sent_from)
+        me = next((m for m in members if m.id == key), None)
+        if me is None:
+            by_role = [m for m in members if m.role == key]
+            if len(by_role) > 1:
+                raise ConfigError(f"hub {self.name!r}: sent_from {key!r} is the role of "
+                                  f"{sorted(m.name for m in by_role)}; give one of them")
+            me = by_role[0] if by_role else next((m for m in members if m.name == key), None)
+        if me is not None and me.watcher:
+            raise ConfigError(f"{me.name} is a watcher of hub {self.name!r}: watchers "
+                              "see everything and never publish")
+        return (me.id if me is not None else key), me
 
     def targets(self, send_to: list[Any], members: list[Member]) -> list[str]:
         """Targets for names, roles, agent ids or agents; an unknown one is an error (a message
@@ -239,14 +301,7 @@ class Hub:
         not publish."""
         b = _bus.current()
         members = self.members()
-        sender = ""
-        if sent_from is not None:
-            sender = sent_from if isinstance(sent_from, str) else _id_of(sent_from)
-            me = next((m for m in members if m.id == sender or m.name == sender), None)
-            if me is not None and me.watcher:
-                raise ConfigError(f"{me.name} is a watcher of hub {self.name!r}: watchers "
-                                  "see everything and never publish")
-            sender = me.id if me is not None else sender
+        sender, _ = self.sender(sent_from, members)
         if routing is not None:
             to = routing(self, msg, members, sender)
         elif send_to is None:
@@ -261,7 +316,7 @@ class Hub:
         seq = raw_seq.decode() if isinstance(raw_seq, bytes) else str(raw_seq)
         probe = HubMessage(hub=self.name, seq=seq, sent_from=msg.name, sender=sender,
                            send_to=to, msg=msg)
-        self._notify([m for m in members if probe.to(m)])
+        self._notify([m for m in members if probe.kept_by(m)])
         return seq
 
     def _notify(self, members: list[Member]) -> None:
@@ -314,14 +369,34 @@ class Hub:
                 yield self._decode(entry_id, f)
 
     def deliver(self, agent: Any, me: Member | None = None) -> int:
-        """Have ``agent`` (an object of this process) observe the messages addressed to it that
-        it has not seen, in the hub's order; returns how many (0 if it is not a member). Runs
-        where the agent lives: see :func:`deliver`."""
+        """Have ``agent`` (an object of this process) observe the messages it has not seen that
+        were addressed to it or sent by it, in the hub's order; returns how many (0 if it is
+        not a member). A member that left observes up to its leave, then its traces in the hub
+        are dropped. Runs where the agent lives: see :func:`deliver`."""
         cursor = Cursor.of(agent)
         with cursor.lock:
-            return self._deliver(agent, cursor, me or self.member(agent.agent_id))
+            if me is not None:
+                return self._deliver(agent, cursor, me, None)
+            return self._deliver(agent, cursor, *self._member_and_end(agent.agent_id))
 
-    def _deliver(self, agent: Any, cursors: Cursor, me: Member | None) -> int:
+    def _member_and_end(self, agent_id: str) -> tuple[Member | None, str]:
+        """The member's record (or the one it left) and the hub's newest seq, read together in
+        one round trip (MULTI): whatever is in the stream then was published while that record
+        held, so a delivery that stops there never hands a member that left a message
+        published after its leave."""
+        b = _bus.current()
+        with b.errors():
+            pipe = b.redis.pipeline(transaction=True)
+            pipe.hmget(b.keys.members(self.name), [agent_id, _left(agent_id)])
+            pipe.xrevrange(b.keys.hub(self.name), count=1)
+            (live, left), last = pipe.execute()
+        got = live if live is not None else left
+        me = None if got is None else Member.model_validate_json(got)
+        return me, (last[0][0].decode() if last else "0-0")
+
+    def _deliver(self, agent: Any, cursors: Cursor, me: Member | None, end: str | None) -> int:
+        """Observe from the cursor up to ``end`` (the newest seq when the member record was
+        read; None: all there is), and no further than the member's leave."""
         if me is None:
             return 0
         b = _bus.current()
@@ -334,22 +409,33 @@ class Hub:
         cursor = max(cursor, me.since, key=seq_key)
         start = cursor
         n = 0
-        while True:
+        kept: set[str] | None = None  # read once, at its first own line (before observing it)
+        bounds = [x for x in (me.until, end) if x is not None]
+        stop = min(bounds, key=seq_key) if bounds else None
+        while stop is None or seq_key(cursor) < seq_key(stop):
             with b.errors():
-                entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}", "+",
-                                              count=500)
+                entries: Any = b.redis.xrange(b.keys.hub(self.name), f"({cursor}",
+                                              stop or "+", count=500)
             if not entries:
                 break
             for entry_id, f in entries:
                 hm = self._decode(entry_id, f)
                 cursor = hm.seq
-                if hm.to(me):
-                    meta = {**(hm.msg.metadata or {}), "hub": self.name, "seq": hm.seq,
-                            "sent_from": hm.sent_from, "send_to": hm.send_to}
-                    agent.observe(hm.msg.model_copy(update={"metadata": meta}))
-                    n += 1
+                if not hm.kept_by(me):
+                    continue
+                if hm.sender == me.id:
+                    kept = _kept_itself(agent) if kept is None else kept
+                    if hm.msg.id in kept:
+                        continue  # an agent that put its reply in its memory itself has it
+                meta = {**(hm.msg.metadata or {}), "hub": self.name, "seq": hm.seq,
+                        "sent_from": hm.sent_from, "send_to": hm.send_to}
+                agent.observe(hm.msg.model_copy(update={"metadata": meta}))
+                n += 1
         cursors.at[self.name] = cursor
-        if cursor != start:
+        if me.until is not None:
+            with b.errors():
+                b.redis.hdel(b.keys.members(self.name), _left(me.id), mark)
+        elif cursor != start:
             with b.errors():
                 b.redis.hset(b.keys.members(self.name), mark, cursor)
         return n
@@ -408,6 +494,22 @@ def seq_key(seq: str) -> tuple[int, int]:
     """A hub seq (a stream id, ``"<ms>-<n>"``) as a sortable pair: seqs compare in hub order."""
     ms, _, n = seq.partition("-")
     return int(ms), int(n or 0)
+
+
+#: how far back in a memory an agent's own reply is looked for (see :func:`_kept_itself`)
+OWN_LINE_LOOKBACK = 256
+
+
+def _kept_itself(agent: Any) -> set[str]:
+    """The ids of the Msgs among the agent's latest ``OWN_LINE_LOOKBACK`` memory items that no
+    hub gave it: where a reply it put in its memory itself is. The lines of others published in
+    the same round can be observed between its reply and its own line's return, so the search
+    is not cut at the last hub message; a reply further back than that is given again."""
+    memory = getattr(agent, "memory", None)
+    if memory is None:
+        return set()
+    return {item.id for item in memory.get(recent_n=OWN_LINE_LOOKBACK)
+            if isinstance(item, Msg) and "seq" not in (item.metadata or {})}
 
 
 def _cursor_in_memory(agent: Any, hub: str) -> str | None:

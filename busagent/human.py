@@ -1,8 +1,9 @@
 """Humans in the loop: a human is an agent of the orchestrating process.
 
 ``Human(name, mode="terminal")`` shows what was said since its last turn and reads a line from
-the terminal; ``mode="chatbot"`` takes its answer from a UI callback (``human.respond(text)``, or
-``TaskCenter.step(user_response=...)``). Either way, a human who has not answered within
+the terminal; ``mode="chatbot"`` takes its answer from a UI callback (``human.respond(text)``,
+kept until its next turn), or ``TaskCenter.step(user_response=...)`` gives it the answer for a
+turn in that step only. Either way, a human who has not answered within
 ``timeout`` seconds is skipped: ``reply`` returns None and the conversation goes on.
 """
 
@@ -36,12 +37,18 @@ class Human(Agent):
         self._answers: queue.Queue[str] = queue.Queue()
         self._shown = 0
 
-    def to_dist(self, server: str | None = None, to_dist: Any = None) -> Any:
+    def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
+                ) -> Any:
         raise ConfigError("a Human lives where its terminal or UI is; keep it local")
 
     def respond(self, text: str) -> None:
         """Chatbot mode: the UI's callback with what the human typed."""
         self._answers.put(text)
+
+    def take_answer(self, answer: str) -> str:
+        """This turn's answer, given to the step it belongs to (``step(user_response=...)``):
+        said now, never queued for a later turn."""
+        return answer
 
     def reply(self, x: Any = None) -> str | None:
         self.memory.add(x)
@@ -56,7 +63,8 @@ class Human(Agent):
         out = self.stdout or sys.stdout
         items = self.memory.get()
         for m in items[self._shown:] if self.echo else []:
-            if isinstance(m, Msg):
+            # its own lines come back from the hub too (a member keeps what it said)
+            if isinstance(m, Msg) and m.name != self.name:
                 out.write(f"{m.name}: {m.content}\n")
         self._shown = len(items)
         out.write(f"{self.name} {self.prompt}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
 import time
@@ -148,6 +149,12 @@ class ScriptedModel(Model):
             yield word if i == 0 else " " + word
 
 
+#: the vendor's endpoint, for ``openai_chat`` and ``openai`` configs without a base_url
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+#: model types whose missing base_url means the vendor's endpoint (``vllm`` has no vendor)
+VENDOR_TYPES = frozenset({"openai_chat", "openai"})
+
+
 class OpenAIChatModel(Model):
     """An OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
@@ -155,20 +162,38 @@ class OpenAIChatModel(Model):
     ``RETRY_STATUS`` are retried ``max_retries`` times with jittered exponential backoff (a 429's
     ``Retry-After`` is honoured); at most ``concurrency`` requests per process are in flight, the
     rest wait their turn instead of overloading the server.
+
+    The endpoint is ``base_url`` (or ``client_args.base_url``); an ``openai_chat`` or ``openai``
+    config without one uses ``OPENAI_BASE_URL`` or the vendor's ``https://api.openai.com/v1``,
+    and ``OPENAI_API_KEY`` when it has no ``api_key``, as AgentScope (through the openai SDK)
+    does. Raises ConfigError for a ``vllm`` config without a base_url.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        base = config.base_url or config.client_args.get("base_url")
+        args = config.client_args
+        base = config.base_url or args.get("base_url")
+        api_key = config.api_key or args.get("api_key")
+        if config.model_type in VENDOR_TYPES:
+            # What AgentScope's openai_chat does through the openai SDK: no base_url means the
+            # vendor's endpoint (or OPENAI_BASE_URL), no api_key means OPENAI_API_KEY, both read
+            # where the model runs (the worker).
+            base = base or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+            api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not base:
             raise ConfigError(
-                f"model config {config.config_name!r} has no base_url: set \"base_url\" (or "
-                "client_args.base_url) to the endpoint, e.g. http://localhost:8000/v1"
+                f"model config {config.config_name!r} ({config.model_type}) has no base_url: "
+                "set \"base_url\" (or client_args.base_url) to the endpoint, e.g. "
+                "http://localhost:8000/v1"
             )
         self.url = str(base).rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}
-        if config.api_key:
-            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        organization = config.model_extra.get("organization") if config.model_extra else None
+        organization = organization or args.get("organization")
+        if organization:
+            self.headers["OpenAI-Organization"] = str(organization)
         # One client and one cap per event loop: httpx's async pool is bound to the loop that
         # made it, and a worker has one loop, the calling program another.
         self._per_loop: weakref.WeakKeyDictionary[

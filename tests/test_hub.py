@@ -243,9 +243,9 @@ def test_three_roles_over_two_workers(workers: Workers) -> None:
     assert [e.type for e in events if e.role == "writer" and e.round == 1][:2] == [
         "start", "chunk"]
     history = center.hub.history()
-    assert history[0].sent_from == "user"
+    assert history[0].sent_from == "user_requirement"  # ModelScope's task sender
     assert len(history) == 1 + 1 + 2 + 3
-    assert {h.sent_from for h in history} == {"user", "writer", "critic", "editor"}
+    assert {h.sent_from for h in history} == {"user_requirement", "writer", "critic", "editor"}
     # the task was for the writer only; the critic's first message is the writer's line
     assert heard(critic)[0][1] == "writer says hello to everyone"
     # code picks the speaker
