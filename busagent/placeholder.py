@@ -15,6 +15,7 @@ from typing import Any
 from . import bus as _bus
 from . import replies
 from .errors import BusagentError, UsageError
+from .protocol import EXT_REF, EXT_VALUE
 
 _UNSET: Any = object()
 
@@ -25,19 +26,54 @@ class Placeholder:
 
     __slots__ = ("_error", "_value", "agent_id", "call_id")
 
+    _value: Any
+    _error: BaseException | None
+
     def __init__(self, call_id: str, agent_id: str = "") -> None:
-        self.call_id = call_id
-        self.agent_id = agent_id
-        self._value: Any = _UNSET
-        self._error: BaseException | None = None
+        # object.__setattr__: not through __setattr__ below (a fan-out builds thousands).
+        init = object.__setattr__
+        init(self, "call_id", call_id)
+        init(self, "agent_id", agent_id)
+        init(self, "_value", _UNSET)
+        init(self, "_error", None)
 
     @classmethod
     def from_id(cls, call_id: str) -> Placeholder:
         """A placeholder for a call id received from elsewhere (another process, a log)."""
         return cls(call_id)
 
-    def __busagent_ref__(self) -> str:
-        return self.call_id
+    def __busagent_wire__(self) -> tuple[int, Any]:
+        """How this placeholder travels (:mod:`busagent.protocol`): by reference while it is
+        pending or failed, so the receiver reads the reply (or its error) from Redis itself;
+        as its value once resolved here. A resolved value may have been changed in this
+        process (``p.content += 1``): sent by reference, the receiver would read the original
+        reply and the change would be lost without a word. Sending the value costs its bytes
+        in the message, and saves the receiver a read."""
+        if self._value is not _UNSET:
+            return EXT_VALUE, self._value
+        return EXT_REF, self.call_id
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A field set on a placeholder (``p.content = ...``, ``p.content += 1``) is set on its
+        # value, which it waits for; the value then travels on (see __busagent_wire__).
+        if name in Placeholder.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.result(), name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (multiprocessing, a task queue): a pending placeholder pickles as its call id
+        # and resolves from Redis in the process that unpickles it, as the original would; a
+        # resolved one carries its value or error. The unset marker must never be pickled: a
+        # copy of it is not the marker, and the copy would look resolved.
+        state: tuple[Any, ...]
+        if self._value is not _UNSET:
+            state = ("value", self._value)
+        elif self._error is not None:
+            state = ("error", self._error)
+        else:
+            state = ("pending",)
+        return (_restore, (self.call_id, self.agent_id, state))
 
     def _fail(self, err: BaseException) -> None:
         if self._value is _UNSET:
@@ -91,6 +127,16 @@ class Placeholder:
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"Placeholder(call_id={self.call_id!r}, agent={self.agent_id!r}, {state})"
+
+
+def _restore(call_id: str, agent_id: str, state: tuple[Any, ...]) -> Placeholder:
+    """A placeholder from its pickle (:meth:`Placeholder.__reduce__`)."""
+    p = Placeholder(call_id, agent_id)
+    if state[0] == "value":
+        p._value = state[1]
+    elif state[0] == "error":
+        p._error = state[1]
+    return p
 
 
 def _forbid_blocking_in_loop() -> None:
