@@ -28,10 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .classpath import class_path, find
 from .errors import (
+    BusagentError,
     ConfigError,
     MessageTooLarge,
     NotSerializable,
     ProtocolError,
+    RemoteError,
     code_of,
     from_wire,
 )
@@ -318,8 +320,13 @@ class Reply(BaseModel):
 
     @staticmethod
     def ok(value: Any) -> bytes:
-        """The encoded reply carrying ``value`` (NotSerializable if it cannot travel)."""
-        return pack({"ok": True, "value": value, "error": None})
+        """The encoded reply carrying ``value`` (NotSerializable, naming where in ``value``,
+        if it cannot travel)."""
+        try:
+            return pack({"ok": True, "value": value, "error": None})
+        except NotSerializable:
+            pack(value)  # raises again, with the path inside the value rather than the reply
+            raise
 
     @staticmethod
     def fail(err: BaseException, server: str = "", traceback: str = "") -> bytes:
@@ -327,8 +334,15 @@ class Reply(BaseModel):
         bus) and message, with where it happened. Never raises: texts that do not encode are
         made to (:func:`safe_text`), since a caller left without its error would wait out its
         deadline."""
+        type_, message = code_of(err), err
+        if isinstance(err, RemoteError):
+            # Passed on (a failed input): the original type, message, traceback and server.
+            type_, message = err.type, err.message
+            traceback, server = err.traceback or traceback, err.server or server
+        elif isinstance(err, BusagentError) and err.traceback and not traceback:
+            traceback = err.traceback
         return pack({"ok": False, "value": None, "error": {
-            "type": safe_text(code_of(err)), "message": safe_text(err),
+            "type": safe_text(type_), "message": safe_text(message),
             "traceback": safe_text(traceback), "server": safe_text(server)}})
 
     @classmethod
