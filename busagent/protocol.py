@@ -334,7 +334,7 @@ class Reply(BaseModel):
         bus) and message, with where it happened. Never raises: texts that do not encode are
         made to (:func:`safe_text`), since a caller left without its error would wait out its
         deadline."""
-        type_, message = code_of(err), err
+        type_, message = code_of(err), safe_text(err)
         if isinstance(err, RemoteError):
             # Passed on (a failed input): the original type, message, traceback and server.
             type_, message = err.type, err.message
