@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import BaseModel
 
 import busagent
 from busagent import DistConf, Hub, Msg, Placeholder, RemoteAgent, RemoteError
@@ -111,6 +112,24 @@ def test_a_hub_message_that_cannot_encode_is_refused_at_once_naming_where(
     with pytest.raises(NotSerializable, match=r"at \.metadata\['x'\]"):
         hub.publish(Msg("user", "hi", metadata={"x": object()}))
     assert hub.history() == []
+
+
+class OnlyHere(BaseModel):
+    """A model the workers never loaded (it lives in this test module)."""
+
+    x: int
+
+
+def test_a_hub_message_a_member_cannot_decode_does_not_stop_its_deliveries(
+        workers: Workers) -> None:
+    workers.start("w1", *MODS)
+    member = Faulty("member", to_dist=DistConf(server="w1"))
+    hub = Hub("room")
+    hub.join(member)
+    hub.publish(Msg("user", OnlyHere(x=1)))
+    hub.publish(Msg("user", "after"))
+    wait_for(lambda: "after" in member.remembered().result(timeout=WAIT), timeout=WAIT,
+             what="the member observed the message after the one it cannot decode")
 
 
 # --- 2 and 17. placeholders, agent handles and the user's models travel at any depth -------------
