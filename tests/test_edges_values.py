@@ -18,7 +18,7 @@ import redis
 from pydantic import BaseModel
 
 import busagent
-from busagent import DistConf, Hub, Msg, Placeholder, RemoteAgent, RemoteError
+from busagent import DistConf, Hub, Msg, Placeholder, RemoteAgent, RemoteError, TaskCenter
 from busagent.errors import (
     ConfigError,
     NotSerializable,
@@ -112,6 +112,27 @@ def test_a_hub_message_that_cannot_encode_is_refused_at_once_naming_where(
     with pytest.raises(NotSerializable, match=r"at \.metadata\['x'\]"):
         hub.publish(Msg("user", "hi", metadata={"x": object()}))
     assert hub.history() == []
+
+
+class Says(busagent.Agent):
+    def __init__(self, name: str, line: object) -> None:
+        super().__init__(name)
+        self.line = line
+
+    def reply(self, x: object = None) -> object:
+        return self.line
+
+
+def test_a_speaker_whose_reply_cannot_be_published_is_an_error_and_others_are_published(
+        bus: busagent.bus.Bus) -> None:
+    center = TaskCenter("debate", deadline=WAIT)
+    center.add_agents([Says("bad", {"file": BAD_TEXT}), Says("good", "fine")], ["a", "b"])
+    center.send_task_request("go")
+    events = {(e.name, e.type): e for e in center.step()}
+    assert events[("good", "end")].data == "fine"
+    assert events[("bad", "error")].data["type"] == "NotSerializable"
+    assert "not valid Unicode" in events[("bad", "error")].data["message"]
+    assert [h.msg.content for h in center.hub.history()] == ["go", "fine"]
 
 
 class OnlyHere(BaseModel):
