@@ -392,3 +392,21 @@ def test_a_pickled_placeholder_resolves_as_the_original(workers: Workers) -> Non
                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.decode().strip() == "h<y>"
+
+
+def test_agent_handles_round_trip_in_memory_and_on_the_bus_without_their_class() -> None:
+    from busagent.memory import from_json, to_json
+    from busagent.protocol import pack, unpack
+
+    h = RemoteAgent("id1", "h", Helper, "w1")
+    for back in (from_json(to_json([h])), unpack(pack(Msg("x", {"team": [h]}))).content["team"]):
+        assert [(a.agent_id, a.name, a.cls, a.server) for a in back] == [("id1", "h", Helper,
+                                                                          "w1")]
+    # A class this process never imported: still a handle for reply/observe, named, and
+    # refusing @remote methods it cannot check.
+    data = to_json({"$agent": 1, "h": h}).replace("tests.values_agents:Helper", "nowhere:Gone")
+    gone = from_json(data)["h"]
+    assert isinstance(gone, RemoteAgent) and gone.agent_id == "id1"
+    assert "Gone" in repr(gone)
+    with pytest.raises(AttributeError, match="not callable remotely"):
+        gone.anything  # noqa: B018
