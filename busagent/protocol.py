@@ -11,13 +11,16 @@ What travels on the bus, and the only module that spells it:
 * a **reply** (:class:`Reply`): ``Reply.ok(value)`` / ``Reply.fail(err)`` give the bytes a worker,
   recovery or a script writes to ``{p}:reply:{call}``; ``Reply.parse`` reads them.
 
-Nothing here unpickles: a Msg, a placeholder reference and a pydantic model are msgpack
-extension types, and a pydantic model is rebuilt only from a class the receiving process has
-already imported (its own code or a module it was told to load).
+Nothing here unpickles: a Msg, a placeholder reference, a distributed agent's handle and a
+pydantic model are msgpack extension types, at any depth of a value; a pydantic model is rebuilt
+only from a class the receiving process has already imported (its own code, a module it was
+told to load, or the user's script), and a handle's class is only looked up, never imported.
+A value that cannot travel raises NotSerializable naming where in the value it is.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -380,6 +383,7 @@ def safe_text(value: Any) -> str:
     return text
 
 
+@functools.cache  # per class: naming a script's class resolves a path on disk
 def class_name(cls: type) -> str:
     """``module:qualname`` of a class whose instances travel (a pydantic model, an agent's
     class), named as :func:`busagent.classpath.class_path` names it: a class in the user's
