@@ -109,6 +109,8 @@ class Agent(metaclass=AgentMeta):
     """
 
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+    #: the proxy ``to_dist()`` returned (the agent now lives on a worker under its id).
+    _dist: Any = None
 
     def __init__(self, name: str, **kwargs: Any) -> None:
         self.name = name
@@ -128,21 +130,29 @@ class Agent(metaclass=AgentMeta):
     def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
                 ) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
-        memory, and return the proxy. ``server``: a worker's name; ``to_dist``: as the
+        memory and its ``agent_id`` (as AgentScope does: hubs and records that name it keep
+        working), and return the proxy. ``server``: a worker's name; ``to_dist``: as the
         constructor's. AgentScope's ``host=``, ``port=`` ... raise ConfigError saying what to
-        use instead."""
+        use instead; so does a second call (two distributed agents cannot share one id; use
+        the proxy the first call returned)."""
         if agentscope:
             DistConf(**agentscope)  # raises, naming the AgentScope arguments
+        if self._dist is not None:
+            raise ConfigError(f"{self.name} ({self.agent_id}) was already moved to a worker by "
+                              f"to_dist(); use the proxy it returned: {self._dist!r}")
         conf = DistConf.of(to_dist) if to_dist is not None else DistConf(server=server)
         args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
-        return _create(type(self), args, kwargs, conf, memory=self.memory.get())
+        proxy = _create(type(self), args, kwargs, conf, memory=self.memory.get(),
+                        agent_id=self.agent_id)
+        self._dist = proxy
+        return proxy
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, agent_id={self.agent_id!r})"
 
 
 def _create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
-            memory: list[Any] | None = None) -> Any:
+            memory: list[Any] | None = None, agent_id: str | None = None) -> Any:
     """Build an agent on a worker and return its proxy (:func:`busagent.proxy.create`).
 
     The one link from the base agent to distribution, and a lazy import on purpose: the proxy
@@ -152,4 +162,4 @@ def _create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: Dist
     know hubs."""
     from .proxy import create
 
-    return create(cls, args, kwargs, conf, memory=memory)
+    return create(cls, args, kwargs, conf, memory=memory, agent_id=agent_id)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .errors import BusagentError, CallTimeout, ConfigError
+from .errors import BusagentError, CallTimeout, ConfigError, MessageTooLarge, NotSerializable
 from .hub import Hub, Member, seq_key
 from .message import Msg
 from .placeholder import Placeholder
@@ -290,8 +290,14 @@ class TaskCenter:
         if said.content is None or said.content == "":
             return StepEvent(round=r, role=m.role, name=m.name, type="skipped",
                              data="nothing to say")
-        seq = self.hub.publish(said, sent_from=m.id,
-                               send_to=None if send_to == "all" else send_to)
+        try:
+            seq = self.hub.publish(said, sent_from=m.id,
+                                   send_to=None if send_to == "all" else send_to)
+        except (NotSerializable, MessageTooLarge) as e:
+            # One speaker's reply that cannot travel is that speaker's error; the others'
+            # replies in the round are still published.
+            return StepEvent(round=r, role=m.role, name=m.name, type="error",
+                             data={"type": e.code, "message": str(e)})
         return StepEvent(round=r, role=m.role, name=m.name, type="end", data=said.content,
                          seq=seq)
 

@@ -51,3 +51,17 @@ def lookup(path: str, modules: Mapping[str, ModuleType]) -> tuple[bool, Any]:
     for part in qual.split("."):
         obj = getattr(obj, part, None)
     return True, obj
+
+
+def find(path: str) -> tuple[bool, Any]:
+    """:func:`lookup` among the modules this process has imported, where the user's script
+    (``__main__``) also answers to its file's name: a class path the sender built with
+    :func:`class_path` (``script:Point``) is found in the script that runs as ``__main__``
+    here, and one a worker built from the script it loaded as ``script`` too."""
+    found, obj = lookup(path, sys.modules)
+    if obj is None:
+        module, _, qual = path.partition(":")
+        main = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main and Path(main).stem == module:
+            found, obj = lookup(f"__main__:{qual}", sys.modules)
+    return found, obj

@@ -24,6 +24,7 @@ memory (each observed message carries its ``seq``).
 from __future__ import annotations
 
 import json
+import logging
 import random as _random
 import threading
 import time
@@ -35,10 +36,12 @@ from pydantic import BaseModel
 
 from . import bus as _bus
 from . import proxy
-from .errors import ConfigError
+from .errors import BusagentError, ConfigError
 from .message import Msg
 from .protocol import pack, unpack
 from .proxy import RemoteAgent
+
+log = logging.getLogger("busagent.hub")
 
 EVERYONE = "*"
 
@@ -419,7 +422,16 @@ class Hub:
             if not entries:
                 break
             for entry_id, f in entries:
-                hm = self._decode(entry_id, f)
+                try:
+                    hm = self._decode(entry_id, f)
+                except BusagentError as e:
+                    # A message this process cannot decode (a model whose module it did not
+                    # load): failing here would fail every later delivery at the same message,
+                    # and the member would observe nothing more. Skipped, and said so.
+                    log.warning("hub %s: %s cannot observe message %s: %s", self.name,
+                                me.name, entry_id.decode(), e)
+                    cursor = entry_id.decode()
+                    continue
                 cursor = hm.seq
                 if not hm.kept_by(me):
                     continue

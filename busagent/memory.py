@@ -1,9 +1,24 @@
 """An agent's memory: an ordered list of messages.
 
-On a worker the memory is persisted to ``{prefix}:memory:{agent}`` (a Redis list, one JSON Msg per
-element, readable with ``LRANGE``) in the same transaction that writes the call's reply, so what is
-in Redis is always the memory as of the last completed call. To make that cheap the memory records
-what changed since the last save instead of rewriting the whole list.
+On a worker the memory is persisted to ``{prefix}:memory:{agent}`` (a Redis list, one JSON
+element per item, readable with ``LRANGE``) in the same transaction that writes the call's reply,
+so what is in Redis is always the memory as of the last completed call. To make that cheap the
+memory records what changed since the last save instead of rewriting the whole list.
+
+The encoding is JSON, exact first: what ``memory.get()`` returns on any process, and after
+recovery, equals what was added. A Msg is stored as its plain fields (readable in redis-cli);
+JSON-native values stay as they are; everything JSON would change or cannot hold is tagged
+with a one-key object whose key starts with ``$``:
+
+* ``{"$b64": ...}`` bytes, ``{"$tuple": [...]}``, ``{"$set": [...]}``, ``{"$msg": {...}}`` a
+  nested Msg, ``{"$model": "module:Class", "data": {...}}`` a pydantic model, ``{"$agent":
+  [id, name, class, server]}`` a distributed agent's handle;
+* ``{"$map": [[key, value], ...]}`` a dict whose keys are not all strings, or whose keys include
+  one starting with ``$`` (so a user's ``{"$b64": "aGk="}`` comes back as that dict, not bytes);
+* ``{"$dict": {...}}`` a dict stored as an item itself (a bare object is a Msg's fields).
+
+A placeholder is stored as its value (resolved first where blocking is allowed). Anything else is
+refused with NotSerializable naming where it is: memory never holds a repr.
 """
 
 from __future__ import annotations
@@ -15,28 +30,61 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .errors import NotSerializable, UsageError
 from .message import Msg
 
 _MSG_FIELDS = ("name", "content", "role", "metadata", "url", "id", "timestamp")
+_MSG_KEYS = frozenset(("name", "id", "timestamp"))
 
 
-def _enc(v: Any) -> Any:
-    """JSON-able and still readable: bytes, nested Msgs and pydantic models are tagged so they
-    come back as they were (a recovered agent must get its memory back exactly)."""
-    if v is None or isinstance(v, str | int | float | bool):
+def _enc(v: Any, where: str) -> Any:
+    """``v`` as JSON-able data that :func:`_dec` turns back into ``v`` exactly."""
+    if v is None or isinstance(v, str | bool | int | float):
         return v
+    if isinstance(v, list):
+        return [_enc(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in v):
+            return {k: _enc(x, f"{where}[{k!r}]") for k, x in v.items()}
+        return {"$map": [[_enc(k, f"{where} (key {k!r})"), _enc(x, f"{where}[{k!r}]")]
+                         for k, x in v.items()]}
     if isinstance(v, Msg):
-        return {"$msg": _msg_fields(v)}
+        return {"$msg": _msg_fields(v, where)}
     if isinstance(v, bytes):
         return {"$b64": base64.b64encode(v).decode()}
-    if isinstance(v, list | tuple):
-        return [_enc(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _enc(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return {"$tuple": [_enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+    if isinstance(v, set | frozenset):
+        return {"$set": [_enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
     if isinstance(v, BaseModel):
-        cls = type(v)
-        return {"$model": f"{cls.__module__}:{cls.__qualname__}", "data": _enc(v.model_dump())}
-    return repr(v)
+        from .protocol import class_name
+
+        return {"$model": class_name(type(v)),
+                "data": _enc(dict(v.__dict__), where)}
+    wire = getattr(v, "__busagent_wire__", None)
+    if wire is not None:
+        from .protocol import EXT_AGENT
+
+        code, _ = wire()
+        if code == EXT_AGENT:
+            return {"$agent": wire()[1]}
+        return _enc(_resolved(v, where), where)
+    raise NotSerializable(
+        f"memory cannot store a {type(v).__name__} (at {where or 'the item'}); store data "
+        "(None, bool, int, float, str, bytes, list, tuple, set, dict), a Msg, a pydantic model, "
+        "a placeholder or a distributed agent"
+    )
+
+
+def _resolved(p: Any, where: str) -> Any:
+    """A placeholder's value for memory: memory stores values, never a call id that expires."""
+    try:
+        return p.result()
+    except UsageError as e:  # a blocking read inside an event loop (an async reply)
+        raise NotSerializable(
+            f"memory cannot store the pending placeholder at {where or 'the item'} from async "
+            f"code: `await` it and add its value ({e})"
+        ) from None
 
 
 def _dec(v: Any) -> Any:
@@ -44,10 +92,24 @@ def _dec(v: Any) -> Any:
         return [_dec(x) for x in v]
     if not isinstance(v, dict):
         return v
-    if len(v) == 1 and "$msg" in v:
-        return _msg(v["$msg"])
-    if len(v) == 1 and "$b64" in v:
-        return base64.b64decode(v["$b64"])
+    if len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "$msg":
+            return _msg(x)
+        if tag == "$b64":
+            return base64.b64decode(x)
+        if tag == "$tuple":
+            return tuple(_dec(i) for i in x)
+        if tag == "$set":
+            return {_dec(i) for i in x}
+        if tag == "$map":
+            return {_dec(k): _dec(i) for k, i in x}
+        if tag == "$dict":
+            return _dec(x)
+        if tag == "$agent":
+            from .proxy import RemoteAgent
+
+            return RemoteAgent.from_wire(*x)
     if len(v) == 2 and "$model" in v:
         from .protocol import _model_class
 
@@ -55,25 +117,38 @@ def _dec(v: Any) -> Any:
     return {k: _dec(x) for k, x in v.items()}
 
 
-def _msg_fields(m: Msg) -> dict[str, Any]:
-    return {"name": m.name, "content": _enc(m.content), "role": m.role,
-            "metadata": _enc(m.metadata), "url": m.url, "id": m.id, "timestamp": m.timestamp}
+def _msg_fields(m: Msg, where: str) -> dict[str, Any]:
+    return {"name": m.name, "content": _enc(m.content, f"{where}.content"), "role": m.role,
+            "metadata": _enc(m.metadata, f"{where}.metadata"), "url": m.url, "id": m.id,
+            "timestamp": m.timestamp}
 
 
 def _msg(d: dict[str, Any]) -> Msg:
     return Msg.model_validate({k: _dec(d.get(k)) for k in _MSG_FIELDS if k in d})
 
 
-def to_json(item: Any) -> str:
-    """One memory element as JSON; a Msg is stored as its plain fields, readable in redis-cli."""
+def to_json(item: Any, where: str = "") -> str:
+    """One memory item as JSON (see the module's docstring); a Msg as its plain fields.
+    Raises NotSerializable naming where in ``item`` a value cannot be stored."""
     if isinstance(item, Msg):
-        return json.dumps(_msg_fields(item), ensure_ascii=False)
-    return json.dumps(_enc(item), ensure_ascii=False)
+        data: Any = _msg_fields(item, where)
+    elif isinstance(item, dict):
+        data = {"$dict": _enc(item, where)}
+    else:
+        data = _enc(item, where)
+    try:
+        text = json.dumps(data, ensure_ascii=False, allow_nan=True)
+        text.encode()
+    except UnicodeEncodeError:
+        # Text that is not valid Unicode (a lone surrogate from os.fsdecode): JSON's \u
+        # escapes keep it exactly, at the price of escaping this item's other non-ASCII text.
+        text = json.dumps(data, ensure_ascii=True)
+    return text
 
 
 def from_json(text: str | bytes) -> Any:
     data = json.loads(text)
-    if isinstance(data, dict) and {"name", "id", "timestamp"} <= data.keys():
+    if isinstance(data, dict) and data.keys() >= _MSG_KEYS:
         return _msg(data)
     return _dec(data)
 
@@ -87,6 +162,8 @@ class Memory:
         # Changes since the last save: (cleared, index of the first unsaved item).
         self._cleared = False
         self._saved = len(self._items)
+        #: the items as last saved, kept from a clear until the next save.
+        self._before: list[Any] | None = None
 
     def add(self, item: Any | Sequence[Any] | None) -> None:
         """Append a message (or each of a list of them). None is ignored, as in AgentScope."""
@@ -103,7 +180,9 @@ class Memory:
         return self._items[-recent_n:] if recent_n > 0 else []
 
     def clear(self) -> None:
-        self._items.clear()
+        if not self._cleared:
+            self._before = self._items[: self._saved]  # what undo_changes goes back to
+        self._items = []
         self._cleared = True
         self._saved = 0
 
@@ -115,10 +194,23 @@ class Memory:
 
     def take_changes(self) -> tuple[bool, list[str]]:
         """(whether the list must be rewritten from scratch, JSON items to append), and mark
-        everything saved."""
+        everything saved. Raises NotSerializable, naming the item, if one cannot be stored;
+        then nothing is marked saved (see :meth:`undo_changes`)."""
         cleared = self._cleared
         start = 0 if cleared else min(self._saved, len(self._items))
-        new = [to_json(x) for x in self._items[start:]]
+        new = [to_json(x, f"memory item {i}") for i, x in enumerate(self._items[start:], start)]
         self._cleared = False
+        self._before = None
         self._saved = len(self._items)
         return cleared, new
+
+    def undo_changes(self) -> None:
+        """Go back to the memory as last saved: a call whose memory cannot be stored fails,
+        and the agent must not keep in this process what Redis (and a rebuilt agent) lacks."""
+        if self._before is not None:
+            self._items = self._before
+        else:
+            del self._items[self._saved:]
+        self._before = None
+        self._cleared = False
+        self._saved = len(self._items)

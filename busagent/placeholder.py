@@ -15,6 +15,7 @@ from typing import Any
 from . import bus as _bus
 from . import replies
 from .errors import BusagentError, UsageError
+from .protocol import EXT_REF, EXT_VALUE, Reply, pack
 
 _UNSET: Any = object()
 
@@ -23,29 +24,76 @@ class Placeholder:
     """Reading any field (``.content``, ``.name``...) blocks until the reply is there;
     ``.result(timeout=)`` too; ``await placeholder`` in asyncio code."""
 
-    __slots__ = ("_error", "_value", "agent_id", "call_id")
+    __slots__ = ("_error", "_raw", "_value", "agent_id", "call_id")
+
+    _value: Any
+    _error: BaseException | None
+    #: the reply as read, to tell whether the value was changed since (None: no such reply).
+    _raw: bytes | None
 
     def __init__(self, call_id: str, agent_id: str = "") -> None:
-        self.call_id = call_id
-        self.agent_id = agent_id
-        self._value: Any = _UNSET
-        self._error: BaseException | None = None
+        # object.__setattr__: not through __setattr__ below (a fan-out builds thousands).
+        init = object.__setattr__
+        init(self, "call_id", call_id)
+        init(self, "agent_id", agent_id)
+        init(self, "_value", _UNSET)
+        init(self, "_error", None)
+        init(self, "_raw", None)
 
     @classmethod
     def from_id(cls, call_id: str) -> Placeholder:
         """A placeholder for a call id received from elsewhere (another process, a log)."""
         return cls(call_id)
 
-    def __busagent_ref__(self) -> str:
-        return self.call_id
+    def __busagent_wire__(self) -> tuple[int, Any]:
+        """How this placeholder travels (:mod:`busagent.protocol`): by reference, so the
+        receiver gets a placeholder and reads the reply (or its error) from Redis itself;
+        but as its value when it was resolved here and its value was changed since
+        (``p.content += 1``, or changed in place), or its reply was released: by reference
+        the receiver would read the original reply, and the change would be lost without a
+        word. Checking costs encoding the value twice, only for a resolved placeholder that
+        is passed on."""
+        if self._value is not _UNSET and (self._raw is None or self._changed()):
+            return EXT_VALUE, self._value
+        return EXT_REF, self.call_id
+
+    def _changed(self) -> bool:
+        try:
+            return pack(self._value) != pack(Reply.parse(self._raw or b"").value)
+        except BusagentError:
+            return True  # the value cannot be compared: send it (pack says why if it fails)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A field set on a placeholder (``p.content = ...``, ``p.content += 1``) is set on its
+        # value, which it waits for; the value then travels on (see __busagent_wire__).
+        if name in Placeholder.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.result(), name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (multiprocessing, a task queue): a pending placeholder pickles as its call id
+        # and resolves from Redis in the process that unpickles it, as the original would; a
+        # resolved one carries its value or error. The unset marker must never be pickled: a
+        # copy of it is not the marker, and the copy would look resolved.
+        state: tuple[Any, ...]
+        if self._value is not _UNSET:
+            state = ("value", self._value)
+        elif self._error is not None:
+            state = ("error", self._error)
+        else:
+            state = ("pending",)
+        return (_restore, (self.call_id, self.agent_id, state))
 
     def _fail(self, err: BaseException) -> None:
         if self._value is _UNSET:
             self._error = err
 
-    def _settle(self, data: bytes) -> None:
+    def _settle(self, data: bytes, kept: bool = True) -> None:
+        """Take the reply's bytes; ``kept``: the reply stays in Redis (not released)."""
         try:
             self._value = replies.decode(data)
+            self._raw = data if kept else None
         except BusagentError as e:
             self._error = e
 
@@ -93,6 +141,16 @@ class Placeholder:
         return f"Placeholder(call_id={self.call_id!r}, agent={self.agent_id!r}, {state})"
 
 
+def _restore(call_id: str, agent_id: str, state: tuple[Any, ...]) -> Placeholder:
+    """A placeholder from its pickle (:meth:`Placeholder.__reduce__`)."""
+    p = Placeholder(call_id, agent_id)
+    if state[0] == "value":
+        p._value = state[1]
+    elif state[0] == "error":
+        p._error = state[1]
+    return p
+
+
 def _forbid_blocking_in_loop() -> None:
     try:
         asyncio.get_running_loop()
@@ -117,11 +175,11 @@ def _collect(placeholders: Sequence[Placeholder]) -> tuple[list[str], dict[str, 
 
 
 def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
-            return_exceptions: bool) -> list[Any]:
+            return_exceptions: bool, released: bool = False) -> list[Any]:
     out: list[Any] = []
     for p in placeholders:
         if not p.done() and p.call_id in got:
-            p._settle(got[p.call_id])
+            p._settle(got[p.call_id], kept=not released)
         if p._error is not None and return_exceptions:
             out.append(p._error)
         else:
@@ -143,7 +201,7 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
         pending, errors = _collect(ps)
         if pending:
             got = replies.fetch(b, pending, timeout, errors, take=release)
-    return _finish(ps, got, return_exceptions)
+    return _finish(ps, got, return_exceptions, release)
 
 
 async def agather(placeholders: Iterable[Placeholder],
@@ -159,11 +217,14 @@ async def agather(placeholders: Iterable[Placeholder],
         pending, errors = _collect(ps)
         if pending:
             got = await replies.afetch(b, pending, timeout, errors, take=release)
-    return _finish(ps, got, return_exceptions)
+    return _finish(ps, got, return_exceptions, release)
 
 
 def release(placeholders: Iterable[Placeholder]) -> None:
     """Delete the replies of these calls from Redis now instead of after ``reply_ttl``: for a
     caller that is the only reader (a shard gathering its participants). Placeholders already
     resolved keep their values; any other holder can no longer resolve them."""
-    replies.release(_bus.current(), [p.call_id for p in placeholders])
+    ps = list(placeholders)
+    replies.release(_bus.current(), [p.call_id for p in ps])
+    for p in ps:
+        p._raw = None  # passed on, a resolved one now travels as its value

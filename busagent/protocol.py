@@ -11,24 +11,35 @@ What travels on the bus, and the only module that spells it:
 * a **reply** (:class:`Reply`): ``Reply.ok(value)`` / ``Reply.fail(err)`` give the bytes a worker,
   recovery or a script writes to ``{p}:reply:{call}``; ``Reply.parse`` reads them.
 
-Nothing here unpickles: a Msg, a placeholder reference and a pydantic model are msgpack
-extension types, and a pydantic model is rebuilt only from a class the receiving process has
-already imported (its own code or a module it was told to load).
+Nothing here unpickles: a Msg, a placeholder reference, a distributed agent's handle and a
+pydantic model are msgpack extension types, at any depth of a value; a pydantic model is rebuilt
+only from a class the receiving process has already imported (its own code, a module it was
+told to load, or the user's script), and a handle's class is only looked up, never imported.
+A value that cannot travel raises NotSerializable naming where in the value it is.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .classpath import lookup
-from .errors import MessageTooLarge, NotSerializable, ProtocolError, code_of, from_wire
+from .classpath import class_path, find
+from .errors import (
+    BusagentError,
+    ConfigError,
+    MessageTooLarge,
+    NotSerializable,
+    ProtocolError,
+    RemoteError,
+    code_of,
+    from_wire,
+)
 from .message import Msg
 
 #: Version 2 (was 1): the kinds ``create_many`` and ``restore`` and call-less entries are new;
@@ -39,6 +50,11 @@ VERSION = 2
 EXT_MSG = 1
 EXT_REF = 2
 EXT_MODEL = 3
+#: a distributed agent's handle (:class:`~busagent.proxy.RemoteAgent`): ``[id, name, class,
+#: server]``, so an agent built with a list of other agents gets usable handles.
+EXT_AGENT = 4
+#: not on the wire: what ``__busagent_wire__`` returns for an object that travels as a value.
+EXT_VALUE = -1
 
 #: call: ``reply``; method: a ``@remote`` method; observe: ``observe``; create: build one agent;
 #: create_many: build the agents a :class:`CreateBatch` names (their specs are in ``{p}:specs``);
@@ -256,8 +272,9 @@ class CreateBody(Body):
     name: str
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    #: memory to start with (``agent.to_dist()`` carries the local agent's memory over).
-    memory: list[Any] = Field(default_factory=list)
+    #: memory to start with (``agent.to_dist()`` carries the local agent's memory over), in
+    #: memory's own exact encoding (:func:`busagent.memory.to_json`), one JSON text an item.
+    memory: list[str] = Field(default_factory=list)
 
 
 class CreateBatch(Body):
@@ -306,15 +323,30 @@ class Reply(BaseModel):
 
     @staticmethod
     def ok(value: Any) -> bytes:
-        """The encoded reply carrying ``value`` (NotSerializable if it cannot travel)."""
-        return pack({"ok": True, "value": value, "error": None})
+        """The encoded reply carrying ``value`` (NotSerializable, naming where in ``value``,
+        if it cannot travel)."""
+        try:
+            return pack({"ok": True, "value": value, "error": None})
+        except NotSerializable:
+            pack(value)  # raises again, with the path inside the value rather than the reply
+            raise
 
     @staticmethod
     def fail(err: BaseException, server: str = "", traceback: str = "") -> bytes:
         """The encoded error reply for ``err``: its code (busagent's class name survives the
-        bus) and message, with where it happened."""
+        bus) and message, with where it happened. Never raises: texts that do not encode are
+        made to (:func:`safe_text`), since a caller left without its error would wait out its
+        deadline."""
+        type_, message = code_of(err), safe_text(err)
+        if isinstance(err, RemoteError):
+            # Passed on (a failed input): the original type, message, traceback and server.
+            type_, message = err.type, err.message
+            traceback, server = err.traceback or traceback, err.server or server
+        elif isinstance(err, BusagentError) and err.traceback and not traceback:
+            traceback = err.traceback
         return pack({"ok": False, "value": None, "error": {
-            "type": code_of(err), "message": str(err), "traceback": traceback, "server": server}})
+            "type": safe_text(type_), "message": safe_text(message),
+            "traceback": safe_text(traceback), "server": safe_text(server)}})
 
     @classmethod
     def parse(cls, data: bytes) -> Reply:
@@ -336,38 +368,101 @@ class Reply(BaseModel):
 # --- msgpack codec -----------------------------------------------------------------------------
 
 
+def safe_text(value: Any) -> str:
+    """``str(value)`` as text that always encodes as UTF-8: an error message or traceback must
+    reach its caller whatever it holds (a lone surrogate from ``os.fsdecode`` is written as
+    ``\\udcff``; a ``__str__`` that raises gives the type's name)."""
+    try:
+        text = str(value)
+    except Exception:  # noqa: BLE001 - any __str__ may raise; the reply must still go out
+        return f"<{type(value).__name__} whose str() raised>"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+@functools.cache  # per class: naming a script's class resolves a path on disk
+def class_name(cls: type) -> str:
+    """``module:qualname`` of a class whose instances travel (a pydantic model, an agent's
+    class), named as :func:`busagent.classpath.class_path` names it: a class in the user's
+    script goes by the script's file name, so a worker that loaded the script finds it."""
+    if cls.__module__ == "__main__" and "<locals>" not in cls.__qualname__:
+        try:
+            return class_path(cls)[0]
+        except ConfigError:
+            pass  # an interactive session: the name below fails to resolve at the receiver
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+#: what msgpack encodes itself (``default`` is not called for these).
+_NATIVE = (type(None), bool, int, float, str, bytes, list, dict)
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, Msg):
         return msgpack.ExtType(EXT_MSG, pack(obj.to_wire()))
-    ref = getattr(obj, "__busagent_ref__", None)
-    if ref is not None:
-        return msgpack.ExtType(EXT_REF, ref().encode())
+    wire = getattr(obj, "__busagent_wire__", None)
+    if wire is not None:  # a placeholder or an agent handle (they know how they travel)
+        code, payload = wire()
+        if code == EXT_VALUE:  # a resolved placeholder travels as its value (see Placeholder)
+            # msgpack applies ``default`` once per object: convert the value here if need be.
+            return payload if isinstance(payload, _NATIVE) else _default(payload)
+        return msgpack.ExtType(code, pack(payload) if code == EXT_AGENT else payload.encode())
     if isinstance(obj, Ref):
         return msgpack.ExtType(EXT_REF, obj.call_id.encode())
     if isinstance(obj, BaseModel):
-        cls = type(obj)
-        path = f"{cls.__module__}:{cls.__qualname__}"
-        return msgpack.ExtType(EXT_MODEL, pack([path, obj.model_dump(mode="python")]))
+        return msgpack.ExtType(EXT_MODEL, pack([class_name(type(obj)),
+                                                obj.model_dump(mode="python")]))
     if isinstance(obj, tuple | set | frozenset):
         return list(obj)
     raise NotSerializable(
         f"a value of type {type(obj).__name__} cannot travel on the bus; use msgpack-able "
-        "values (None, bool, int, float, str, bytes, list, dict), Msg or a pydantic model"
+        "values (None, bool, int, float, str, bytes, list, dict), Msg, a pydantic model, a "
+        "placeholder or a distributed agent"
     )
 
 
 def pack(obj: Any) -> bytes:
+    """Encode a value for the bus. Raises NotSerializable naming where in ``obj`` the first
+    value that cannot travel is (``[2].content['k']``) and why."""
     try:
         return msgpack.packb(obj, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
-    except NotSerializable:
-        raise
-    except (TypeError, ValueError, OverflowError) as e:
-        raise NotSerializable(f"cannot encode value for the bus: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a value's own code raises, it cannot travel
+        # Only on failure: walk the value again to say where (no cost on the hot path).
+        where, why = _locate(obj, "", e)
+        at = f" at {where}" if where else ""
+        raise NotSerializable(f"cannot encode the value{at}: {why}") from None
+
+
+def _locate(obj: Any, where: str, err: BaseException) -> tuple[str, str]:
+    """(path, reason) of the first part of ``obj`` that does not encode."""
+    if isinstance(obj, Msg):
+        parts: list[tuple[str, Any]] = [(f".{k}", v) for k, v in obj.to_wire().items()]
+    elif isinstance(obj, list | tuple | set | frozenset):
+        parts = [(f"[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        parts = [(f"[{k!r}] (key)", k) for k in obj] + [(f"[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, BaseModel):
+        parts = [(f".{k}", v) for k, v in obj.__dict__.items()]
+    else:
+        parts = []
+    for sub, value in parts:
+        try:
+            msgpack.packb(value, default=_default, use_bin_type=True)
+        except Exception as e:  # noqa: BLE001 - any failure is the one we are looking for
+            return _locate(value, where + sub, e)
+    if isinstance(err, UnicodeEncodeError):
+        return where, f"text that is not valid Unicode ({safe_text(err)})"
+    if isinstance(err, NotSerializable):
+        return where, str(err).removeprefix("cannot encode the value: ")
+    return where, safe_text(err)
 
 
 def _model_class(path: str) -> type[BaseModel]:
     # Only classes already imported here: decoding must never import code on a sender's word.
-    found, obj = lookup(path, sys.modules)
+    found, obj = find(path)
     if not found:
         raise ProtocolError(
             f"pydantic model {path!r} is not loaded in this process; load its module in the worker "
@@ -379,8 +474,11 @@ def _model_class(path: str) -> type[BaseModel]:
 
 
 def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
-    """Decode bytes from the bus. Placeholder references become :class:`Ref` objects and are
-    appended to ``refs`` when given, so the caller can resolve them."""
+    """Decode bytes from the bus. A placeholder reference becomes a
+    :class:`~busagent.placeholder.Placeholder`, and an agent handle a
+    :class:`~busagent.proxy.RemoteAgent`, at any depth; with ``refs`` given (a worker reading
+    a call's inputs) references become :class:`Ref` objects instead and are appended to
+    ``refs``, so the worker can resolve them before the call runs."""
 
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_MSG:
@@ -389,13 +487,16 @@ def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
                 raise ProtocolError("a Msg on the bus must be a map")
             return Msg.model_validate(fields)
         if code == EXT_REF:
+            if refs is None:
+                return _placeholder(payload.decode())
             ref = Ref(payload.decode())
-            if refs is not None:
-                refs.append(ref)
+            refs.append(ref)
             return ref
         if code == EXT_MODEL:
             path, fields = unpack(payload, refs)
             return _model_class(path).model_validate(fields)
+        if code == EXT_AGENT:
+            return _agent(unpack(payload))
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
     try:
@@ -407,17 +508,39 @@ def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
         raise ProtocolError(f"malformed data on the bus: {e}") from None
 
 
+def _placeholder(call_id: str) -> Any:
+    # Imported here: placeholders are built on replies, which are built on this module.
+    from .placeholder import Placeholder
+
+    return Placeholder(call_id)
+
+
+def _agent(fields: Any) -> Any:
+    from .proxy import RemoteAgent
+
+    if not (isinstance(fields, list) and len(fields) == 4 and all(isinstance(f, str)
+                                                                   for f in fields)):
+        raise ProtocolError("an agent handle on the bus must be [id, name, class, server]")
+    return RemoteAgent.from_wire(*fields)
+
+
 def substitute(obj: Any, values: dict[str, Any]) -> Any:
     """``obj`` with every Ref replaced by its resolved value (Msgs and containers walked)."""
     if isinstance(obj, Ref):
         return values[obj.call_id]
     if isinstance(obj, list):
-        return [substitute(x, values) for x in obj]
+        out = [substitute(x, values) for x in obj]
+        return obj if all(a is b for a, b in zip(out, obj, strict=True)) else out
     if isinstance(obj, dict):
-        return {k: substitute(v, values) for k, v in obj.items()}
+        new = {k: substitute(v, values) for k, v in obj.items()}
+        return obj if all(new[k] is v for k, v in obj.items()) else new
     if isinstance(obj, Msg):
         content = substitute(obj.content, values)
         if content is not obj.content:
             return obj.model_copy(update={"content": content})
         return obj
+    if isinstance(obj, BaseModel):  # a user's model with a placeholder in a field
+        changed = {k: v2 for k, v in obj.__dict__.items()
+                   if (v2 := substitute(v, values)) is not v}
+        return obj.model_copy(update=changed) if changed else obj
     return obj

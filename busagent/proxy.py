@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from . import admin, placement
 from . import bus as _bus
-from .agent import DistConf, is_remote
-from .classpath import class_path, lookup
+from .agent import Agent, DistConf, is_remote
+from .classpath import class_path, find
 from .errors import (
     ConfigError,
     ConstructorError,
@@ -19,9 +17,18 @@ from .errors import (
     SkipStatement,
     UnknownClass,
 )
-from .memory import from_json
+from .memory import from_json, to_json
 from .placeholder import Placeholder
-from .protocol import CallBody, CreateBatch, CreateBody, DeliverBody, Kind, check_size
+from .protocol import (
+    EXT_AGENT,
+    CallBody,
+    CreateBatch,
+    CreateBody,
+    DeliverBody,
+    Kind,
+    check_size,
+    class_name,
+)
 from .records import AgentInfo
 
 
@@ -40,6 +47,22 @@ class RemoteAgent:
         self.server = server
         self._created = created
 
+    def __busagent_wire__(self) -> tuple[int, Any]:
+        """A handle travels as a reference to the agent (:data:`protocol.EXT_AGENT`): its id,
+        name, class and server, never the agent."""
+        return EXT_AGENT, [self.agent_id, self.name, class_name(self.cls), self.server]
+
+    @classmethod
+    def from_wire(cls, agent_id: str, name: str, cls_path: str, server: str) -> RemoteAgent:
+        """A handle received in a value. Its class is looked up among the modules imported
+        here (never imported on a sender's word); if it is not there the handle still calls
+        ``reply`` and ``observe`` (which every agent has), and refuses ``@remote`` methods,
+        which it cannot check, saying which module to import."""
+        _, agent_cls = find(cls_path)
+        if not isinstance(agent_cls, type):
+            agent_cls = _unloaded(cls_path)
+        return cls(agent_id, name, agent_cls, server)
+
     @classmethod
     def by_id(cls, agent_id: str) -> RemoteAgent:
         """The proxy of a registered agent, from its record (``{p}:agents``): its name, server
@@ -47,11 +70,8 @@ class RemoteAgent:
         Redis is never imported). Raises UnknownAgent if the agent is not registered,
         UnknownClass if its class is not imported here."""
         info = admin.agent_info(agent_id)
-        module, _, qual = info.cls.partition(":")
-        found, agent_cls = lookup(info.cls, sys.modules)
-        main = getattr(sys.modules.get("__main__"), "__file__", None)
-        if not found and main and Path(main).stem == module:  # see classpath.class_path
-            found, agent_cls = lookup(f"__main__:{qual}", sys.modules)
+        module = info.cls.partition(":")[0]
+        _, agent_cls = find(info.cls)
         if not isinstance(agent_cls, type):
             raise UnknownClass(f"agent {agent_id} is a {info.cls}, which this process has not "
                                f"imported; import {module} first")
@@ -125,6 +145,12 @@ class RemoteAgent:
     def __repr__(self) -> str:
         return (f"RemoteAgent({self.cls.__name__}, name={self.name!r}, "
                 f"agent_id={self.agent_id!r}, server={self.server!r})")
+
+
+def _unloaded(path: str) -> type:
+    """A stand-in class for a handle whose agent class is not imported in this process."""
+    module, _, qual = path.partition(":")
+    return type(qual.rpartition(".")[2] or "Agent", (Agent,), {"__module__": module})
 
 
 class RemoteMemory:
@@ -202,9 +228,11 @@ def _spec(b: _bus.Bus, cls: type, path: str, args: tuple[Any, ...], kwargs: dict
     name = args[0] if args else kwargs.get("name", cls.__name__)
     if not isinstance(name, str):
         raise ConfigError(f"an agent's name must be a string, not {name!r}")
+    # In memory's own encoding (exact: a tuple stays a tuple); NotSerializable names the item.
+    stored = [to_json(x, f"memory item {i}") for i, x in enumerate(memory or ())]
     try:
         body = CreateBody(cls=path, name=name, args=list(args), kwargs=kwargs,
-                          memory=memory or []).pack()
+                          memory=stored).pack()
     except NotSerializable as e:
         raise NotSerializable(
             f"constructor arguments of {cls.__name__}: {e}; pass data and build objects in "
@@ -279,15 +307,16 @@ def _arguments(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
-           memory: list[Any] | None = None) -> RemoteAgent:
-    """Build an agent on a worker: the class travels by name, the arguments as data."""
+           memory: list[Any] | None = None, agent_id: str | None = None) -> RemoteAgent:
+    """Build an agent on a worker: the class travels by name, the arguments as data.
+    ``agent_id``: keep this id (``agent.to_dist()``: the agent keeps its identity)."""
     if _bus.loading_script.get():
         raise SkipStatement("creating a distributed agent while a worker loads a script")
     b = _bus.current()
     path, load = class_path(cls)
     name, body = _spec(b, cls, path, args, kwargs, memory)
     server = placement.place(b, path.split(":")[0], load, conf.server)
-    agent_id, call_id = _bus.new_id(), _bus.new_id()
+    agent_id, call_id = agent_id or _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
     keys = b.keys
     fields = b.sender.entry("create", body, call=call_id, agent=agent_id).fields()

@@ -24,8 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import bus as _bus
-from .errors import CallTimeout, code_of
-from .protocol import pack, unpack
+from .errors import CallTimeout, NotSerializable, code_of
+from .protocol import pack, safe_text, unpack
 
 EventType = Literal["start", "chunk", "end", "error"]
 
@@ -60,15 +60,27 @@ class Emitter:
 
     def error(self, err: BaseException) -> Event:
         return Event(call=self.call, seq=len(self.pieces) + 1, type="error",
-                     data={"type": code_of(err), "message": str(err)})
+                     data={"type": safe_text(code_of(err)), "message": safe_text(err)})
 
     def joined(self) -> Any:
         return joined(self.pieces)
 
 
 def fields(ev: Event) -> dict[Any, Any]:
-    """An event as the fields of its stream entry."""
+    """An event as the fields of its stream entry (NotSerializable if its data cannot travel)."""
     return {"seq": str(ev.seq).encode(), "type": ev.type.encode(), "data": pack(ev.data)}
+
+
+def checked(ev: Event) -> tuple[dict[Any, Any], NotSerializable | None]:
+    """:func:`fields`, or for a chunk that cannot travel the fields of an ``error`` event in its
+    place and the error to fail the call with: followers see the stream end with the reason
+    at once, instead of waiting for an ``end`` that never comes."""
+    try:
+        return fields(ev), None
+    except NotSerializable as e:
+        err = NotSerializable(f"streamed chunk {ev.seq} cannot travel on the bus: {e}")
+        return fields(Event(call=ev.call, seq=ev.seq, type="error",
+                            data={"type": err.code, "message": str(err)})), err
 
 
 def joined(pieces: Sequence[Any]) -> Any:

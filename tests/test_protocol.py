@@ -10,6 +10,7 @@ import pytest
 
 from busagent import Msg
 from busagent.errors import _BY_CODE, BusagentError, ProtocolError, RemoteError, UnknownAgent
+from busagent.memory import from_json, to_json
 from busagent.protocol import (
     DEADLETTER_FIELDS,
     LUA_ENTRY_FIELDS,
@@ -85,8 +86,8 @@ def test_bodies_pack_small_and_keep_user_values() -> None:
     back = CallBody.unpack(body.pack(), refs)
     assert back.args[0].content == Point(x=1, y=2) and refs == [Ref("c1")]
     assert (back.method, back.stream, back.deadline) == ("m", True, None)
-    spec = CreateBody(cls="m:C", name="n", memory=[Msg("a", 1)])
-    assert CreateBody.unpack(spec.pack()).memory[0].content == 1
+    spec = CreateBody(cls="m:C", name="n", memory=[to_json(Msg("a", 1))])
+    assert from_json(CreateBody.unpack(spec.pack()).memory[0]).content == 1
     for bad in (CallBody(args=[1]).pack(), b"\x93\x01\x02\x03"):
         with pytest.raises(ProtocolError, match="malformed CreateBody"):
             CreateBody.unpack(bad)

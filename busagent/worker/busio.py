@@ -40,7 +40,10 @@ class BusIO:
         pipe.expire(key, self.bus.settings.reply_ttl)
         pipe.execute()
         for ev in it:
-            self.r.xadd(key, stream.fields(ev))
+            f, err = stream.checked(ev)
+            self.r.xadd(key, f)
+            if err is not None:
+                raise err
 
     async def astream(self, call: str, events: AsyncIterator[Event]) -> None:
         key, ar = self.keys.chunks(call), self.bus.async_client()
@@ -50,7 +53,10 @@ class BusIO:
             pipe.expire(key, self.bus.settings.reply_ttl)
             await pipe.execute()
         async for ev in events:
-            await ar.xadd(key, stream.fields(ev))
+            f, err = stream.checked(ev)
+            await ar.xadd(key, f)
+            if err is not None:
+                raise err
 
     def deliver(self, agent: Agent, hub_name: str) -> int:
         return hub.deliver(agent, hub_name)

@@ -19,6 +19,8 @@ import redis
 
 from busagent import scripts
 from busagent.bus import Bus
+from busagent.errors import ProtocolError
+from busagent.protocol import Reply
 from busagent.tuning import COMMIT_BATCH
 
 from .jobs import Done
@@ -107,7 +109,30 @@ class Committer:
                 backoff = min(backoff * 2, 2.0)
 
     def _write(self, batch: list[Done]) -> None:
+        try:
+            self._write_batch(batch)
+        except (redis.exceptions.RedisError, OSError):
+            raise
+        except Exception:
+            if len(batch) == 1:
+                self._write_batch([_refused(batch[0])])
+            else:
+                log.exception("a batch of %d replies did not encode; writing one by one",
+                              len(batch))
+                for d in batch:
+                    self._write([d])
+
+    def _write_batch(self, batch: list[Done]) -> None:
         fenced = scripts.commit(self.bus.scripts, self.bus.keys, self.inbox,
                                 self.bus.settings.reply_ttl, batch)
         if fenced:
             log.warning("%d replies refused: their calls were moved to another worker", fenced)
+
+
+def _refused(d: Done) -> Done:
+    """``d`` answered with an error and without its memory changes, for a Done that could not
+    be written (a bug upstream: Replies encodes everything it hands over)."""
+    log.exception("the reply to call %s could not be written; answering with an error", d.call_id)
+    reply = Reply.fail(ProtocolError("the worker could not write this call's reply or memory "
+                                     "changes; see the worker's log"))
+    return Done(d.entry_id, d.call_id, reply)

@@ -15,8 +15,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from pydantic import BaseModel
+
 from busagent.agent import Agent, is_remote
-from busagent.errors import BusagentError, CallTimeout, ProtocolError
+from busagent.errors import BusagentError, CallTimeout, ProtocolError, RemoteError
 from busagent.protocol import (
     VERSION,
     CallBody,
@@ -120,7 +122,7 @@ class Executor:
                 if any(v is None for v in raw):
                     # Not all inputs are there: wait on the loop thread, not in this one.
                     return self._await_inputs(job, ids, body.deadline)
-                values = _decode_inputs(zip(ids, raw, strict=True))  # type: ignore[arg-type]
+                values = _decode_inputs(zip(ids, raw, strict=True), body)  # type: ignore[arg-type]
                 args, kwargs = substitute(args, values), substitute(kwargs, values)
         if inspect.iscoroutinefunction(fn):
             return self._finish_async(job, agent, fn(*args, **kwargs), body.stream)
@@ -154,8 +156,9 @@ class Executor:
                             ) -> Done | Job:
         try:
             timeout = None if deadline is None else max(deadline - time.time(), 0.001)
-            values = _decode_inputs((await self.io.fetch(ids, timeout)).items())
-            body = CallBody.unpack(job.entry.body)
+            got = await self.io.fetch(ids, timeout)
+            body = CallBody.unpack(job.entry.body, [])
+            values = _decode_inputs(((c, got[c]) for c in ids), body)
             job.resolved = (substitute(body.args, values), substitute(body.kwargs, values))
         except Exception as err:  # noqa: BLE001
             return self.replies.failed(job, err)
@@ -212,11 +215,44 @@ async def _once(value: Any) -> AsyncIterator[Any]:
     yield value
 
 
-def _decode_inputs(raw: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
+def _decode_inputs(raw: Iterable[tuple[str, bytes]], body: CallBody) -> dict[str, Any]:
+    """The values of a call's input placeholders by call id. An input that failed fails the
+    call with the original error, its remote type, message, traceback and server kept, and its
+    message saying which input it was (the argument's path and the call id)."""
     values: dict[str, Any] = {}
     for call_id, data in raw:
         try:
             values[call_id] = Reply.parse(data).value_or_raise()
         except BusagentError as err:
-            raise type(err)(f"an input placeholder ({call_id}) failed: {err}") from None
+            raise _input_failed(err, call_id, body) from None
     return values
+
+
+def _input_failed(err: BusagentError, call_id: str, body: CallBody) -> BusagentError:
+    where = _ref_path(body.args, call_id, "args") or _ref_path(body.kwargs, call_id, "kwargs")
+    what = f"an input placeholder ({call_id}) failed (passed as {where or 'an argument'})"
+    if isinstance(err, RemoteError):
+        return RemoteError(err.type, f"{what}: {err.message}", err.traceback, err.server)
+    # busagent's own error: the same class, so `except UnknownAgent` still works downstream.
+    out = type(err)(f"{what}: {err}")
+    out.server, out.traceback = err.server, err.traceback
+    return out
+
+
+def _ref_path(obj: Any, call_id: str, where: str) -> str:
+    """Where the Ref of ``call_id`` is in ``obj`` (``args[1].content['x']``), "" if absent."""
+    if isinstance(obj, Ref):
+        return where if obj.call_id == call_id else ""
+    parts: Iterable[tuple[str, Any]]
+    if isinstance(obj, list):
+        parts = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    elif isinstance(obj, dict):
+        parts = ((f"{where}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, BaseModel):
+        parts = ((f"{where}.{k}", v) for k, v in obj.__dict__.items())
+    else:
+        return ""
+    for sub, v in parts:
+        if found := _ref_path(v, call_id, sub):
+            return found
+    return ""

@@ -25,7 +25,7 @@ from busagent.errors import (
 )
 from busagent.keys import Keys
 from busagent.memory import Memory, from_json
-from busagent.protocol import CreateBatch, CreateBody
+from busagent.protocol import CreateBatch, CreateBody, safe_text
 from busagent.records import AgentInfo
 from busagent.tuning import FAILED_CREATES
 
@@ -120,7 +120,7 @@ class Hosting:
 
     def _remember_failure(self, agent_id: str, err: BaseException) -> str:
         """Keep why ``agent_id`` could not be built (the last FAILED_CREATES); the reason."""
-        why = self.failed[agent_id] = f"{type(err).__name__}: {err}"
+        why = self.failed[agent_id] = f"{type(err).__name__}: {safe_text(err)}"
         if len(self.failed) > FAILED_CREATES:
             self.failed.pop(next(iter(self.failed)))
         return why
@@ -152,13 +152,13 @@ class Hosting:
             body = CreateBody.unpack(e.body)
             agent = self.build(e.agent, body)
             if body.memory:
-                agent.memory = Memory(body.memory)
+                agent.memory = Memory(from_json(x) for x in body.memory)
                 agent.memory._saved = 0  # persist the carried-over memory with this reply
         except Exception as err:  # noqa: BLE001 - the constructor's error goes to the caller
             self._remember_failure(e.agent, err)
             if not isinstance(err, BusagentError):  # the constructor itself raised
-                reply = self.replies.error(ConstructorError(f"{type(err).__name__}: {err}"),
-                                           user_traceback(err))
+                why = f"{type(err).__name__}: {safe_text(err)}"
+                reply = self.replies.error(ConstructorError(why), user_traceback(err))
             else:
                 reply = self.replies.error(err)
             return Done(job.entry_id, e.call, reply, e.agent, drop=True)

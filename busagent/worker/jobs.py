@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from busagent.agent import Agent
-from busagent.errors import BusagentError, MessageTooLarge, NotSerializable
-from busagent.protocol import Entry, Reply
+from busagent.errors import BusagentError, MessageTooLarge, NotSerializable, ProtocolError
+from busagent.protocol import Entry, Reply, safe_text
 
 
 @dataclass(slots=True)
@@ -88,18 +88,31 @@ class Replies:
 
     def error(self, err: BaseException, tb: str | None = None) -> bytes:
         """busagent's own errors travel without a traceback (they say what to fix); anything
-        else with the user's frames."""
-        if tb is None:
-            tb = "" if isinstance(err, BusagentError) else user_traceback(err)
-        return Reply.fail(err, server=self.server, traceback=tb)
+        else with the user's frames. Never raises (see :meth:`Reply.fail`)."""
+        try:
+            if tb is None:
+                tb = "" if isinstance(err, BusagentError) else user_traceback(err)
+            return Reply.fail(err, server=self.server, traceback=tb)
+        except Exception as e:  # noqa: BLE001 - the caller must get an answer, never a hang
+            return Reply.fail(ProtocolError(
+                f"the call failed with a {safe_text(type(err).__name__)} whose error reply "
+                f"could not be encoded ({safe_text(e)})"), server=self.server)
 
     def failed(self, job: Job, err: BaseException) -> Done:
         """``job`` answered with ``err``; nothing of the agent's is written."""
         return Done(job.entry_id, job.entry.call, self.error(err))
 
     def done(self, job: Job, agent: Agent, value: Any) -> Done:
-        """``value`` as the reply, with the agent's memory changes since its last call."""
-        cleared, new = agent.memory.take_changes()
+        """``value`` as the reply, with the agent's memory changes since its last call. If
+        the memory changes cannot be stored the call fails with NotSerializable naming the
+        item, and they are undone in the agent too (its memory stays as Redis has it)."""
+        try:
+            cleared, new = agent.memory.take_changes()
+        except NotSerializable as e:
+            agent.memory.undo_changes()
+            return self.failed(job, NotSerializable(
+                f"the agent's memory changes cannot be stored, so the call's reply and memory "
+                f"changes are dropped: {e}"))
         return Done(job.entry_id, job.entry.call, self.ok(value), job.entry.agent, cleared, new)
 
 

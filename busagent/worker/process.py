@@ -235,18 +235,24 @@ class Worker:
         call, and a lone call is committed at once."""
         mb, committer = self.mailboxes, self.committer
         unflushed = 0
+        claimed = True
         try:
             while True:
                 job = mb.take(agent_id)
                 if job is None:
+                    claimed = False  # take() handed it back
                     return
                 more = mb.has_more(agent_id)
                 try:
                     out = self._run(job)
+                except Exception as err:
+                    log.exception("running a call of agent %s failed", agent_id)
+                    out = self.replies.failed(job, err)
                 finally:
                     if job.held:
                         mb.release(job.held)
                 if not isinstance(out, Done):
+                    claimed = False
                     self._park(agent_id, out)
                     return  # the loop thread hands the agent back
                 unflushed += 1
@@ -255,6 +261,8 @@ class Worker:
                 if flush:
                     unflushed = 0
         finally:
+            if claimed:  # left by an exception: an agent left claimed would never run again
+                mb.hand_back(agent_id)
             if unflushed:
                 committer.flush()
 
