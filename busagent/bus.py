@@ -13,7 +13,8 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncGenerator, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +83,10 @@ class Bus:
         #: the worker this process serves as, set by the worker: its own model config
         #: overrides come first (busagent.models.get); None in a calling program.
         self.server_name: str | None = None
-        self._async: dict[int, aredis.Redis] = {}
+        #: id(loop) -> (the loop, weakly; its client; the generator that closes the client when
+        #: the loop shuts down, kept here because the loop holds it only weakly).
+        self._async: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], aredis.Redis,
+                                     AsyncGenerator[None, None]]] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
             self._embedded = embedded.start()
@@ -153,18 +157,69 @@ class Bus:
                                     "URL (BUSAGENT_REDIS_URL)")
         return BusError(f"Redis at {where} refused a command: {e}")
 
-    # --- async client, one per event loop -------------------------------------------------
+    # --- async clients, one per live event loop --------------------------------------------
 
     def async_client(self) -> aredis.Redis:
+        """This event loop's client. A client belongs to its loop, so each loop gets one; it is
+        closed while its loop shuts down (``asyncio.run`` closes async generators before it closes
+        the loop: a parked generator's ``finally`` closes the client there), and a loop closed
+        without that (``loop.close()`` alone) is forgotten at the next call. So a process that
+        runs thousands of ``asyncio.run()`` holds one client per loop still alive, not one per
+        loop ever made."""
         loop = asyncio.get_running_loop()
-        client = self._async.get(id(loop))
-        if client is None:
-            client = aconnect(self.url, self.settings, max_connections=512)
-            self._async[id(loop)] = client
+        entry = self._async.get(id(loop))
+        if entry is not None and entry[0]() is loop:
+            return entry[1]
+        self._forget_closed_loops()
+        client = aconnect(self.url, self.settings, max_connections=512)
+        self._adopt(loop, client)
         return client
 
     def set_aredis(self, client: aredis.Redis) -> None:
-        self._async[id(asyncio.get_running_loop())] = client
+        self._forget_closed_loops()
+        self._adopt(asyncio.get_running_loop(), client)
+
+    def async_clients(self) -> int:
+        """How many event loops' clients this bus holds (for tests and diagnosis)."""
+        self._forget_closed_loops()
+        return len(self._async)
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop, client: aredis.Redis) -> None:
+        key = id(loop)
+
+        async def closer() -> AsyncGenerator[None, None]:
+            try:
+                yield
+            finally:
+                entry = self._async.get(key)
+                if entry is not None and entry[1] is client:
+                    del self._async[key]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+        gen = closer()
+        # Start it by hand up to its yield (no await before it, so this step completes at once):
+        # the running loop's first-iteration hook registers it for shutdown_asyncgens().
+        step: Any = gen.__anext__()
+        with contextlib.suppress(StopIteration):
+            step.send(None)
+        self._async[key] = (weakref.ref(loop), client, gen)
+
+    def _forget_closed_loops(self) -> None:
+        for key, (ref, _, _) in list(self._async.items()):
+            loop = ref()
+            if loop is None or loop.is_closed():
+                self._async.pop(key, None)
+
+    def after_fork(self) -> None:
+        """In a forked child: keep the connection settings, own nothing of the parent's. The
+        child workers and the private Redis stay the parent's (a child's exit must not stop
+        them), the parent's event loops do not run here, and sends go out before each call
+        returns (:meth:`Sender.after_fork`). redis-py's pool opens new connections by itself."""
+        self.children = None
+        self._embedded = None
+        self._async = {}
+        self.sender.after_fork()
 
     def close(self) -> None:
         sender = getattr(self, "sender", None)
@@ -244,7 +299,16 @@ def shutdown() -> None:
             _bus = None
 
 
+def _after_fork_in_child() -> None:
+    global _lock
+    # The lock may have been held, at the fork, by a thread that does not exist here.
+    _lock = threading.Lock()
+    if _bus is not None:
+        _bus.after_fork()
+
+
 atexit.register(shutdown)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 __all__ = ["Bus", "ConfigError", "current", "init", "install", "new_id", "shutdown"]

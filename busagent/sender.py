@@ -48,8 +48,24 @@ class Sender:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="busagent-sender", daemon=True)
+        #: send on the calling thread, at once (set in a forked child: see after_fork).
+        self._inline = False
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="busagent-sender", daemon=True)
         self._thread.start()
+
+    def after_fork(self) -> None:
+        """Make this sender usable in a forked child. The queue copied from the parent is the
+        parent's to send (dropped here), its locks may have been held by a thread that does not
+        exist here, and so does not the sender thread. The child then sends each call on the
+        calling thread before the call returns: a ``multiprocessing`` child leaves through
+        ``os._exit``, past ``atexit``, so nothing queued may wait for a later flush. The price is
+        one round trip per call (per fanout chunk) in a forked child, none in other processes."""
+        self._queue = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._thread = None
+        self._inline = True
 
     def submit(self, op: Op) -> None:
         with self._cond:
@@ -59,6 +75,8 @@ class Sender:
             n = len(self._queue)
             if n == 1 or n == SEND_BATCH:
                 self._cond.notify()
+        if self._inline:
+            self.flush()
 
     # --- what callers send ----------------------------------------------------------------------
 
@@ -115,7 +133,8 @@ class Sender:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(2)
+        if self._thread is not None:
+            self._thread.join(2)
 
     def _run(self) -> None:
         while True:

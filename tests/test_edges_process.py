@@ -1,0 +1,105 @@
+"""Issue 10, items 7-10: the calling process's lifecycle (fork, event loops, Ctrl-C and exit,
+scripts loaded by workers), through real worker processes and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import redis
+
+import busagent
+from busagent import DistConf, Msg
+from tests.agents import Adder
+
+from .conftest import FAST, ROOT, Workers, wait_for
+
+
+def _observe_in_child(box: Any, n: int) -> None:
+    box.observe(Msg("child", n))  # the child then exits through os._exit, as multiprocessing does
+
+
+def test_calls_made_in_forked_children_are_delivered(workers: Workers) -> None:
+    """Item 7: three multiprocessing children (fork) each observe one message and exit 0; the
+    agent must have all three (the sender thread does not survive a fork)."""
+    workers.start("w1")
+    box = Adder("box", to_dist=DistConf(server="w1"))
+    box.ready()
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_observe_in_child, args=(box, n)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    got = wait_for(lambda: sorted(m.content for m in busagent.admin.agent_memory(box.agent_id))
+                   if len(busagent.admin.agent_memory(box.agent_id)) == 3 else None,
+                   timeout=20, what="three observed messages")
+    assert got == [0, 1, 2]
+    # And the parent still sends after its children are gone.
+    assert box(Msg("user", 5)).result(30).content == 6
+
+
+def run_script(tmp_path: Path, code: str, *, timeout: float = 60, **kw: Any
+               ) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a user's script, with no shared embedded Redis to find (its own cache
+    folder) so that ``busagent.init()`` starts a private one."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, **FAST, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "TMPDIR": str(tmp_path)}
+    env.pop("BUSAGENT_REDIS_URL", None)
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_a_forked_child_that_exits_normally_leaves_the_parent_working(tmp_path: Path) -> None:
+    """A bare os.fork() child that ends through sys.exit runs atexit: it must not stop what
+    belongs to the parent (here its private Redis)."""
+    p = run_script(tmp_path, """
+        import os, sys
+        import busagent
+        b = busagent.init()
+        pid = os.fork()
+        if pid == 0:
+            busagent.bus.current().redis.ping()
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        b.redis.set("k", "v")
+        print("parent ok")
+    """)
+    assert p.returncode == 0 and "parent ok" in p.stdout, p.stderr
+
+
+def _clients(raw: redis.Redis, name: str) -> int:
+    return sum(1 for c in raw.client_list() if c.get("name") == name)
+
+
+def test_connections_stay_bounded_whatever_the_number_of_event_loops(
+    workers: Workers, redis_url: str
+) -> None:
+    """Item 8: sixty asyncio.run() calls that each await a placeholder must not leave sixty
+    Redis connections (and clients) behind."""
+    workers.start("w1")
+    b = busagent.init(redis_url, prefix=workers.prefix)
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    a.ready()
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = len(raw.client_list())
+
+    async def once(n: int) -> int:
+        return int((await a(Msg("user", n))).content)
+
+    for n in range(60):
+        assert asyncio.run(once(n)) == n + 1
+    after = len(raw.client_list())
+    raw.close()
+    assert after - before <= 5, (before, after)
+    assert b.async_clients() <= 1
