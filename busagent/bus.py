@@ -12,10 +12,14 @@ import atexit
 import contextlib
 import os
 import socket
+import sys
+import sysconfig
 import threading
+import traceback
 import weakref
 from collections.abc import AsyncGenerator, Iterator
 from contextvars import ContextVar
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -226,7 +230,8 @@ class Bus:
         if sender is not None:
             sender.close()
         if self.children is not None:
-            self.children.stop()
+            # Before the Redis they use, and waited for: none may outlive it and print.
+            self.children.stop(announce=not _told_interrupt)
             self.children = None
         if hasattr(self, "redis"):
             self.redis.close()
@@ -266,6 +271,10 @@ def _connect(s: Settings) -> Bus:
         _bus = None
     _wanted = s
     _bus = Bus(s)
+    # A calling program's Ctrl-C gets one line (workers handle SIGINT themselves and call
+    # install(), not this). Only over Python's own hook: IPython's or the user's stay.
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
     return _bus
 
 
@@ -297,6 +306,43 @@ def shutdown() -> None:
         if _bus is not None:
             _bus.close()
             _bus = None
+
+
+#: set once the Ctrl-C line is printed, which already says what the exit waits for.
+_told_interrupt = False
+
+
+def _user_frame(tb: TracebackType | None) -> str:
+    """``file:line`` of the innermost frame of ``tb`` in the user's code (not busagent's, the
+    standard library's or an installed package's), else of the innermost frame."""
+    skip = (os.path.dirname(__file__), *{sysconfig.get_paths()[k] for k in ("stdlib", "purelib",
+                                                                              "platlib")})
+    where = ""
+    for frame, line in traceback.walk_tb(tb):
+        name = frame.f_code.co_filename
+        if not where or not name.startswith(skip):
+            where = f"{os.path.basename(name)}:{line}"
+    return where
+
+
+def _excepthook(kind: type[BaseException], value: BaseException,
+                tb: TracebackType | None) -> None:
+    """Ctrl-C in a program on the bus: one line that says where it stopped and what the exit
+    still does, instead of a traceback through busagent's wait loop."""
+    global _told_interrupt
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    owned = []
+    b = _bus
+    if b is not None and b.children is not None and b.children.procs:
+        owned.append(f"its {len(b.children.procs)} child worker(s)")
+    if b is not None and b._embedded is not None:
+        owned.append("its private Redis")
+    then = f"; stopping {' and '.join(owned)}" if owned else ""
+    print(f"busagent: interrupted (Ctrl-C) at {_user_frame(tb)}{then}", file=sys.stderr,
+          flush=True)
+    _told_interrupt = True
 
 
 def _after_fork_in_child() -> None:

@@ -61,6 +61,10 @@ def _die_with_parent() -> None:
     # so a private Redis never outlives its owner.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # Its own process group: a Ctrl-C in the terminal (SIGINT to the foreground group) reaches
+    # only the program, which then stops its child workers first and its private Redis last.
+    # Were they in its group, the Redis would die at once under workers still deregistering.
+    os.setpgrp()
 
 
 @dataclass
@@ -68,6 +72,8 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     dir: str
+    #: the folder is a temporary one made for this server: removed when it stops.
+    temporary: bool = False
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -77,6 +83,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.temporary:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:
         self.process.kill()
@@ -127,7 +135,7 @@ def start(
         stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if owned else os.setsid,
     )
-    server = Server(url, proc, d)
+    server = Server(url, proc, d, temporary=directory is None)
     deadline = time.monotonic() + timeout
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     try:

@@ -4,8 +4,10 @@ scripts loaded by workers), through real worker processes and a real redis-serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -103,3 +105,88 @@ def test_connections_stay_bounded_whatever_the_number_of_event_loops(
     raw.close()
     assert after - before <= 5, (before, after)
     assert b.async_clients() <= 1
+
+
+GATHER_SCRIPT = f"""
+    import sys
+    sys.path.insert(0, {str(ROOT)!r})
+    import busagent
+    from busagent import Msg
+    from tests.agents import Sleeper
+
+    busagent.init()
+    agents = [Sleeper(f"s{{i}}", seconds=120, to_dist=True) for i in range(4)]
+    for a in agents:
+        a.ready()
+    calls = [a(Msg("user", 1)) for a in agents]
+    b = busagent.bus.current()
+    print("children", *[p.pid for p in b.children.procs.values()], flush=True)
+    print("redis", b._embedded.process.pid, flush=True)
+    CALLS_RUNNING
+"""
+
+
+def _start_script(tmp_path: Path, last: str) -> tuple[subprocess.Popen[str], list[int], int]:
+    script = tmp_path / "flow.py"
+    script.write_text(textwrap.dedent(GATHER_SCRIPT).replace("CALLS_RUNNING", last))
+    env = {**os.environ, **FAST, "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "TMPDIR": str(tmp_path)}
+    env.pop("BUSAGENT_REDIS_URL", None)
+    # Its own session, as a shell runs a foreground job in its own process group: Ctrl-C is
+    # SIGINT to that whole group.
+    p = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert p.stdout is not None
+    children = [int(x) for x in p.stdout.readline().split()[1:]]
+    redis_pid = int(p.stdout.readline().split()[1])
+    assert children and redis_pid, p.stderr.read() if p.stderr else ""
+    return p, children, redis_pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie is dead too: it only waits for its reaper.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+
+
+def test_ctrl_c_during_a_gather_returns_at_once_with_one_line(tmp_path: Path) -> None:
+    """Item 9: Ctrl-C while gathering calls on child workers (to_dist=True, private Redis):
+    the program ends within a couple of seconds with one line on stderr, its child workers
+    and its private Redis are gone when it returns (so nothing prints after the prompt: the
+    stderr pipe they share closes with it), and no private Redis folder is left."""
+    p, children, redis_pid = _start_script(tmp_path, "busagent.gather(calls)")
+    os.killpg(p.pid, signal.SIGINT)
+    # communicate() reads to EOF: it returns only when every process holding the program's
+    # stderr (its child workers, its Redis) has exited or closed it.
+    try:
+        _, err = p.communicate(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left of the group
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    assert "interrupted" in lines[0] and "flow.py" in lines[0], err
+    assert all(_gone(c) for c in children) and _gone(redis_pid)
+    assert not list(tmp_path.glob("busagent-redis-*"))
+
+
+def test_an_exit_with_calls_still_running_ends_soon_and_says_what_it_waits_for(
+    tmp_path: Path
+) -> None:
+    """Item 9: a script that ends while its calls run on its child workers does not hang for
+    those calls; if its exit waits at all, it says for what."""
+    p, children, redis_pid = _start_script(tmp_path, "print('done', flush=True)")
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "done\n"
+        _, err = p.communicate(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left of the group
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) <= 1 and all(x.startswith("busagent: ") for x in lines), err
+    assert all(_gone(c) for c in children) and _gone(redis_pid)
+    assert not list(tmp_path.glob("busagent-redis-*"))
