@@ -190,3 +190,53 @@ def test_an_exit_with_calls_still_running_ends_soon_and_says_what_it_waits_for(
     assert len(lines) <= 1 and all(x.startswith("busagent: ") for x in lines), err
     assert all(_gone(c) for c in children) and _gone(redis_pid)
     assert not list(tmp_path.glob("busagent-redis-*"))
+
+
+SCRIPT_WITH_EFFECTS = """
+    import argparse
+    import busagent
+    from busagent import Agent, Msg
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=3)
+    args = parser.parse_args()
+    LOG = "effects.log"
+    try:
+        import json
+    except ImportError:
+        json = None
+    try:
+        with open(LOG, "a") as f:
+            f.write("try\\n")
+    except OSError:
+        pass
+    if LOG:
+        open(LOG, "a").write("if\\n")
+    for _ in range(1):
+        open(LOG, "a").write("for\\n")
+    n_calls = len(open(LOG).read())
+    GREETING = "hi" + "!"
+    SHAPE: tuple[int, ...] = (1, 2)
+
+
+    class Echo(Agent):
+        def reply(self, x=None):
+            return Msg(self.name, json.dumps([GREETING, x.content, list(SHAPE)]))
+
+
+    busagent.init()
+    a = Echo("e", to_dist=True)
+    print(a(Msg("u", args.n)).result(60).content, flush=True)
+"""
+
+
+def test_workers_take_a_scripts_definitions_and_nothing_that_runs_it(tmp_path: Path) -> None:
+    """Item 10: child workers load the script for its definitions only: a top-level
+    parse_args(), try/if/for blocks with effects and assignments from calls do not run on
+    them (the effects happen once, in the program), while imports (also inside a try of
+    definitions only), classes and assignments of literals do."""
+    p = run_script(tmp_path, SCRIPT_WITH_EFFECTS)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == '["hi!", 3, [1, 2]]', p.stderr
+    assert (tmp_path / "effects.log").read_text() == "try\nif\nfor\n"
+    assert "Skip" not in p.stderr and "Traceback" not in p.stderr, p.stderr
