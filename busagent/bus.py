@@ -95,6 +95,7 @@ class Bus:
         if url is None:
             self._embedded = embedded.start()
             url = self._embedded.url
+            _announce_private(url)
         self.url = url
         try:
             self.redis = connect(url, settings)
@@ -122,6 +123,20 @@ class Bus:
             self.close()
             raise self.translate(e) from None
         self.sender = Sender(self)
+
+    @property
+    def private(self) -> bool:
+        """Whether this bus is on a private Redis this process started (and stops at exit)."""
+        return self._embedded is not None
+
+    def where(self) -> str:
+        """For errors about a server or worker that cannot be found: "" on a reachable Redis,
+        else why no worker started elsewhere can be there."""
+        if not self.private:
+            return ""
+        return (" (this program is on a private Redis it started itself, which workers in "
+                "other shells cannot see: run `busagent redis` first, or set "
+                "BUSAGENT_REDIS_URL)")
 
     @property
     def url_for_humans(self) -> str:
@@ -306,6 +321,20 @@ def shutdown() -> None:
         if _bus is not None:
             _bus.close()
             _bus = None
+
+
+_announced_private = False
+
+
+def _announce_private(url: str) -> None:
+    """Say once per process that it runs on a Redis of its own: a user who expected workers in
+    another shell to see its agents learns why they do not, at the start."""
+    global _announced_private
+    if not _announced_private:
+        _announced_private = True
+        print(f"busagent: no BUSAGENT_REDIS_URL and no `busagent redis` running: started a "
+              f"private Redis for this program ({url}), stopped when it exits", file=sys.stderr,
+              flush=True)
 
 
 #: set once the Ctrl-C line is printed, which already says what the exit waits for.
