@@ -10,6 +10,7 @@ name their inbox themselves (creates, control ops) are XADDed as :class:`Entry` 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ import redis
 from . import scripts
 from .errors import RedisUnavailable, UsageError
 from .protocol import VERSION, Entry, Kind, signature
-from .tuning import LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
+from .tuning import EXIT_NOTICE_AFTER, LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -129,7 +130,15 @@ class Sender:
                 self._send(batch)
 
     def close(self) -> None:
-        self.flush()
+        """Send what is queued (waiting out a Redis outage up to SEND_PATIENCE seconds, and
+        saying so on stderr if that takes over EXIT_NOTICE_AFTER), then stop the thread."""
+        notice = threading.Timer(EXIT_NOTICE_AFTER, self._notice)
+        notice.daemon = True
+        notice.start()
+        try:
+            self.flush()
+        finally:
+            notice.cancel()
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -212,6 +221,11 @@ class Sender:
                 return
             self._bus.scripts.load()
             batch = retry
+
+    def _notice(self) -> None:
+        print(f"busagent: waiting up to {SEND_PATIENCE:g} s to send the calls still queued to "
+              f"Redis at {self._bus.url_for_humans} (it does not answer)", file=sys.stderr,
+              flush=True)
 
     def _unavailable(self, e: BaseException) -> RedisUnavailable:
         return RedisUnavailable(

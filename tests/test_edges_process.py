@@ -74,7 +74,8 @@ def test_a_forked_child_that_exits_normally_leaves_the_parent_working(tmp_path: 
             sys.exit(0)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        b.redis.set("k", "v")
+        import redis
+        redis.Redis.from_url(b.url).set("k", "v")  # a new connection: the socket file is there
         print("parent ok")
     """)
     assert p.returncode == 0 and "parent ok" in p.stdout, p.stderr
@@ -240,3 +241,18 @@ def test_workers_take_a_scripts_definitions_and_nothing_that_runs_it(tmp_path: P
     assert p.stdout.strip() == '["hi!", 3, [1, 2]]', p.stderr
     assert (tmp_path / "effects.log").read_text() == "try\nif\nfor\n"
     assert "Skip" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_an_exit_that_waits_to_send_says_so(tmp_path: Path) -> None:
+    """Item 9: a program whose Redis went away, exiting with a call still queued, waits for it
+    to be sent (up to SEND_PATIENCE) and says what it waits for instead of hanging silently."""
+    p = run_script(tmp_path, """
+        import busagent
+        b = busagent.init()
+        b._embedded.kill()  # the Redis dies under the program
+        b.sender.send(lambda pipe: pipe.set("k", "v"), 1, lambda e: None)
+        print("exiting", flush=True)
+    """)
+    assert p.returncode == 0 and "exiting" in p.stdout, p.stderr
+    waits = [x for x in p.stderr.splitlines() if "waiting" in x]
+    assert len(waits) == 1 and "send" in waits[0] and "Redis" in waits[0], p.stderr
