@@ -32,7 +32,9 @@ import busagent
 from busagent import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agents import PROMPTS, Group, LLMParticipant, RandomParticipant
+from agents import Group, LLMParticipant, RandomParticipant, prompts
+
+PROMPTS = prompts()
 
 NEXT_ROUND = "The winning number of the last round was {win:.2f}. On to the next round.\n"
 
