@@ -237,6 +237,9 @@ class Bus:
         returns (:meth:`Sender.after_fork`). redis-py's pool opens new connections by itself."""
         self.children = None
         self._embedded = None
+        # The parent's loops' clients are not used here; kept referenced (never collected), so
+        # their closing generators are not finalized here through the parent's loops.
+        self._forked_from = list(self._async.values())
         self._async = {}
         self.sender.after_fork()
 
@@ -343,7 +346,7 @@ _told_interrupt = False
 
 def _user_frame(tb: TracebackType | None) -> str:
     """``file:line`` of the innermost frame of ``tb`` in the user's code (not busagent's, the
-    standard library's or an installed package's), else of the innermost frame."""
+    standard library's or an installed package's), else of the outermost frame."""
     skip = (os.path.dirname(__file__), *{sysconfig.get_paths()[k] for k in ("stdlib", "purelib",
                                                                               "platlib")})
     where = ""

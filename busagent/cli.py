@@ -12,8 +12,12 @@ from typing import Annotated, Any
 
 import typer
 
-# Typer vendors click; its usage errors are caught in main() to print them as one line.
-from typer._click.exceptions import ClickException, NoArgsIsHelpError
+# Usage errors are caught in main() to print them as one line: click's exceptions, which newer
+# typer releases vendor (typer._click) and older ones import from click.
+try:
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover - typer before it vendored click
+    import click.exceptions as _click  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 from busagent import __version__, admin, embedded
 from busagent import bus as _bus
@@ -324,12 +328,16 @@ def main() -> None:
     """Run the command: usage errors (exit 2) and busagent's errors (exit 1) print one line
     ``error: ...`` on stderr, never a traceback or a boxed usage text."""
     try:
-        app(standalone_mode=False)
-    except NoArgsIsHelpError as e:
-        e.show()
-        sys.exit(0)
-    except ClickException as e:
-        ctx = getattr(e, "ctx", None)
+        # Not standalone: click would print usage errors itself, over several lines. It then
+        # returns an Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except _click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `busagent` alone: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)  # usage errors know their command
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         _error(e.format_message() + hint, e.exit_code)
     except typer.Exit as e:
