@@ -114,7 +114,8 @@ class ServerClient:
     def _control(self, op: ControlOp, agent: str | None = None,
                  timeout: float | None = 30.0) -> Any:
         b = _bus.current()
-        self._known()
+        # A dead server reads nothing: say so now rather than wait out the timeout.
+        self._refuse_dead(f"answer {op!r}")
         call_id = _bus.new_id()
         fields = b.sender.entry("control", ControlBody(op=op, agent=agent).pack(), call=call_id,
                                 agent=agent or "").fields()
@@ -126,9 +127,8 @@ class ServerClient:
     def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
         """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged.
         With ``drain`` its agents move to other live servers, memory and waiting calls included,
-        instead of being deleted. Raises PlacementError at once if the server is dead (nothing
-        reads its inbox: :meth:`forget` removes it)."""
-        self._refuse_dead("stop")
+        instead of being deleted. Like every control op, raises PlacementError at once if the
+        server is dead (nothing reads its inbox: :meth:`forget` removes it)."""
         return bool(self._control("drain" if drain else "stop", timeout=timeout))
 
     def _refuse_dead(self, what: str) -> None:

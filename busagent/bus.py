@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -274,6 +275,8 @@ def init(redis_url: str | None = None, **settings: Any) -> Bus:
     if loading_script.get():
         raise SkipStatement("busagent.init() while a worker loads a script")
     s = Settings.load(redis_url=redis_url, **settings)
+    if s.redis_url is None and not settings:
+        s = _inherited() or s
     with _lock:
         if _bus is not None and (_bus.settings == s or (redis_url is None and not settings)):
             return _bus
@@ -289,6 +292,9 @@ def _connect(s: Settings) -> Bus:
         _bus = None
     _wanted = s
     _bus = Bus(s)
+    os.environ[_INHERIT] = json.dumps({
+        "pid": os.getpid(),
+        "settings": s.model_copy(update={"redis_url": _bus.url}).model_dump(mode="json")})
     # A calling program's Ctrl-C gets one line (workers handle SIGINT themselves and call
     # install(), not this). Only over Python's own hook: IPython's or the user's stay.
     if sys.excepthook is sys.__excepthook__:
@@ -321,9 +327,37 @@ def shutdown() -> None:
     global _bus, _wanted
     with _lock:
         _wanted = None
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            if json.loads(os.environ.get(_INHERIT, ""))["pid"] == os.getpid():
+                del os.environ[_INHERIT]
         if _bus is not None:
             _bus.close()
             _bus = None
+
+
+#: How a program's bus reaches its ``multiprocessing`` children started with ``spawn`` or
+#: ``forkserver``: they start afresh (a forked child inherits the process-wide bus itself), and
+#: without this would connect to whatever the defaults find (a private Redis of their own, where
+#: the parent's agents are not). Holds the exporting process's pid: only that process's own
+#: multiprocessing children take it, not other programs it runs or their children.
+_INHERIT = "BUSAGENT_PARENT_BUS"
+
+
+def _inherited() -> Settings | None:
+    """The parent's settings, in a multiprocessing child of a program on the bus."""
+    raw = os.environ.get(_INHERIT)
+    if not raw:
+        return None
+    import multiprocessing  # only here: most programs never get this far
+
+    parent = multiprocessing.parent_process()
+    try:
+        data = json.loads(raw)
+        if parent is None or parent.pid != data["pid"]:
+            return None
+        return Settings.model_validate(data["settings"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 _announced_private = False

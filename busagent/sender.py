@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+def _in_multiprocessing_child() -> bool:
+    """Whether this process is a ``multiprocessing`` child (any start method): it will leave
+    through ``os._exit``, past ``atexit``, so a queued send could be lost at its exit."""
+    mp = sys.modules.get("multiprocessing")  # never imported: not a multiprocessing child
+    return mp is not None and mp.parent_process() is not None
+
+
 @dataclass
 class Op:
     """Commands the sender adds to a pipeline, and who to tell if they could not be sent."""
@@ -49,19 +56,22 @@ class Sender:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._closed = False
-        #: send on the calling thread, at once (set in a forked child: see after_fork).
-        self._inline = False
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._run, name="busagent-sender", daemon=True)
-        self._thread.start()
+        #: send on the calling thread, at once: in a multiprocessing child (see after_fork).
+        self._inline = _in_multiprocessing_child()
+        self._thread: threading.Thread | None = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._run, name="busagent-sender",
+                                            daemon=True)
+            self._thread.start()
 
     def after_fork(self) -> None:
         """Make this sender usable in a forked child. The queue copied from the parent is the
         parent's to send (dropped here), its locks may have been held by a thread that does not
         exist here, and so does not the sender thread. The child then sends each call on the
-        calling thread before the call returns: a ``multiprocessing`` child leaves through
-        ``os._exit``, past ``atexit``, so nothing queued may wait for a later flush. The price is
-        one round trip per call (per fanout chunk) in a forked child, none in other processes."""
+        calling thread before the call returns, as a spawned ``multiprocessing`` child does:
+        such a child leaves through ``os._exit``, past ``atexit``, so nothing queued may wait
+        for a later flush. The price is one round trip per call (per fanout chunk) in those
+        children, none in other processes."""
         self._queue = []
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 import busagent
@@ -59,6 +60,28 @@ def run_script(tmp_path: Path, code: str, *, timeout: float = 60, **kw: Any
     env.pop("BUSAGENT_REDIS_URL", None)
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_calls_made_in_spawned_children_reach_the_parents_bus(workers: Workers,
+                                                              method: str) -> None:
+    """Item 7, the other start methods: a spawned (or forkserver) child starts afresh, with no
+    process-wide bus; it must use its parent's (here a Redis given to init(), not in the
+    environment), not a private Redis of its own where the agent is not."""
+    workers.start("w1")
+    box = Adder("box", to_dist=DistConf(server="w1"))
+    box.ready()
+    ctx = multiprocessing.get_context(method)
+    procs = [ctx.Process(target=_observe_in_child, args=(box, n)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    got = wait_for(lambda: sorted(m.content for m in busagent.admin.agent_memory(box.agent_id))
+                   if len(busagent.admin.agent_memory(box.agent_id)) == 3 else None,
+                   timeout=20, what="three observed messages")
+    assert got == [0, 1, 2]
 
 
 def test_a_forked_child_that_exits_normally_leaves_the_parent_working(tmp_path: Path) -> None:
