@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -127,11 +126,11 @@ def test_stop_on_a_dead_worker_answers_at_once_and_removes_its_record(
              == "dead", timeout=20, what="the worker shown dead")
     drain = cli(redis_url, prefix, "stop", "w1", "--drain")
     assert "dead" in one_line_error(drain)
-    t = time.monotonic()
+    # No waiting on the inbox nobody reads (that waited its 30 s control timeout, then said
+    # CallTimeout): the dead server is removed, with its agent.
     out = cli(redis_url, prefix, "stop", "w1")
     assert out.returncode == 0, out.stderr
-    assert "dead" in out.stdout and "removed" in out.stdout
-    assert time.monotonic() - t < 25  # the old behaviour waited its 30 s control timeout
+    assert "was dead" in out.stdout and "removed its record, 1 agent(s)" in out.stdout
     assert json.loads(cli(redis_url, prefix, "servers", "--json").stdout) == []
     assert json.loads(cli(redis_url, prefix, "agents", "--json").stdout) == []
     assert "not registered" in one_line_error(cli(redis_url, prefix, "memory", a.agent_id))
