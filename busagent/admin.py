@@ -8,6 +8,7 @@ redis-py exception.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -85,7 +86,8 @@ class ServerClient:
     def _known(self) -> ServerInfo:
         info = self._info()
         if info is None:
-            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`")
+            raise PlacementError(f"no server named {self.server!r}; see `busagent servers`"
+                                 f"{_bus.current().where()}")
         return info
 
     def is_alive(self) -> bool:
@@ -112,7 +114,8 @@ class ServerClient:
     def _control(self, op: ControlOp, agent: str | None = None,
                  timeout: float | None = 30.0) -> Any:
         b = _bus.current()
-        self._known()
+        # A dead server reads nothing: say so now rather than wait out the timeout.
+        self._refuse_dead(f"answer {op!r}")
         call_id = _bus.new_id()
         fields = b.sender.entry("control", ControlBody(op=op, agent=agent).pack(), call=call_id,
                                 agent=agent or "").fields()
@@ -124,8 +127,58 @@ class ServerClient:
     def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
         """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged.
         With ``drain`` its agents move to other live servers, memory and waiting calls included,
-        instead of being deleted."""
+        instead of being deleted. Like every control op, raises PlacementError at once if the
+        server is dead (nothing reads its inbox: :meth:`forget` removes it)."""
         return bool(self._control("drain" if drain else "stop", timeout=timeout))
+
+    def _refuse_dead(self, what: str) -> None:
+        info = self._known()
+        b = _bus.current()
+        if info.state(b.settings.dead_after) == "dead":
+            raise PlacementError(
+                f"server {self.server} is dead (last heartbeat {time.time() - info.heartbeat:.0f}"
+                f" s ago), so it cannot {what}; its agents move by themselves to the next live "
+                f"worker that loads their modules, or `busagent stop {self.server}` (without "
+                "--drain; ServerClient.forget()) removes it with its agents")
+
+    def forget(self) -> dict[str, int]:
+        """Remove a dead server (one no worker sweeps, e.g. when none is alive): its agents
+        (records, specs, memory) and its record; the calls waiting in its inbox are answered
+        UnknownAgent. What a graceful stop would have done, done for it. Returns ``{"agents":
+        n, "calls": m}``. Raises PlacementError if it is not dead, or a live worker is
+        recovering it right now (then try again).
+
+        Fenced first (marked dead, as recovery does): should the worker only have been frozen,
+        its next heartbeat finds that and it stops, instead of serving agents that are gone."""
+        from .worker import hosting, recovery  # the worker's own steps, used on its behalf
+
+        b = _bus.current()
+        info = self._known()
+        if info.state(b.settings.dead_after) != "dead":
+            raise PlacementError(f"server {self.server} is {info.state(b.settings.dead_after)}"
+                                 f"; stop it with `busagent stop {self.server}`")
+        owner = f"forget:{b.caller}"
+        with b.errors():
+            if not recovery.lock(b, self.server, owner):
+                raise PlacementError(f"server {self.server} is being recovered by a live worker"
+                                     "; try again in a moment")
+            try:
+                recovery.mark_dead(b, self.server)
+                inbox = b.keys.inbox(self.server)
+                waiting = recovery.entries(b, inbox)
+                recovery.answer(b, inbox, waiting, UnknownAgent(
+                    f"server {self.server} died before running the call, and was removed"),
+                    self.server)
+                ids = [a.id for a in recovery.agents_of(b, self.server)]
+                pipe = b.redis.pipeline(transaction=True)
+                hosting.forget(pipe, b.keys, ids)
+                pipe.delete(inbox)
+                pipe.hdel(b.keys.servers, self.server)
+                pipe.execute()
+            finally:
+                recovery.unlock(b, self.server, owner)
+        calls = sum(1 for _, f in waiting if Entry.reply_to(f))
+        return {"agents": len(ids), "calls": calls}
 
     def get_agent_list(self, timeout: float | None = 30.0) -> list[dict[str, Any]]:
         """``[{agent_id, name, cls, memory_size}, ...]`` as the server sees them now."""
@@ -157,6 +210,10 @@ class ServerClient:
         return f"ServerClient({self.server!r})"
 
 
+#: a Redis stream entry id: milliseconds, optionally ``-sequence``.
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
 def deadletters(count: int = 100) -> list[dict[str, Any]]:
     """The newest ``count`` dead-lettered calls, newest first: ``{id, call, agent, kind,
     caller, reason, tries, server}`` (fields the entry lacks are left out)."""
@@ -173,6 +230,9 @@ def replay(entry_id: str) -> str:
     """Send a dead-lettered call again, to its agent's current server, under its call id (the
     error reply it got is removed first so its reader sees the new one). Returns the call id.
     Raises UnknownAgent if there is no such entry, the routing error if it cannot be sent."""
+    if not _STREAM_ID.fullmatch(entry_id):
+        raise UsageError(f"{entry_id!r} is not a dead-letter entry id (they look like "
+                         "1764561234567-0); see `busagent deadletter`")
     b = _bus.current()
     with b.errors():
         raw: Any = b.redis.xrange(b.keys.deadletter, entry_id, entry_id)

@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import socket
+import sys
+import sysconfig
 import threading
-from collections.abc import Iterator
+import traceback
+import weakref
+from collections.abc import AsyncGenerator, Iterator
 from contextvars import ContextVar
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -82,11 +88,15 @@ class Bus:
         #: the worker this process serves as, set by the worker: its own model config
         #: overrides come first (busagent.models.get); None in a calling program.
         self.server_name: str | None = None
-        self._async: dict[int, aredis.Redis] = {}
+        #: id(loop) -> (the loop, weakly; its client; the generator that closes the client when
+        #: the loop shuts down, kept here because the loop holds it only weakly).
+        self._async: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], aredis.Redis,
+                                     AsyncGenerator[None, None]]] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
             self._embedded = embedded.start()
             url = self._embedded.url
+            _announce_private(url)
         self.url = url
         try:
             self.redis = connect(url, settings)
@@ -114,6 +124,20 @@ class Bus:
             self.close()
             raise self.translate(e) from None
         self.sender = Sender(self)
+
+    @property
+    def private(self) -> bool:
+        """Whether this bus is on a private Redis this process started (and stops at exit)."""
+        return self._embedded is not None
+
+    def where(self) -> str:
+        """For errors about a server or worker that cannot be found: "" on a reachable Redis,
+        else why no worker started elsewhere can be there."""
+        if not self.private:
+            return ""
+        return (" (this program is on a private Redis it started itself, which workers in "
+                "other shells cannot see: run `busagent redis` first, or set "
+                "BUSAGENT_REDIS_URL)")
 
     @property
     def url_for_humans(self) -> str:
@@ -153,25 +177,80 @@ class Bus:
                                     "URL (BUSAGENT_REDIS_URL)")
         return BusError(f"Redis at {where} refused a command: {e}")
 
-    # --- async client, one per event loop -------------------------------------------------
+    # --- async clients, one per live event loop --------------------------------------------
 
     def async_client(self) -> aredis.Redis:
+        """This event loop's client. A client belongs to its loop, so each loop gets one; it is
+        closed while its loop shuts down (``asyncio.run`` closes async generators before it closes
+        the loop: a parked generator's ``finally`` closes the client there), and a loop closed
+        without that (``loop.close()`` alone) is forgotten at the next call. So a process that
+        runs thousands of ``asyncio.run()`` holds one client per loop still alive, not one per
+        loop ever made."""
         loop = asyncio.get_running_loop()
-        client = self._async.get(id(loop))
-        if client is None:
-            client = aconnect(self.url, self.settings, max_connections=512)
-            self._async[id(loop)] = client
+        entry = self._async.get(id(loop))
+        if entry is not None and entry[0]() is loop:
+            return entry[1]
+        self._forget_closed_loops()
+        client = aconnect(self.url, self.settings, max_connections=512)
+        self._adopt(loop, client)
         return client
 
     def set_aredis(self, client: aredis.Redis) -> None:
-        self._async[id(asyncio.get_running_loop())] = client
+        self._forget_closed_loops()
+        self._adopt(asyncio.get_running_loop(), client)
+
+    def async_clients(self) -> int:
+        """How many event loops' clients this bus holds (for tests and diagnosis)."""
+        self._forget_closed_loops()
+        return len(self._async)
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop, client: aredis.Redis) -> None:
+        key = id(loop)
+
+        async def closer() -> AsyncGenerator[None, None]:
+            try:
+                yield
+            finally:
+                entry = self._async.get(key)
+                if entry is not None and entry[1] is client:
+                    del self._async[key]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+        gen = closer()
+        # Start it by hand up to its yield (no await before it, so this step completes at once):
+        # the running loop's first-iteration hook registers it for shutdown_asyncgens().
+        step: Any = gen.__anext__()
+        with contextlib.suppress(StopIteration):
+            step.send(None)
+        self._async[key] = (weakref.ref(loop), client, gen)
+
+    def _forget_closed_loops(self) -> None:
+        for key, (ref, _, _) in list(self._async.items()):
+            loop = ref()
+            if loop is None or loop.is_closed():
+                self._async.pop(key, None)
+
+    def after_fork(self) -> None:
+        """In a forked child: keep the connection settings, own nothing of the parent's. The
+        child workers and the private Redis stay the parent's (a child's exit must not stop
+        them), the parent's event loops do not run here, and sends go out before each call
+        returns (:meth:`Sender.after_fork`). redis-py's pool opens new connections by itself."""
+        self.children = None
+        self._embedded = None
+        # The parent's loops' clients are not used here; kept referenced (never collected), so
+        # their closing generators are not finalized here through the parent's loops.
+        self._forked_from = list(self._async.values())
+        self._async = {}
+        self.sender.after_fork()
 
     def close(self) -> None:
         sender = getattr(self, "sender", None)
         if sender is not None:
             sender.close()
         if self.children is not None:
-            self.children.stop()
+            # Before the Redis they use, and waited for: none may outlive it and print.
+            self.children.stop(announce=not _told_interrupt)
             self.children = None
         if hasattr(self, "redis"):
             self.redis.close()
@@ -196,6 +275,8 @@ def init(redis_url: str | None = None, **settings: Any) -> Bus:
     if loading_script.get():
         raise SkipStatement("busagent.init() while a worker loads a script")
     s = Settings.load(redis_url=redis_url, **settings)
+    if s.redis_url is None and not settings:
+        s = _inherited() or s
     with _lock:
         if _bus is not None and (_bus.settings == s or (redis_url is None and not settings)):
             return _bus
@@ -211,6 +292,13 @@ def _connect(s: Settings) -> Bus:
         _bus = None
     _wanted = s
     _bus = Bus(s)
+    os.environ[_INHERIT] = json.dumps({
+        "pid": os.getpid(),
+        "settings": s.model_copy(update={"redis_url": _bus.url}).model_dump(mode="json")})
+    # A calling program's Ctrl-C gets one line (workers handle SIGINT themselves and call
+    # install(), not this). Only over Python's own hook: IPython's or the user's stay.
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
     return _bus
 
 
@@ -239,12 +327,100 @@ def shutdown() -> None:
     global _bus, _wanted
     with _lock:
         _wanted = None
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            if json.loads(os.environ.get(_INHERIT, ""))["pid"] == os.getpid():
+                del os.environ[_INHERIT]
         if _bus is not None:
             _bus.close()
             _bus = None
 
 
+#: How a program's bus reaches its ``multiprocessing`` children started with ``spawn`` or
+#: ``forkserver``: they start afresh (a forked child inherits the process-wide bus itself), and
+#: without this would connect to whatever the defaults find (a private Redis of their own, where
+#: the parent's agents are not). Holds the exporting process's pid: only that process's own
+#: multiprocessing children take it, not other programs it runs or their children.
+_INHERIT = "BUSAGENT_PARENT_BUS"
+
+
+def _inherited() -> Settings | None:
+    """The parent's settings, in a multiprocessing child of a program on the bus."""
+    raw = os.environ.get(_INHERIT)
+    if not raw:
+        return None
+    import multiprocessing  # only here: most programs never get this far
+
+    parent = multiprocessing.parent_process()
+    try:
+        data = json.loads(raw)
+        if parent is None or parent.pid != data["pid"]:
+            return None
+        return Settings.model_validate(data["settings"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+_announced_private = False
+
+
+def _announce_private(url: str) -> None:
+    """Say once per process that it runs on a Redis of its own: a user who expected workers in
+    another shell to see its agents learns why they do not, at the start."""
+    global _announced_private
+    if not _announced_private:
+        _announced_private = True
+        print(f"busagent: no BUSAGENT_REDIS_URL and no `busagent redis` running: started a "
+              f"private Redis for this program ({url}), stopped when it exits", file=sys.stderr,
+              flush=True)
+
+
+#: set once the Ctrl-C line is printed, which already says what the exit waits for.
+_told_interrupt = False
+
+
+def _user_frame(tb: TracebackType | None) -> str:
+    """``file:line`` of the innermost frame of ``tb`` in the user's code (not busagent's, the
+    standard library's or an installed package's), else of the outermost frame."""
+    skip = (os.path.dirname(__file__), *{sysconfig.get_paths()[k] for k in ("stdlib", "purelib",
+                                                                              "platlib")})
+    where = ""
+    for frame, line in traceback.walk_tb(tb):
+        name = frame.f_code.co_filename
+        if not where or not name.startswith(skip):
+            where = f"{os.path.basename(name)}:{line}"
+    return where
+
+
+def _excepthook(kind: type[BaseException], value: BaseException,
+                tb: TracebackType | None) -> None:
+    """Ctrl-C in a program on the bus: one line that says where it stopped and what the exit
+    still does, instead of a traceback through busagent's wait loop."""
+    global _told_interrupt
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    owned = []
+    b = _bus
+    if b is not None and b.children is not None and b.children.procs:
+        owned.append(f"its {len(b.children.procs)} child worker(s)")
+    if b is not None and b._embedded is not None:
+        owned.append("its private Redis")
+    then = f"; stopping {' and '.join(owned)}" if owned else ""
+    print(f"busagent: interrupted (Ctrl-C) at {_user_frame(tb)}{then}", file=sys.stderr,
+          flush=True)
+    _told_interrupt = True
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    # The lock may have been held, at the fork, by a thread that does not exist here.
+    _lock = threading.Lock()
+    if _bus is not None:
+        _bus.after_fork()
+
+
 atexit.register(shutdown)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 __all__ = ["Bus", "ConfigError", "current", "init", "install", "new_id", "shutdown"]

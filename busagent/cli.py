@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import re
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from busagent import admin, embedded
+# Usage errors are caught in main() to print them as one line: click's exceptions, which newer
+# typer releases vendor (typer._click) and older ones import from click.
+try:
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover - typer before it vendored click
+    import click.exceptions as _click  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+from busagent import __version__, admin, embedded
 from busagent import bus as _bus
 from busagent.config import Settings
 from busagent.errors import BusagentError, ConfigError
@@ -22,8 +30,6 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 RedisOpt = Annotated[
     str | None,
@@ -47,14 +53,52 @@ def _connect(url: str | None, prefix: str | None, start: bool = False) -> _bus.B
 
 
 def _print_json(obj: Any) -> None:
-    out.print_json(json.dumps(obj, default=str))
+    print(json.dumps(obj, default=str, ensure_ascii=False, indent=2))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _cell(v: Any) -> str:
+    """A value as table text: data, never markup; control characters escaped so one row stays
+    one line; containers as JSON."""
+    if v is None:
+        return ""
+    if isinstance(v, dict | list | tuple):
+        v = json.dumps(v, default=str, ensure_ascii=False)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(v))
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    t = Table(*cols)
-    for r in rows:
-        t.add_row(*[str(r.get(c, "")) for c in cols])
-    out.print(t)
+    """Plain aligned columns, as ``docker ps`` prints them: nothing is interpreted as markup
+    and nothing is cut, whatever the terminal's width or a pipe (an id must stay usable)."""
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    for row in [cols, *cells]:
+        print("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(ts: float) -> str:
+    """Epoch seconds as local ISO time with its offset."""
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.1f} s ago"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"busagent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """busagent: agents hosted by long-running workers on a Redis Streams bus."""
 
 
 @app.command()
@@ -87,19 +131,20 @@ def worker(
 
 @app.command()
 def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
-    """List servers: state (up, late, stopping, dead), cpu, memory, agents."""
+    """List servers: state (up, late, stopping, dead), last heartbeat, cpu, memory, agents.
+    --json gives times as epoch seconds and ``age`` in seconds."""
     _connect(url, prefix)
     rows = admin.servers()
     if as_json:
         _print_json(rows)
         return
     for r in rows:
-        # A late or dead server's silence is the first thing an operator wants to know.
-        r["state"] = r["state"] if r["state"] in ("up", "stopping") else (
-            f"{r['state']} ({r['age']}s)")
+        r["heartbeat"] = _ago(r["age"])
+        r["cpu"] = f"{r['cpu']:.1f} %"
+        r["mem"] = f"{r['mem']:.1f} MiB"
         r["modules"] = ",".join(r["modules"])
-    _table(rows, ["name", "state", "host", "pid", "cpu", "mem", "agents", "inflight",
-                  "capacity", "modules"])
+    _table(rows, ["name", "state", "heartbeat", "host", "pid", "cpu", "mem", "agents",
+                  "inflight", "capacity", "modules"])
 
 
 @app.command()
@@ -134,13 +179,18 @@ def memory(agent: str, url: RedisOpt = None, prefix: PrefixOpt = None,
 @app.command()
 def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
          as_json: JsonOpt = False) -> None:
-    """Show one server's registry record."""
+    """Show one server's registry record (times as local ISO time and age; --json: epoch
+    seconds)."""
     _connect(url, prefix)
     data = admin.ServerClient(server).get_server_info()
     if as_json:
         _print_json(data)
-    else:
-        _table([{"field": k, "value": v} for k, v in data.items()], ["field", "value"])
+        return
+    now = time.time()
+    shown = {**data, "started": f"{_when(data['started'])} ({_ago(now - data['started'])})",
+             "heartbeat": f"{_when(data['heartbeat'])} ({_ago(now - data['heartbeat'])})",
+             "cpu": f"{data['cpu']:.1f} %", "mem": f"{data['mem']:.1f} MiB"}
+    _table([{"field": k, "value": v} for k, v in shown.items()], ["field", "value"])
 
 
 @app.command()
@@ -149,10 +199,19 @@ def stop(
     drain: Annotated[bool, typer.Option(help="move its agents to other servers first")] = False,
     url: RedisOpt = None, prefix: PrefixOpt = None,
 ) -> None:
-    """Stop a server gracefully: in-flight calls finish; --drain moves its agents elsewhere."""
+    """Stop a server gracefully: in-flight calls finish; --drain moves its agents elsewhere.
+    A dead server's record is removed instead, with its agents and waiting calls."""
     _connect(url, prefix)
-    admin.ServerClient(server).stop(drain=drain)
-    out.print(f"{'draining' if drain else 'stopping'} {server}")
+    client = admin.ServerClient(server)
+    info_ = client.get_server_info()
+    if info_["state"] == "dead" and not drain:
+        gone = client.forget()
+        print(f"{server} was dead (last heartbeat {_when(info_['heartbeat'])}, "
+              f"{_ago(time.time() - info_['heartbeat'])}): removed its record, "
+              f"{gone['agents']} agent(s) and {gone['calls']} waiting call(s)")
+        return
+    client.stop(drain=drain)
+    print(f"{'draining' if drain else 'stopping'} {server}")
 
 
 @app.command()
@@ -164,7 +223,7 @@ def deadletter(
     """List calls given up on (their workers kept dying, or they were malformed), or replay one."""
     _connect(url, prefix)
     if replay:
-        out.print(f"replayed call {admin.replay(replay)}")
+        print(f"replayed call {admin.replay(replay)}")
         return
     rows = admin.deadletters(count)
     if as_json:
@@ -186,25 +245,27 @@ def delete(
         if not server:
             raise ConfigError("--all needs --server NAME")
         n = admin.ServerClient(server).delete_all_agent()
-        out.print(f"deleted {n} agent(s) on {server}")
+        print(f"deleted {n} agent(s) on {server}")
         return
     if not agent:
         raise ConfigError("name an agent id, or use --all --server NAME")
     info_ = admin.agent_info(agent)
     admin.ServerClient(info_.server).delete_agent(agent)
-    out.print(f"deleted {agent}")
+    print(f"deleted {agent}")
 
 
 @app.command(name="redis")
 def redis_cmd(
     stop_: Annotated[bool, typer.Option("--stop", help="stop the shared embedded Redis")] = False,
     port: Annotated[int | None, typer.Option(help="TCP port (default 6390)")] = None,
-    bind: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    bind: Annotated[str | None, typer.Option(
+        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")] = None,
     password: Annotated[str | None, typer.Option(help="require this password")] = None,
 ) -> None:
-    """Start (or show) the shared embedded Redis and print its URL."""
+    """Start (or show) the shared embedded Redis and print its URL. If it already runs with
+    other options than those given, says so and exits 1 (stop it first with --stop)."""
     if stop_:
-        out.print("stopped" if embedded.stop_shared() else "not running")
+        print("stopped" if embedded.stop_shared() else "not running")
         return
     print(embedded.start_shared(port=port, bind=bind, password=password))
 
@@ -221,7 +282,7 @@ def models(
     _connect(url, prefix)
     if load:
         names = _models.load_model_configs(load, server=server)
-        out.print(f"stored {len(names)} model config(s): {', '.join(names)}")
+        print(f"stored {len(names)} model config(s): {', '.join(names)}")
         return
     rows = [{**c.model_dump(), "api_key": "***" if c.api_key else None}
             for c in _models.list_model_configs(server).values()]
@@ -257,13 +318,33 @@ def demo(url: RedisOpt = None) -> None:
     demo_main(url)
 
 
+def _error(message: str, code: int) -> None:
+    # One line whatever the message holds: a Redis or pydantic message may span lines.
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
+    """Run the command: usage errors (exit 2) and busagent's errors (exit 1) print one line
+    ``error: ...`` on stderr, never a traceback or a boxed usage text."""
     try:
-        app()
+        # Not standalone: click would print usage errors itself, over several lines. It then
+        # returns an Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except _click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `busagent` alone: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)  # usage errors know their command
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        _error(e.format_message() + hint, e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
     except BusagentError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        _error(str(e), 1)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
 
 

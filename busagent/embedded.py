@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 
@@ -61,6 +63,10 @@ def _die_with_parent() -> None:
     # so a private Redis never outlives its owner.
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # Its own process group: a Ctrl-C in the terminal (SIGINT to the foreground group) reaches
+    # only the program, which then stops its child workers first and its private Redis last.
+    # Were they in its group, the Redis would die at once under workers still deregistering.
+    os.setpgrp()
 
 
 @dataclass
@@ -68,6 +74,8 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     dir: str
+    #: the folder is a temporary one made for this server: removed when it stops.
+    temporary: bool = False
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -77,6 +85,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.temporary:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill(self) -> None:
         self.process.kill()
@@ -116,7 +126,8 @@ def start(
         port = port or free_port()
         args += ["--port", str(port)]
         host = "127.0.0.1" if bind in ("0.0.0.0", "::", "*") else bind
-        auth = f":{password}@" if password else ""
+        # Percent-encoded: a password may hold URL-reserved characters (Xk3/Pq+Zr9w=, p@ss#w).
+        auth = f":{quote(password, safe='')}@" if password else ""
         url = f"redis://{auth}{host}:{port}/0"
     if password:
         args += ["--requirepass", password]
@@ -127,9 +138,13 @@ def start(
         stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if owned else os.setsid,
     )
-    server = Server(url, proc, d)
+    server = Server(url, proc, d, temporary=directory is None)
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    except BaseException:
+        server.stop()  # never leave a server running that nobody was told about
+        raise
     try:
         while True:
             try:
@@ -139,21 +154,32 @@ def start(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     server.stop()
                     log = Path(d, "redis.log")
-                    tail = log.read_text()[-500:] if log.exists() else ""
+                    tail = " ".join(log.read_text()[-500:].split()) if log.exists() else ""
                     raise RedisUnavailable(
                         f"embedded redis-server failed to start: {tail}"
                     ) from None
                 time.sleep(0.02)  # polling a child process that has no readiness signal
+            except BaseException:
+                server.stop()
+                raise
     finally:
         client.close()
 
 
-def shared_url() -> str | None:
-    """The URL of the shared embedded Redis that ``busagent redis`` started, if it still runs."""
+def _state() -> dict[str, Any] | None:
+    """What ``busagent redis`` recorded of the shared server, if that process still runs."""
     try:
         state = json.loads(STATE_FILE.read_text())
         os.kill(int(state["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def shared_url() -> str | None:
+    """The URL of the shared embedded Redis that ``busagent redis`` started, if it still runs."""
+    state = _state()
+    if state is None:
         return None
     url = str(state["url"])
     try:
@@ -165,19 +191,38 @@ def shared_url() -> str | None:
 
 
 def start_shared(
-    port: int | None = None, bind: str = "127.0.0.1", password: str | None = None
+    port: int | None = None, bind: str | None = None, password: str | None = None
 ) -> str:
-    """Start (or find) the shared embedded Redis and return its URL."""
+    """Start (or find) the shared embedded Redis and return its URL: ``port`` (default 6390),
+    ``bind`` (default 127.0.0.1), ``password`` (default none). Options left None accept the
+    running server's; ConfigError if it runs with others than those asked for (it is not
+    restarted behind its clients' backs: `busagent redis --stop` first)."""
     url = shared_url()
     if url:
+        state = _state() or {}
+        running = urlsplit(url)
+        have = {"--port": str(running.port), "--bind": str(state.get("bind", running.hostname)),
+                "--password": unquote(running.password) if running.password else None}
+        asked = {"--port": None if port is None else str(port), "--bind": bind,
+                 "--password": password}
+        differ = [k for k, v in asked.items() if v is not None and v != have[k]]
+        if differ:
+            shown = ", ".join(f"{k} {'***' if k == '--password' else have[k] or 'none'}"
+                              for k in ("--port", "--bind", "--password"))
+            raise ConfigError(
+                f"the shared embedded Redis already runs with other {'/'.join(differ)} ({shown});"
+                " `busagent redis --stop` stops it (its data stays in "
+                f"{STATE_FILE.parent / 'redis'}), then start it again with the new options")
         return url
+    bind = bind or "127.0.0.1"
     directory = STATE_FILE.parent / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     server = start(
         port=port or 6390, unix=False, bind=bind, password=password, appendonly=True,
         directory=str(directory), owned=False,
     )
-    STATE_FILE.write_text(json.dumps({"url": server.url, "pid": server.process.pid}))
+    STATE_FILE.write_text(json.dumps({"url": server.url, "pid": server.process.pid,
+                                      "bind": bind}))
     return server.url
 
 

@@ -71,7 +71,7 @@ def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) ->
                 return server
         raise PlacementError(
             f"no live server named {server!r}; start it with `busagent worker --name {server} "
-            f"--agents {load}` against the same Redis, or see `busagent servers`"
+            f"--agents {load}` against the same Redis, or see `busagent servers`{b.where()}"
         )
     for fresh in (False, True):
         best = pick(snap.live(b, fresh), module, count)

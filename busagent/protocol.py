@@ -155,8 +155,15 @@ class Entry(BaseModel):
             # Header fields are text; only the body stays bytes.
             return cls.model_validate({n: v if n == "body" else v.decode()
                                        for k, v in fields.items() if (n := names.get(k))})
-        except (ValidationError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"malformed call entry: {e}") from None
+        except ValidationError as e:
+            # One readable line (it becomes a dead letter's reason): what is wrong with which
+            # field, without pydantic's multi-line dump or the raw input's repr.
+            wrong = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}"
+                              for x in e.errors())
+            raise ProtocolError(f"malformed call entry: {wrong}") from None
+        except UnicodeDecodeError as e:
+            raise ProtocolError("malformed call entry: a header field is not UTF-8 text "
+                                f"({e.reason} at byte {e.start})") from None
 
     @staticmethod
     def reply_to(fields: Mapping[bytes, bytes]) -> str:

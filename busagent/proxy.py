@@ -114,6 +114,9 @@ class RemoteAgent:
         return self._call("method", args, kwargs, method=name, stream=stream)
 
     def __getattr__(self, name: str) -> Any:
+        if "cls" not in self.__dict__:
+            # Not built yet (pickle looks up __setstate__ on an empty instance): plain Python.
+            raise AttributeError(name)
         if name.startswith("_") or not is_remote(self.cls, name):
             raise AttributeError(
                 f"{self.cls.__name__}.{name} is not callable remotely; mark it with "

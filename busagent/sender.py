@@ -10,6 +10,7 @@ name their inbox themselves (creates, control ops) are XADDed as :class:`Entry` 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +22,20 @@ import redis
 from . import scripts
 from .errors import RedisUnavailable, UsageError
 from .protocol import VERSION, Entry, Kind, signature
-from .tuning import LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
+from .tuning import EXIT_NOTICE_AFTER, LINGER, SEND_BATCH, SEND_PATIENCE, SENT_MARK_TTL
 
 if TYPE_CHECKING:
     from .bus import Bus
 
 #: redis-py errors that mean Redis cannot be reached for now: wait and try again.
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _in_multiprocessing_child() -> bool:
+    """Whether this process is a ``multiprocessing`` child (any start method): it will leave
+    through ``os._exit``, past ``atexit``, so a queued send could be lost at its exit."""
+    mp = sys.modules.get("multiprocessing")  # never imported: not a multiprocessing child
+    return mp is not None and mp.parent_process() is not None
 
 
 @dataclass
@@ -48,8 +56,27 @@ class Sender:
         self._cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="busagent-sender", daemon=True)
-        self._thread.start()
+        #: send on the calling thread, at once: in a multiprocessing child (see after_fork).
+        self._inline = _in_multiprocessing_child()
+        self._thread: threading.Thread | None = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._run, name="busagent-sender",
+                                            daemon=True)
+            self._thread.start()
+
+    def after_fork(self) -> None:
+        """Make this sender usable in a forked child. The queue copied from the parent is the
+        parent's to send (dropped here), its locks may have been held by a thread that does not
+        exist here, and so does not the sender thread. The child then sends each call on the
+        calling thread before the call returns, as a spawned ``multiprocessing`` child does:
+        such a child leaves through ``os._exit``, past ``atexit``, so nothing queued may wait
+        for a later flush. The price is one round trip per call (per fanout chunk) in those
+        children, none in other processes."""
+        self._queue = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._thread = None
+        self._inline = True
 
     def submit(self, op: Op) -> None:
         with self._cond:
@@ -59,6 +86,8 @@ class Sender:
             n = len(self._queue)
             if n == 1 or n == SEND_BATCH:
                 self._cond.notify()
+        if self._inline:
+            self.flush()
 
     # --- what callers send ----------------------------------------------------------------------
 
@@ -111,11 +140,20 @@ class Sender:
                 self._send(batch)
 
     def close(self) -> None:
-        self.flush()
+        """Send what is queued (waiting out a Redis outage up to SEND_PATIENCE seconds, and
+        saying so on stderr if that takes over EXIT_NOTICE_AFTER), then stop the thread."""
+        notice = threading.Timer(EXIT_NOTICE_AFTER, self._notice)
+        notice.daemon = True
+        notice.start()
+        try:
+            self.flush()
+        finally:
+            notice.cancel()
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(2)
+        if self._thread is not None:
+            self._thread.join(2)
 
     def _run(self) -> None:
         while True:
@@ -193,6 +231,11 @@ class Sender:
                 return
             self._bus.scripts.load()
             batch = retry
+
+    def _notice(self) -> None:
+        print(f"busagent: waiting up to {SEND_PATIENCE:g} s to send the calls still queued to "
+              f"Redis at {self._bus.url_for_humans} (it does not answer)", file=sys.stderr,
+              flush=True)
 
     def _unavailable(self, e: BaseException) -> RedisUnavailable:
         return RedisUnavailable(

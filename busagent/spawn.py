@@ -3,19 +3,20 @@ a class, stopped when the program exits (and, on Linux, when it dies)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .bus import Bus
 from .embedded import _die_with_parent
 from .errors import PlacementError
-from .tuning import CHILD_START_TIMEOUT
+from .tuning import CHILD_GRACE, CHILD_START_TIMEOUT, CHILD_STOP_WAIT, EXIT_NOTICE_AFTER
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Children:
                 if value is not None:
                     env[f"BUSAGENT_{name.upper()}"] = str(value)
             env["BUSAGENT_REDIS_URL"] = b.url
+            # Whatever grace the program's own settings give workers: a child worker stops only
+            # when its program exits, and then the replies of calls still running have no reader.
+            env["BUSAGENT_GRACE"] = str(CHILD_GRACE)
             base = f"child-{socket.gethostname()}-{os.getpid()}-{len(self.procs)}"
             names = [f"{base}-{i}" for i in range(b.settings.child_workers)]
             for n in names:
@@ -68,21 +72,43 @@ class Children:
             self.by_load[load] = names
             return names
 
-    def stop(self) -> None:
-        stop_processes(self.procs.values())
+    def stop(self, announce: bool = True) -> None:
+        """Stop this program's child workers, and wait until they have exited (so none prints
+        after the program returns, and none outlives the private Redis they use): SIGTERM, a
+        graceful stop of CHILD_GRACE, then SIGKILL after CHILD_STOP_WAIT. ``announce``: if
+        that takes a while, say so on stderr (one line)."""
+        def notice(n: int) -> None:
+            if announce:
+                print(f"busagent: waiting up to {CHILD_STOP_WAIT:g} s for {n} child worker(s) "
+                      "of this program to stop (calls still running there are cut short)",
+                      file=sys.stderr, flush=True)
+
+        stop_processes(self.procs.values(), grace=CHILD_STOP_WAIT, notice=notice)
         self.procs.clear()
         self.by_load.clear()
 
 
-def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
-    """SIGTERM (a graceful stop for a worker), then SIGKILL whatever outlives ``grace``."""
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], grace: float = 20.0,
+                   notice: Callable[[int], None] | None = None) -> None:
+    """SIGTERM (a graceful stop for a worker), then SIGKILL whatever outlives ``grace``
+    seconds. ``notice(n)`` is called once if ``n`` of them are still running after
+    EXIT_NOTICE_AFTER seconds."""
     procs = list(procs)
     for p in procs:
         if p.poll() is None:
             p.terminate()
+    start = time.monotonic()
+    deadline = start + grace
+    if notice is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            for p in procs:
+                p.wait(max(0.0, start + EXIT_NOTICE_AFTER - time.monotonic()))
+        left = sum(p.poll() is None for p in procs)
+        if left:
+            notice(left)
     for p in procs:
         try:
-            p.wait(grace)
+            p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()

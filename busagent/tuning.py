@@ -25,6 +25,13 @@ LINGER = 0.002
 PLACEMENT_SNAPSHOT = 1.0
 #: how long a program waits for the child workers it started to serve (seconds).
 CHILD_START_TIMEOUT = 60.0
+#: a child worker's grace on stop (seconds): it is stopped only when its program exits, and then
+#: nobody is left to read the replies of calls still running, so they are cut short.
+CHILD_GRACE = 1.0
+#: how long an exiting program waits for its child workers before it kills them (seconds).
+CHILD_STOP_WAIT = 3.0
+#: an exit that has waited this long for something says what it waits for (seconds).
+EXIT_NOTICE_AFTER = 0.5
 #: how often a worker re-reads model configs from Redis (seconds).
 MODEL_CONFIG_REFRESH = 5.0
 

@@ -146,7 +146,8 @@ def test_keys_are_prefixed() -> None:
 def _fake_bus() -> Any:
     s = Settings.load(dead_after=10)
     return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s,
-                           placement=Placement(), errors=contextlib.nullcontext)
+                           placement=Placement(), errors=contextlib.nullcontext,
+                           where=lambda: "")
 
 
 def _server(name: str, **kw: Any) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -65,15 +66,20 @@ def transcript(hub: Hub, path: Path, stop: threading.Event) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--topic", default="How should we launch busagent?")
+    ap.add_argument("--topic", default="How should we launch busagent?",
+                    help="what the room talks about (the first message)")
     ap.add_argument("--steps", type=int, default=6, help="speaker turns to run")
     ap.add_argument("--model-config", help="JSON file of model configs (OpenAI-compatible)")
-    ap.add_argument("--config-name", default="scripted")
+    ap.add_argument("--config-name", default="scripted",
+                    help="the model config the roles and the moderator use")
     ap.add_argument("--human-timeout", type=float, default=30.0,
                     help="seconds you have to answer; 0: no human in the room")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds per step")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--log", default="chat_room.log")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="child worker processes to start when no worker runs")
+    # Not the working tree: running an example must not leave files in a checkout.
+    ap.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "busagent-chat-room.log"),
+                    help="file the transcript is written to (default: %(default)s)")
     args = ap.parse_args()
 
     busagent.init(child_workers=args.workers)

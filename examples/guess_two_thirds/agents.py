@@ -7,6 +7,7 @@ starts child workers for it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import re
@@ -16,10 +17,17 @@ from typing import Any
 import busagent
 from busagent import Agent, Msg, models
 
-#: prompts are data: system prompts and user prompts by id, as in the paper's configs
-PROMPTS: dict[str, Any] = json.loads(
-    (Path(__file__).resolve().parent / "configs" / "prompts.json").read_text())
-NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
+#: a number in a model's answer (a literal: a worker that loads this file by path runs only
+#: definitions, and an assignment from a call such as re.compile(...) is not one; see the README)
+NUMBER = r"(\d+(?:\.\d+)?)"
+
+
+@functools.cache
+def prompts() -> dict[str, Any]:
+    """The prompts (data: system and user prompts by id, as in the paper's configs), read on
+    first use: in the program and on each worker."""
+    return dict(json.loads((Path(__file__).resolve().parent / "configs" / "prompts.json")
+                           .read_text()))
 
 
 class RandomParticipant(Agent):
@@ -53,7 +61,7 @@ class LLMParticipant(Agent):
         super().__init__(name)
         self.model = models.get(model_config_name)
         self.max_value = max_value
-        system = PROMPTS["SYSTEM"][sys_id].format(max_value=max_value, ratio=ratio,
+        system = prompts()["SYSTEM"][sys_id].format(max_value=max_value, ratio=ratio,
                                                   background=background or "")
         self.system = Msg("system", system, role="system")
 
@@ -65,12 +73,12 @@ class LLMParticipant(Agent):
         return value
 
     async def parse_value(self, text: str) -> float:
-        parse = PROMPTS["PARSE"]
+        parse = prompts()["PARSE"]
         answer = (await self.model.acall([
             Msg("system", parse["system"].format(text=text), role="system"),
             Msg("user", parse["user"], role="user"),
         ])).text
-        found = NUMBER.findall(answer)
+        found = re.findall(NUMBER, answer)
         return float(found[0]) if found else -1.0
 
 

@@ -10,7 +10,8 @@
 
 Per round it prints the average and the time the round took, and writes result_<r>.json
 (``data``, ``stats {win, cnt, avg, med, std, max, min, time, invalid}``) and, when matplotlib is
-installed, a 101-bin histogram with a line at the winning value, as PNG and PDF, under
+installed, a 101-bin histogram (titled with the round, N and the ratio; a labelled line at the
+winning value; the average and winner written on it), as PNG and PDF, under
 ``result/<exp>/<random|config name>/<N>-<S>-<ratio>-<sleep>/<timestamp>/`` with ``run.json``
 (the settings, creation time and per-round times) beside them.
 """
@@ -31,7 +32,9 @@ import busagent
 from busagent import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agents import PROMPTS, Group, LLMParticipant, RandomParticipant
+from agents import Group, LLMParticipant, RandomParticipant, prompts
+
+PROMPTS = prompts()
 
 NEXT_ROUND = "The winning number of the last round was {win:.2f}. On to the next round.\n"
 
@@ -113,7 +116,7 @@ def play(args: argparse.Namespace) -> Path:
                  "min": min(data, default=0), "time": took,
                  "invalid": sum(res["invalid"] for res in results)}
         (out / f"result_{r}.json").write_text(json.dumps({"data": data, "stats": stats}))
-        histogram(data, win, args.max_value, out / f"result_{r}")
+        histogram(data, win, args.max_value, out / f"result_{r}", round_no=r, ratio=args.ratio)
         run["rounds"].append(round(took, 4))
         mem = memory_now()
         run.setdefault("memory", []).append(mem)
@@ -157,7 +160,7 @@ def table(root: Path, plot: bool) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         series: dict[str, list[dict[str, Any]]] = {}
         for r in runs:
-            series.setdefault(f"{r['kind']} sleep={r['sleep'] or 0:g}", []).append(r)
+            series.setdefault(round_time_label(r), []).append(r)
         for label, rs in series.items():
             ax.plot([r["agents"] for r in rs], [r["round_s"] for r in rs], "o-", label=label)
         ax.set_xscale("log")
@@ -169,7 +172,17 @@ def table(root: Path, plot: bool) -> None:
         print(f"plot: {root / 'round_times.png'}")
 
 
-def histogram(data: list[int], win: float, max_value: int, base: Path) -> None:
+def round_time_label(run: dict[str, Any]) -> str:
+    """A series of the round-time plot: random participants by their sleep, LLM participants by
+    their model config (they have no sleep)."""
+    if run["kind"] == "random":
+        return f"random, {run['sleep'] or 0:g} s per answer"
+    return f"LLM ({run['kind']})"
+
+
+def histogram(data: list[int], win: float, max_value: int, base: Path, *, round_no: int = 1,
+              ratio: str = "2/3") -> None:
+    """Save :func:`histogram_figure` as ``base``.png and .pdf (nothing without matplotlib)."""
     try:
         import matplotlib
 
@@ -177,36 +190,61 @@ def histogram(data: list[int], win: float, max_value: int, base: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return  # the figures are optional: pip install matplotlib
+    fig = histogram_figure(data, win, max_value, round_no=round_no, ratio=ratio)
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{base}.{ext}", bbox_inches="tight")
+    plt.close(fig)
+
+
+def histogram_figure(data: list[int], win: float, max_value: int, *, round_no: int,
+                     ratio: str) -> Any:
+    """The choices of one round: one bar per value, titled with the round, N and the ratio, a
+    labelled line at the winning value, the average and winner written on the figure, and
+    whole-number count ticks."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    avg = sum(data) / len(data) if data else 0.0
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.hist(data, bins=max_value + 1, range=(0, max_value + 1))
-    ax.axvline(win, color="red")
-    ax.set_xlabel("value")
+    ax.axvline(win, color="red", label=f"winner: {ratio} x average = {win:.2f}")
+    ax.set_title(f"Round {round_no}: {len(data)} participants, ratio {ratio}")
+    ax.set_xlabel("value chosen")
     ax.set_ylabel("participants")
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{base}.{ext}")
-    plt.close(fig)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts are whole numbers
+    ax.text(0.99, 0.97, f"average {avg:.2f}\nwinner {win:.2f}", transform=ax.transAxes,
+            ha="right", va="top", bbox={"facecolor": "white", "alpha": 0.8})
+    ax.legend(loc="upper left")
+    return fig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--agents", type=int, default=100)
-    ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--ratio", default="2/3", choices=["1/2", "2/3", "3/5", "51/100", "67/100"])
-    ap.add_argument("--max-value", type=int, default=100)
-    ap.add_argument("--agent-type", choices=["random", "llm"], default="random")
+    ap.add_argument("--agents", type=int, default=100, help="participants in the game")
+    ap.add_argument("--shards", type=int, default=2,
+                    help="distributed agents that each host a share of the participants")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds to play")
+    ap.add_argument("--ratio", default="2/3", choices=["1/2", "2/3", "3/5", "51/100", "67/100"],
+                    help="the winner is closest to this ratio times the average")
+    ap.add_argument("--max-value", type=int, default=100,
+                    help="participants choose a whole number from 0 to this")
+    ap.add_argument("--agent-type", choices=["random", "llm"], default="random",
+                    help="random participants, or participants that ask a model")
     ap.add_argument("--sleep", type=float, default=1.0,
                     help="seconds each random participant takes")
     ap.add_argument("--model-config", help="JSON file of model configs to store for workers")
     ap.add_argument("--config-name", default="fake", help="the model config LLM agents use")
     ap.add_argument("--fake-llm", type=float, metavar="LATENCY",
                     help="serve a local fake endpoint answering in LATENCY s, as --config-name")
-    ap.add_argument("--sys-id", default="1", choices=sorted(PROMPTS["SYSTEM"]))
-    ap.add_argument("--usr-id", default="1", choices=sorted(PROMPTS["USER"]))
+    ap.add_argument("--sys-id", default="1", choices=sorted(PROMPTS["SYSTEM"]),
+                    help="which system prompt of configs/prompts.json LLM participants get")
+    ap.add_argument("--usr-id", default="1", choices=sorted(PROMPTS["USER"]),
+                    help="which user prompt of configs/prompts.json starts each round")
     ap.add_argument("--persona", action="store_true", help="give LLM agents a background")
     ap.add_argument("--workers", type=int, default=2, help="child worker processes, when needed")
-    ap.add_argument("--exp", default="guess_two_thirds")
-    ap.add_argument("--out", default="result")
+    ap.add_argument("--exp", default="guess_two_thirds",
+                    help="experiment name: a folder under --out")
+    ap.add_argument("--out", default="result", help="folder the results are written under")
     ap.add_argument("--table", metavar="DIR", help="print the runs under DIR and exit")
     ap.add_argument("--plot", action="store_true", help="with --table: plot round time vs agents")
     args = ap.parse_args()
