@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -9,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
-import pytest
 
 from .conftest import FAST, ROOT, wait_for
 
@@ -59,13 +59,16 @@ def start_studio(redis_url: str, prefix: str) -> Studio:
     return s
 
 
-@pytest.fixture
-def studio(bus: object, redis_url: str, prefix: str) -> Iterator[Studio]:
+@contextlib.contextmanager
+def running_studio(redis_url: str, prefix: str) -> Iterator[Studio]:
+    """A studio process for the test's prefix, stopped afterwards (use in a fixture)."""
     s = start_studio(redis_url, prefix)
-    yield s
-    s.proc.terminate()
     try:
-        s.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        s.proc.kill()
-        s.proc.wait()
+        yield s
+    finally:
+        s.proc.terminate()
+        try:
+            s.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait()

@@ -7,6 +7,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from busagent.protocol import CallBody, Entry, deadletter
 from .agents import Adder
 from .conftest import ROOT, Workers, wait_for
 from .studio_agents import Boom, Keeper, Talker
-from .studio_fixtures import Studio, studio  # noqa: F401 - a fixture
+from .studio_fixtures import Studio, running_studio
 
 CHROMIUM = "/usr/bin/chromium"
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -40,6 +41,12 @@ def _dead_letter(b: busagent.bus.Bus, agent_id: str, content: Any) -> tuple[str,
     fields[b"tries"] = b"3"
     entry = b.redis.xadd(b.keys.deadletter, deadletter(fields, "worker died 3 times", "gone-1"))
     return entry.decode(), call
+
+
+@pytest.fixture
+def studio(bus: busagent.bus.Bus, redis_url: str, prefix: str) -> Iterator[Studio]:
+    with running_studio(redis_url, prefix) as s:
+        yield s
 
 
 def _off_loop(fn: Any) -> Any:
