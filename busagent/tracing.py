@@ -79,11 +79,12 @@ def route(agent: str, call: str, name: str) -> dict[str, str] | None:
 class Running:
     """A traced call in a worker: the context it continues, and when its reply was ready."""
 
-    __slots__ = ("agent", "call", "ctx", "ready")
+    __slots__ = ("agent", "call", "ctx", "name", "ready")
 
-    def __init__(self, ctx: Any, agent: str, call: str) -> None:
+    def __init__(self, ctx: Any, agent: str, name: str, call: str) -> None:
         self.ctx = ctx
         self.agent = agent
+        self.name = name
         self.call = call
         self.ready = 0
 
@@ -110,7 +111,7 @@ def running(carrier: dict[str, str], agent: str, name: str, call: str, entry_id:
                            attributes=_attrs("receive", agent, call)).end(end_time=now)
     with _tracer.start_as_current_span(f"run {name}", context=ctx, kind=trace.SpanKind.CONSUMER,
                                        attributes=_attrs("process", agent, call)):
-        run = Running(ctx, agent, call)
+        run = Running(ctx, agent, name, call)
         yield run
         run.ready = time.time_ns()
 
@@ -135,7 +136,7 @@ def committed(runs: list[Running]) -> None:
         return
     now = time.time_ns()
     for r in runs:
-        span: Span = _tracer.start_span(f"commit {r.agent}", context=r.ctx,
+        span: Span = _tracer.start_span(f"commit {r.name}", context=r.ctx,
                                         start_time=r.ready or now,
                                         attributes=_attrs("settle", r.agent, r.call))
         span.end(end_time=now)
