@@ -101,7 +101,8 @@ def summary(rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
                 cls: str = "") -> dict[str, Any]:
     """One page of the registry, read with HSCAN from ``cursor`` (0: the start): ``{items,
-    cursor, scanned}``; ``cursor`` 0 in the answer means the end. ``q`` matches a substring of
+    cursor, scanned}``; ``cursor`` 0 in the answer means the end. A page holds about ``count``
+    items (HSCAN's COUNT is a hint: a small hash comes whole). ``q`` matches a substring of
     the name or id, ``server`` the server exactly, ``cls`` a substring of the class. A page
     stops at ``count`` matches or after ``SCAN_BUDGET`` records looked at, whichever is first,
     so a rare match costs several pages, never one unbounded request. Order is HSCAN's (the
@@ -113,7 +114,10 @@ def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
     needles = [x.encode() for x in (q, server, cls) if x]
     with b.errors():
         while True:
-            page: Any = b.redis.hscan(b.keys.agents, cursor, count=max(count, 1000))
+            # COUNT is a hint: about `count` records without a filter (a small hash comes
+            # whole), bigger steps while searching.
+            page: Any = b.redis.hscan(b.keys.agents, cursor,
+                                      count=1000 if needles else count)
             cursor, got = page
             for k, raw in got.items():
                 scanned += 1
