@@ -157,6 +157,26 @@ def test_changes_need_the_token(workers: Workers, studio: Studio) -> None:
     assert busagent.ServerClient("s1").is_alive()
 
 
+def test_forget_a_dead_server_and_models_masked(workers: Workers, studio: Studio,
+                                                raw: redis.Redis, prefix: str) -> None:
+    busagent.load_model_configs({"config_name": "gpt", "model_type": "openai_chat",
+                                 "model_name": "m", "api_key": "sk-very-secret",
+                                 "client_args": {"base_url": "http://x/v1", "auth_token": "t0p"}})
+    shown = studio.get("/api/models").json()
+    assert shown[0]["api_key"] == "***" and shown[0]["client_args"]["auth_token"] == "***"
+    assert "sk-very-secret" not in studio.get("/api/models").text
+
+    p = workers.start("s1", *MODULES)
+    p.kill()
+    p.wait()
+    wait_for(lambda: [s["state"] for s in studio.get("/api/servers").json()] == ["dead"], 15,
+             "s1 to be shown dead")
+    r = studio.send("DELETE", "/api/servers/s1")
+    assert r.status_code == 200, r.text
+    assert raw.hget(f"{prefix}:servers", "s1") is None
+    assert studio.send("DELETE", "/api/servers/s1").status_code == 404
+
+
 def test_binding_beyond_loopback_needs_a_token(redis_url: str, prefix: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "busagent.cli", "studio", "--host", "0.0.0.0",
@@ -192,8 +212,11 @@ def test_page_in_a_real_browser(workers: Workers, studio: Studio, raw: redis.Red
     entry, call = _dead_letter(b, ags[3].agent_id, 40)
 
     with sync_playwright() as pw:
+        # Deadlines, not speed: five other test runs may share these two cores.
+        expect.set_options(timeout=20_000)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 900})
+        page.set_default_timeout(20_000)
         page.on("dialog", lambda d: d.accept())
         page.goto(f"{studio.url}/?token={studio.token}#servers")
 
@@ -260,6 +283,7 @@ def test_page_in_a_real_browser(workers: Workers, studio: Studio, raw: redis.Red
 
         # A page without the token: the drain is refused with a reason, nothing happens.
         anon = browser.new_page()
+        anon.set_default_timeout(20_000)
         anon.on("dialog", lambda d: d.accept())
         anon.goto(f"{studio.url}/#servers")
         expect(anon.locator("#token-state")).to_contain_text("read-only")

@@ -81,7 +81,7 @@ class Sampler:
         prev = self._raw[-1] if self._raw else None
         old = next((r for r in self._raw if now - r[0] <= WINDOW), None)
         per: dict[str, Any] = {}
-        tot_err, tot_buckets = 0.0, [0] * (len(cur and next(iter(cur.values()))["latency"]) or 1)
+        tot_err, tot_buckets = 0.0, list[int]()
         for name, s in cur.items():
             err = 0.0
             if prev and name in prev[1] and now > prev[0]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from busagent import admin
 from busagent import bus as _bus
-from busagent.errors import BusagentError, UnknownAgent
+from busagent.errors import BusagentError, PlacementError, UnknownAgent, UsageError
 from busagent.protocol import CreateBody, unpack
 from busagent.records import LATENCY_BOUNDS, LIVE, AgentInfo, read_servers
 
@@ -175,9 +175,7 @@ def delete_agent(agent_id: str) -> None:
 def forget_server(name: str) -> None:
     """Remove a dead server's record (and nothing else: agents still registered to it are
     recovered by the next worker that can host them). Raises UsageError for a server that is
-    not dead, UnknownAgent-style PlacementError for an unknown one."""
-    from busagent.errors import PlacementError, UsageError
-
+    not dead, PlacementError for an unknown one."""
     b = _bus.current()
     row = next((s for s in servers() if s["name"] == name), None)
     if row is None:

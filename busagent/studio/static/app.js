@@ -241,14 +241,16 @@ views.charts = () => {
     const h = live.history;
     const x = h.map((s) => s.t);
     const rateData = [x, h.map((s) => s.rate), h.map((s) => s.err), ...names.map((n) => h.map((s) => (s.servers[n] || {}).rate ?? null))];
-    const latData = [x, h.map((s) => s.p50 == null ? null : s.p50 * 1000), h.map((s) => s.p99 == null ? null : s.p99 * 1000)];
+    const ms = (v) => (v == null ? null : v * 1000);
+    const latData = [x, h.map((s) => ms(s.p50)), h.map((s) => ms(s.p99)), ...names.map((n) => h.map((s) => ms((s.servers[n] || {}).p99)))];
     const palette = ["#1f9d55", "#d69e2e", "#805ad5", "#319795", "#dd6b20", "#3182ce"];
     const width = Math.max(520, Math.floor(($("#chart-rate").clientWidth || 560) - 16));
     plots.forEach((p) => p.destroy());
     plots = [
       new uPlot({title: "calls/s and errors/s", width, height: 240, series: [{}, {label: "calls/s (all)", stroke: "#2f6fde", width: 2},
         {label: "errors/s", stroke: "#c53030"}, ...names.map((n, i) => ({label: n, stroke: palette[i % palette.length]}))]}, rateData, $("#chart-rate")),
-      new uPlot({title: "call time, ms (all servers)", width, height: 240, series: [{}, {label: "p50", stroke: "#2f6fde", width: 2}, {label: "p99", stroke: "#c53030", width: 2}]}, latData, $("#chart-lat")),
+      new uPlot({title: "call time, ms (bucket bounds)", width, height: 240, series: [{}, {label: "p50 (all)", stroke: "#2f6fde", width: 2}, {label: "p99 (all)", stroke: "#c53030", width: 2},
+        ...names.map((n, i) => ({label: "p99 " + n, stroke: palette[i % palette.length], dash: [4, 3]}))]}, latData, $("#chart-lat")),
     ];
   };
   onLive(build); build();
