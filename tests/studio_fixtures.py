@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -38,8 +39,6 @@ class Studio:
 
 def start_studio(redis_url: str, prefix: str) -> Studio:
     port = free_port()
-    import os
-
     env = {**os.environ, **FAST, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "busagent.cli", "studio", "--redis", redis_url, "--prefix",

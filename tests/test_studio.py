@@ -177,6 +177,39 @@ def test_forget_a_dead_server_and_models_masked(workers: Workers, studio: Studio
     assert studio.send("DELETE", "/api/servers/s1").status_code == 404
 
 
+def test_a_token_is_made_and_printed_when_none_is_given(bus: busagent.bus.Bus, redis_url: str,
+                                                       prefix: str) -> None:
+    import httpx
+
+    from .studio_fixtures import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "busagent.cli", "studio", "--redis", redis_url,
+                          "--prefix", prefix, "--port", str(port)], stdout=subprocess.PIPE,
+                         text=True, env=env, cwd=ROOT)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith(f"busagent studio on http://127.0.0.1:{port}/?token=")
+        token = line.strip().rsplit("=", 1)[1]
+        assert len(token) >= 24
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/summary").status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_for(answers, 30, "the studio")
+        url = f"http://127.0.0.1:{port}/api/agents/none"
+        assert httpx.delete(url).status_code == 401
+        ok = httpx.delete(url, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 404  # past the gate: no such agent
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
 def test_binding_beyond_loopback_needs_a_token(redis_url: str, prefix: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "busagent.cli", "studio", "--host", "0.0.0.0",
