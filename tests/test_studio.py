@@ -251,6 +251,8 @@ def test_page_in_a_real_browser(workers: Workers, studio: Studio, raw: redis.Red
         page = browser.new_page(viewport={"width": 1500, "height": 900})
         page.set_default_timeout(20_000)
         page.on("dialog", lambda d: d.accept())
+        script_errors: list[str] = []
+        page.on("pageerror", lambda e: script_errors.append(str(e)))
         page.goto(f"{studio.url}/?token={studio.token}#servers")
 
         # Servers: both, with cpu and memory.
@@ -313,6 +315,16 @@ def test_page_in_a_real_browser(workers: Workers, studio: Studio, raw: redis.Red
                                               timeout=30))
             page.wait_for_timeout(2000)
             page.screenshot(path=f"{shots}/studio-charts.png")
+
+        # Every other view draws without a script error.
+        for view, sel in [("calls", "#calls-table"), ("hubs", "#hubs-table"),
+                          ("logs/s1", "#log-lines"), ("models", "#models-table"),
+                          ("charts", "#chart-rate .uplot")]:
+            page.goto(f"{studio.url}/#{view}")
+            expect(page.locator(sel)).to_be_visible()
+        page.goto(f"{studio.url}/#hubs")
+        expect(page.locator("#hubs-table")).to_contain_text("room")
+        assert script_errors == []
 
         # A page without the token: the drain is refused with a reason, nothing happens.
         anon = browser.new_page()
