@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import embedded
+from . import embedded, tracing
 from .config import Settings
 from .errors import BusagentError, BusError, ConfigError, RedisUnavailable, SkipStatement
 from .ids import new_id
@@ -80,6 +80,7 @@ class Bus:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.prefix)
+        tracing.configure(settings.tracing)
         self._embedded: embedded.Server | None = None
         #: child worker processes this program started (busagent.spawn), made on first need.
         self.children: Children | None = None

@@ -52,6 +52,15 @@ def _connect(url: str | None, prefix: str | None, start: bool = False) -> _bus.B
     return _bus.init(url, prefix=prefix)
 
 
+def _console() -> Any:
+    """A rich console for ``status``, ``top`` and ``logs``: text from Redis is data, never
+    markup, and a pipe gets whole lines (no 80-column cut)."""
+    from rich.console import Console
+
+    return Console(markup=False, highlight=False,
+                   width=None if sys.stdout.isatty() else 250)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str, ensure_ascii=False, indent=2))
 
@@ -308,6 +317,86 @@ def fake_llm(
         fake.server.serve_forever()
     finally:
         fake.server.server_close()
+
+
+@app.command()
+def status(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
+    """One-screen summary: servers up/late/dead, agents, calls in flight and per second,
+    Redis memory and version, dead letters."""
+    from busagent.studio import data as studio_data
+    from busagent.studio.terminal import status_text
+
+    _connect(url, prefix)
+    summ = studio_data.summary()
+    if as_json:
+        _print_json(summ)
+    else:
+        _console().print(status_text(summ))
+
+
+@app.command()
+def top(
+    interval: Annotated[float, typer.Option(help="seconds between frames")] = 1.0,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Live view of the servers, busiest first, with totals; q or Ctrl-C quits."""
+    from busagent.studio.terminal import top as run_top
+
+    if interval <= 0:
+        raise ConfigError(f"--interval must be positive (got {interval})")
+    _connect(url, prefix)
+    run_top(_console(), interval)
+
+
+@app.command()
+def logs(
+    server: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="how many recent lines")] = 100,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Print a worker's recent log lines (kept in Redis, capped); --follow for new ones."""
+    from busagent.studio.terminal import print_logs
+
+    if lines <= 0:
+        raise ConfigError(f"--lines must be positive (got {lines})")
+    _connect(url, prefix)
+    if server not in {s["name"] for s in admin.servers()} and not _has_logs(server):
+        raise ConfigError(f"no server named {server!r} and no log lines for it; see "
+                          "`busagent servers`")
+    try:
+        print_logs(_console(), server, lines, follow)
+    except KeyboardInterrupt:
+        return
+
+
+def _has_logs(server: str) -> bool:
+    b = _bus.current()
+    with b.errors():
+        return bool(b.redis.exists(b.keys.logs(server)))
+
+
+@app.command()
+def studio(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8300,
+    token: Annotated[str | None, typer.Option(
+        envvar="BUSAGENT_STUDIO_TOKEN",
+        help="token that changing requests must carry (default: a new one, printed)")] = None,
+    interval: Annotated[float, typer.Option(help="seconds between live samples")] = 1.0,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Serve the web page: servers, agents, calls, dead letters, hubs, charts, logs, models."""
+    from busagent.studio import check_bind, serve
+
+    tok = check_bind(host, token)
+    if interval <= 0:
+        raise ConfigError(f"--interval must be positive (got {interval})")
+    _connect(url, prefix)
+    shown = "[::1]" if host == "::1" else host
+    print(f"busagent studio on http://{shown}:{port}/?token={tok}", flush=True)
+    print(f"token for changing requests: {tok}", flush=True)
+    serve(host, port, tok, interval)
 
 
 @app.command()

@@ -51,6 +51,8 @@ class Settings(BaseModel):
     grace: float = Field(30.0, ge=0)
     #: shared secret: callers sign calls (HMAC-SHA256), workers refuse calls without a valid one.
     secret: str | None = Field(None, repr=False)
+    #: OpenTelemetry spans for calls (needs ``pip install busagent[otel]``); off: no cost.
+    tracing: bool = False
 
     @field_validator("prefix")
     @classmethod

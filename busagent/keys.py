@@ -20,6 +20,7 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:hub:{hub}``                 | stream | a hub's messages in their one order (its history)  |
 | ``{p}:hub:{hub}:members``         | hash   | agent id -> JSON Member (name, role, watcher)      |
 | ``{p}:chunks:{call}``             | stream | a streamed reply's events; expires like replies    |
+| ``{p}:logs:{server}``             | stream | a worker's recent log lines (capped)               |
 """
 
 from __future__ import annotations
@@ -96,3 +97,11 @@ class Keys:
 
     def chunks(self, call_id: str) -> str:
         return f"{self.prefix}:chunks:{call_id}"
+
+    def logs(self, server: str) -> str:
+        return f"{self.prefix}:logs:{server}"
+
+    @property
+    def hub_pattern(self) -> str:
+        """A SCAN pattern matching every hub stream (and, to be filtered out, member hashes)."""
+        return f"{self.prefix}:hub:*"

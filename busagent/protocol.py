@@ -272,6 +272,9 @@ class CallBody(Body):
     deadline: float | None = None
     #: write the reply as stream events even if ``reply`` is not a generator
     stream: bool = False
+    #: the caller's W3C trace context (``traceparent``, ``tracestate``) when tracing is on;
+    #: left out of the packed body otherwise (:mod:`busagent.tracing`).
+    trace: dict[str, str] | None = None
 
 
 class CreateBody(Body):

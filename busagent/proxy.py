@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from . import admin, placement
+from . import admin, placement, tracing
 from . import bus as _bus
 from .agent import Agent, DistConf, is_remote
 from .classpath import class_path, find
@@ -81,14 +81,17 @@ class RemoteAgent:
               method: str | None = None, stream: bool = False) -> Placeholder:
         b = _bus.current()
         timeout = b.settings.call_timeout
+        call_id = _bus.new_id()
         body = CallBody(args=list(args), kwargs=kwargs, method=method, stream=stream,
-                        deadline=None if timeout is None else time.time() + timeout)
+                        deadline=None if timeout is None else time.time() + timeout,
+                        trace=tracing.route(self.agent_id, call_id, self.name)
+                        if tracing.on() else None)
         try:
             data = body.pack()
         except NotSerializable as e:
             raise NotSerializable(f"arguments to {self.name}.{method or kind}: {e}") from None
         check_size(data, b.settings.max_message_bytes, f"a call to {self.name}")
-        p = Placeholder(_bus.new_id(), self.agent_id)
+        p = Placeholder(call_id, self.agent_id)
         b.sender.route(self.agent_id, p.call_id, kind, data, p._fail)
         return p
 
@@ -188,7 +191,9 @@ def fanout(agents: Sequence[RemoteAgent | str], *args: Any, **kwargs: Any) -> li
     b = _bus.current()
     timeout = b.settings.call_timeout
     body = CallBody(args=list(args), kwargs=kwargs,
-                    deadline=None if timeout is None else time.time() + timeout)
+                    deadline=None if timeout is None else time.time() + timeout,
+                    trace=tracing.route("fanout", "", f"fanout to {len(agents)}")
+                    if tracing.on() else None)
     try:
         data = body.pack()
     except NotSerializable as e:

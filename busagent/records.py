@@ -26,7 +26,10 @@ from .protocol import VERSION
 State = Literal["up", "stopping", "late", "dead"]
 #: the states of a server that takes new agents (and is a target for recovered ones).
 LIVE: frozenset[State] = frozenset({"up", "late"})
-
+#: upper bounds (seconds) of the buckets of a worker's call latency histogram; the last bucket,
+#: one more than these, counts the slower calls (Prometheus' ``+Inf``).
+LATENCY_BOUNDS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class AgentInfo(BaseModel):
@@ -38,6 +41,16 @@ class AgentInfo(BaseModel):
     server: str
     #: epoch seconds, from the creating process's clock.
     created: float
+
+
+class RunningCall(BaseModel):
+    """A call a worker is running now, as its heartbeat lists it."""
+
+    call: str
+    agent: str
+    kind: str
+    #: epoch seconds it started running, from the worker's clock.
+    since: float
 
 
 class ServerInfo(BaseModel):
@@ -62,6 +75,18 @@ class ServerInfo(BaseModel):
     #: "up" while serving, "stopping" during a graceful stop, "dead" once recovery fenced it.
     status: str = "up"
     version: int = VERSION
+    #: calls (call, observe, method, deliver) answered since the worker started, and how many
+    #: of those answers were errors.
+    calls: int = 0
+    errors: int = 0
+    #: answered calls per latency bucket (:data:`LATENCY_BOUNDS`, then slower), run to commit,
+    #: and their total seconds.
+    latency: list[int] = []
+    latency_sum: float = 0.0
+    #: calls answered per second over the last heartbeat interval.
+    rate: float = 0.0
+    #: the oldest calls running now (up to ``tuning.RUNNING_SHOWN``).
+    running: list[RunningCall] = []
 
     def state(self, dead_after: float, now: float | None = None) -> State:
         """``dead``: fenced by recovery, or silent for ``dead_after`` seconds or more; ``late``:

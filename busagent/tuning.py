@@ -47,6 +47,12 @@ COMMIT_BATCH = 1000
 DRAIN_BATCH = 64
 #: a worker stops reading new calls while this many are read and not yet answered (count).
 MAX_INFLIGHT = 20000
+#: calls running now that a worker lists in its heartbeat record, oldest first (count).
+RUNNING_SHOWN = 50
+#: log lines a worker keeps in its capped log stream ``{p}:logs:{server}`` (count, about).
+LOG_LINES = 5000
+#: log lines a worker writes per round trip, and how long a line waits for more (count, seconds).
+LOG_BATCH, LOG_LINGER = 200, 0.2
 #: remembered constructor failures, so calls that queued behind a failed create say why (count).
 FAILED_CREATES = 10000
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
+from busagent import tracing
 from busagent.agent import Agent, is_remote
 from busagent.errors import BusagentError, CallTimeout, ProtocolError, RemoteError
 from busagent.protocol import (
@@ -101,6 +102,32 @@ class Executor:
             return self._deliver(job, agent)
         refs: list[Ref] = []
         body = CallBody.unpack(e.body, refs)
+        if body.trace is not None and tracing.on():
+            return self._traced(job, agent, body, refs)
+        return self._call(job, agent, body, refs)
+
+    def _traced(self, job: Job, agent: Agent, body: CallBody, refs: list[Ref]) -> Outcome:
+        """:meth:`_call` in the spans of :func:`busagent.tracing.running`."""
+        e = job.entry
+        with tracing.running(body.trace or {}, e.agent, agent.name, e.call, job.entry_id,
+                             job.resolved is not None) as run:
+            out = self._call(job, agent, body, refs)
+        if run is None:
+            return out
+        if isinstance(out, Done):
+            out.trace = run
+            return out
+        return self._trace_later(tracing.awaiting(out, run, agent.name), run)
+
+    @staticmethod
+    async def _trace_later(aw: Awaitable[Done | Job], run: tracing.Running) -> Done | Job:
+        out = await aw
+        if isinstance(out, Done):
+            out.trace = run
+        return out
+
+    def _call(self, job: Job, agent: Agent, body: CallBody, refs: list[Ref]) -> Outcome:
+        e = job.entry
         if body.deadline is not None and time.time() > body.deadline:
             raise CallTimeout("the caller's deadline passed before the call started")
         if e.kind == "call":

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sized
+from typing import Any
 
 import psutil
 import redis
@@ -33,11 +34,12 @@ log = logging.getLogger("busagent.worker")
 class Heartbeat:
     """The record of server ``server``: ``agents`` is the hosted agents (counted),
     ``inflight()`` the calls read and not answered, ``stopping`` set once a stop began,
-    ``started`` epoch seconds."""
+    ``started`` epoch seconds, ``stats()`` the call counters' fields
+    (:meth:`.stats.Stats.snapshot`)."""
 
     def __init__(self, bus: Bus, server: str, capacity: int, modules: list[str],
                  agents: Sized, inflight: Callable[[], int], stopping: threading.Event,
-                 started: float) -> None:
+                 started: float, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.bus = bus
         self.r = bus.redis
         self.keys = bus.keys
@@ -48,6 +50,7 @@ class Heartbeat:
         self.inflight = inflight
         self.stopping = stopping
         self.started = started
+        self.stats = stats
         #: others declared this worker dead and moved its agents: stop, touch nothing of theirs.
         self.fenced = False
         self.proc = psutil.Process()
@@ -67,6 +70,7 @@ class Heartbeat:
             mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
             inflight=self.inflight(), capacity=self.capacity, modules=list(self.modules),
             status="stopping" if self.stopping.is_set() else "up", version=VERSION,
+            **(self.stats() if self.stats is not None else {}),
         )
 
     def adopt(self, rebuild: Callable[[Iterable[AgentInfo]], None]) -> None:

@@ -29,6 +29,9 @@ class Job:
     #: a bulk create: from the inbox, the agents it builds; once in a mailbox, those of them it
     #: holds (marked busy so their calls wait for it; see Mailboxes.deliver).
     held: list[str] | None = None
+    #: ``time.perf_counter()`` when the executor first ran it (0: not a call); kept when a call
+    #: that waited for its inputs runs again, so the latency counted covers the wait.
+    started: float = 0.0
 
 
 @dataclass(slots=True)
@@ -58,6 +61,12 @@ class Done:
     mem_new: list[str] | None = None
     #: the agent was deleted: drop its memory, registry record and spec.
     drop: bool = False
+    #: copied from :attr:`Job.started`: counted as a call in the worker's stats when non-zero.
+    started: float = 0.0
+    #: the reply is an error (counted in the worker's stats).
+    failed: bool = False
+    #: the call's trace context as the tracing module keeps it (None: not traced).
+    trace: Any = None
 
 
 def silent(entry_id: bytes) -> Done:
@@ -77,14 +86,19 @@ class Replies:
 
     def ok(self, value: Any) -> bytes:
         """``value`` as an ok reply."""
+        return self._ok(value)[0]
+
+    def _ok(self, value: Any) -> tuple[bytes, bool]:
+        """The reply bytes, and whether they are an error (the value could not travel)."""
         try:
             data = Reply.ok(value)
         except NotSerializable as e:
-            return self.error(NotSerializable(f"the reply cannot travel on the bus: {e}"))
+            return self.error(NotSerializable(f"the reply cannot travel on the bus: {e}")), True
         if len(data) > self.max_bytes:
             return self.error(MessageTooLarge(
-                f"the reply is {len(data):,} bytes, over max_message_bytes={self.max_bytes:,}"))
-        return data
+                f"the reply is {len(data):,} bytes, over max_message_bytes={self.max_bytes:,}"
+            )), True
+        return data, False
 
     def error(self, err: BaseException, tb: str | None = None) -> bytes:
         """busagent's own errors travel without a traceback (they say what to fix); anything
@@ -100,7 +114,8 @@ class Replies:
 
     def failed(self, job: Job, err: BaseException) -> Done:
         """``job`` answered with ``err``; nothing of the agent's is written."""
-        return Done(job.entry_id, job.entry.call, self.error(err))
+        return Done(job.entry_id, job.entry.call, self.error(err), started=job.started,
+                    failed=True)
 
     def done(self, job: Job, agent: Agent, value: Any) -> Done:
         """``value`` as the reply, with the agent's memory changes since its last call. If
@@ -113,7 +128,9 @@ class Replies:
             return self.failed(job, NotSerializable(
                 f"the agent's memory changes cannot be stored, so the call's reply and memory "
                 f"changes are dropped: {e}"))
-        return Done(job.entry_id, job.entry.call, self.ok(value), job.entry.agent, cleared, new)
+        data, failed = self._ok(value)
+        return Done(job.entry_id, job.entry.call, data, job.entry.agent, cleared, new,
+                    started=job.started, failed=failed)
 
 
 # Compared as the interpreter spells it in code objects: the form of this file's __file__.

@@ -38,6 +38,7 @@ from typing import Any
 import redis
 
 from busagent import bus as _bus
+from busagent import tracing
 from busagent.config import Settings
 from busagent.protocol import ControlBody
 from busagent.tuning import DRAIN_BATCH
@@ -51,7 +52,9 @@ from .hosting import Hosting
 from .inbox import Inbox
 from .jobs import Done, Job, Replies, silent
 from .load import load
+from .logstream import LogStream
 from .mailboxes import Mailboxes, Turn
+from .stats import Stats
 
 log = logging.getLogger("busagent.worker")
 
@@ -78,6 +81,7 @@ class Worker:
         self.loaded: dict[str, Any] = {}
         self.started = time.time()
         self.mailboxes = Mailboxes()
+        self.stats = Stats()
         self.replies = Replies(name, self.settings.max_message_bytes)
         self.stopping = threading.Event()
         #: on stop, move the agents to other servers instead of deleting them.
@@ -103,7 +107,7 @@ class Worker:
         self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret)
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
-                                   self.started)
+                                   self.started, self.stats.snapshot)
         self.loop = asyncio.new_event_loop()
         loop_ready = threading.Event()
 
@@ -115,7 +119,9 @@ class Worker:
         self._spawn(run_loop, "loop")
         loop_ready.wait()
         asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
-        self.committer = Committer(bus, self.inbox.key, self.loop, mb.written)
+        self.committer = Committer(bus, self.inbox.key, self.loop, self._written)
+        self.logs = LogStream(bus, self.name)
+        self.logs.start()
         with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
             self.inbox.ensure_group()
             self.heartbeat.adopt(self.hosting.rebuild)
@@ -175,6 +181,7 @@ class Worker:
                         self.name, stranded)
         elif not fenced:
             self.heartbeat.deregister()
+        self.logs.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.bus.close()
 
@@ -197,6 +204,12 @@ class Worker:
         }
 
     # --- leader / followers ------------------------------------------------------------------
+
+    def _written(self, batch: list[Done]) -> None:
+        self.stats.written(batch)
+        self.mailboxes.written(batch)
+        if tracing.on():
+            tracing.committed([d.trace for d in batch if d.trace is not None])
 
     def _runner(self) -> None:
         while True:
@@ -269,6 +282,7 @@ class Worker:
     def _run(self, job: Job) -> Outcome:
         kind = job.entry.kind
         if kind not in _HOSTING and kind != "control":
+            self.stats.begin(job)
             return self.executor.run(job)
         try:
             self.executor.verify(job.entry)
