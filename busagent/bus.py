@@ -13,7 +13,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +71,9 @@ def aconnect(url: str, settings: Settings, **kw: Any) -> aredis.Redis:
 class Bus:
     """One process's connection to the bus. ``busagent.init()`` makes the process-wide one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_connections: int | None = None) -> None:
+        """``max_connections``: of the blocking client's pool (redis-py's default, 100, for a
+        calling program; a worker needs one per thread that may block)."""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self._embedded: embedded.Server | None = None
@@ -82,6 +84,10 @@ class Bus:
         #: the worker this process serves as, set by the worker: its own model config
         #: overrides come first (busagent.models.get); None in a calling program.
         self.server_name: str | None = None
+        #: set by a worker: entered around a blocking wait for replies made on one of its
+        #: threads (a nested call's ``.content``), so the pool lends the thread's place to
+        #: another (busagent.worker.process); None in a calling program.
+        self.blocking: Callable[[], contextlib.AbstractContextManager[None]] | None = None
         self._async: dict[int, aredis.Redis] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
@@ -89,7 +95,8 @@ class Bus:
             url = self._embedded.url
         self.url = url
         try:
-            self.redis = connect(url, settings)
+            extra = {} if max_connections is None else {"max_connections": max_connections}
+            self.redis = connect(url, settings, **extra)
         except ValueError as e:  # redis-py's URL parser
             self.close()
             raise ConfigError(f"bad Redis URL {self.url_for_humans!r}: {e}") from None
