@@ -119,3 +119,40 @@ def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInf
     best = min(fits, key=_load)
     best.agents += count
     return best
+
+
+def unhostable(r: Any, agents_key: str, servers_key: str, agent_ids: list[str],
+               dead_after: float) -> str | None:
+    """Why a call to one of ``agent_ids`` cannot run now, or None: its server is dead (marked
+    so by recovery, silent for twice ``dead_after``, or gone) and no live server loaded the
+    agent's module with room for it, so recovery has nowhere to move it. A caller waiting on
+    such a call asks this now and then instead of waiting out its whole deadline. Two round
+    trips (the agents' records, the servers hash)."""
+    ids = list(dict.fromkeys(a for a in agent_ids if a))
+    if not ids:
+        return None
+    raws = r.hmget(agents_key, ids)
+    now = time.time()
+    servers = {s.name: s for s in read_servers(r, servers_key)}
+    live = [s for s in servers.values() if s.alive(dead_after, now)]
+    for raw in raws:
+        if raw is None:
+            continue  # deleted: its calls are answered UnknownAgent by whoever deleted it
+        a = AgentInfo.model_validate_json(raw)
+        home = servers.get(a.server)
+        # Dead by its status (recovery marked it), or silent for twice dead_after: a worker
+        # whose heartbeat is merely late under load (and that nobody else could recover) must
+        # not fail its callers.
+        if home is not None and home.status != "dead" and now - home.heartbeat < 2 * dead_after:
+            continue
+        module = a.cls.split(":")[0]
+        if pick([s.model_copy() for s in live], module) is not None:
+            continue  # recovery moves it there within a heartbeat or two
+        why = ("no live worker at all" if not live else
+               f"no live worker loaded {module!r} with room for it")
+        since = f"silent for {now - home.heartbeat:.0f} s" if home is not None else "gone"
+        return (f"no live worker can host agent {a.name!r} ({a.id}): its server {a.server!r} "
+                f"is dead ({since}) and there is {why}. The call stays queued and runs when "
+                f"such a worker starts (`busagent worker --agents {module}`); see "
+                "`busagent deadletter` for calls that killed their workers")
+    return None
