@@ -22,7 +22,7 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import embedded
+from . import embedded, records
 from .config import Settings
 from .errors import BusagentError, BusError, ConfigError, RedisUnavailable, SkipStatement
 from .ids import new_id
@@ -81,6 +81,9 @@ class Bus:
         self.children: Children | None = None
         #: the snapshot of live servers that placing new agents reads (busagent.placement).
         self.placement: Placement = Placement()
+        #: every server record, for long waits asking whether their agents can still run
+        #: (busagent.replies); shared so that many waits read the servers hash once.
+        self.server_snapshot = records.Snapshot()
         #: the worker this process serves as, set by the worker: its own model config
         #: overrides come first (busagent.models.get); None in a calling program.
         self.server_name: str | None = None

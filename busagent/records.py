@@ -121,38 +121,55 @@ def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInf
     return best
 
 
-def unhostable(r: Any, agents_key: str, servers_key: str, agent_ids: list[str],
+class Snapshot:
+    """One process's copy of every server record, re-read when older than ``max_age`` seconds:
+    a thousand waits checking liveness at once cost one read of the servers hash, not a
+    thousand. Not locked: two threads may both re-read (a round trip, not a wrong answer)."""
+
+    def __init__(self) -> None:
+        self.at = float("-inf")
+        self.servers: list[ServerInfo] = []
+
+    def get(self, r: Any, key: str, max_age: float) -> list[ServerInfo]:
+        now = time.monotonic()
+        if now - self.at > max_age:
+            self.servers = read_servers(r, key)
+            self.at = now
+        return self.servers
+
+
+def unhostable(r: Any, agents_key: str, servers: list[ServerInfo], agent_ids: list[str],
                dead_after: float) -> str | None:
     """Why a call to one of ``agent_ids`` cannot run now, or None: its server is dead (marked
-    so by recovery, silent for twice ``dead_after``, or gone) and no live server loaded the
-    agent's module with room for it, so recovery has nowhere to move it. A caller waiting on
-    such a call asks this now and then instead of waiting out its whole deadline. Two round
-    trips (the agents' records, the servers hash)."""
-    ids = list(dict.fromkeys(a for a in agent_ids if a))
-    if not ids:
-        return None
-    raws = r.hmget(agents_key, ids)
+    so by recovery, or silent for twice ``dead_after``: a worker whose heartbeat is merely late
+    under load must not fail its callers) and no live server in ``servers`` (a
+    :class:`Snapshot`) loaded the agent's module with room for it, so recovery has nowhere to
+    move it. A caller waiting on such a call asks this now and then instead of waiting out its
+    whole deadline. No round trip while no server is dead; else one (the agents' records).
+    An agent whose server's record vanished (FLUSHALL) is not detected."""
     now = time.time()
-    servers = {s.name: s for s in read_servers(r, servers_key)}
-    live = [s for s in servers.values() if s.alive(dead_after, now)]
-    for raw in raws:
+    dead = {s.name for s in servers
+            if s.status == "dead" or now - s.heartbeat >= 2 * dead_after}
+    ids = list(dict.fromkeys(a for a in agent_ids if a))
+    if not dead or not ids:
+        return None
+    live = [s for s in servers if s.alive(dead_after, now)]
+    by_name = {s.name: s for s in servers}
+    for raw in r.hmget(agents_key, ids):
         if raw is None:
             continue  # deleted: its calls are answered UnknownAgent by whoever deleted it
         a = AgentInfo.model_validate_json(raw)
-        home = servers.get(a.server)
-        # Dead by its status (recovery marked it), or silent for twice dead_after: a worker
-        # whose heartbeat is merely late under load (and that nobody else could recover) must
-        # not fail its callers.
-        if home is not None and home.status != "dead" and now - home.heartbeat < 2 * dead_after:
+        if a.server not in dead:
             continue
         module = a.cls.split(":")[0]
         if pick([s.model_copy() for s in live], module) is not None:
             continue  # recovery moves it there within a heartbeat or two
         why = ("no live worker at all" if not live else
                f"no live worker loaded {module!r} with room for it")
-        since = f"silent for {now - home.heartbeat:.0f} s" if home is not None else "gone"
+        home = by_name[a.server]
         return (f"no live worker can host agent {a.name!r} ({a.id}): its server {a.server!r} "
-                f"is dead ({since}) and there is {why}. The call stays queued and runs when "
-                f"such a worker starts (`busagent worker --agents {module}`); see "
-                "`busagent deadletter` for calls that killed their workers")
+                f"is dead (silent for {now - home.heartbeat:.0f} s) and there is {why}. The "
+                f"call stays queued and runs when such a worker starts (`busagent worker "
+                f"--agents {module}`); see `busagent deadletter` for calls that killed their "
+                "workers")
     return None

@@ -117,9 +117,9 @@ class _Wait:
         """The liveness check, blocking (:func:`fetch`, or on an executor thread)."""
         agents = self.due()
         if agents:
-            k, s = self.b.keys, self.b.settings
-            self.checked(records.unhostable(self.b.redis, k.agents, k.servers, agents,
-                                            s.dead_after))
+            k, s, r = self.b.keys, self.b.settings, self.b.redis
+            servers = self.b.server_snapshot.get(r, k.servers, s.heartbeat)
+            self.checked(records.unhostable(r, k.agents, servers, agents, s.dead_after))
 
     def should_peek(self) -> bool:
         # One key: the blocking read below returns at once if its reply is there.
