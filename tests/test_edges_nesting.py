@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import busagent
-from busagent import DistConf, Msg, ServerClient
+from busagent import DistConf, Msg, Placeholder, ServerClient
 from busagent.errors import CallCycle
+from busagent.protocol import CallBody
+from busagent.worker.mailboxes import Mailboxes, Turn
 from tests.nesting_agents import AsyncRelay, Gate, Relay
 
 from .conftest import Workers, wait_for
@@ -122,3 +124,30 @@ def test_delete_all_while_a_call_runs_leaves_no_key_behind(
     assert leftover == []
     time.sleep(0)  # nothing else in flight: the worker still serves
     assert ServerClient("w1").ping() > 0
+
+
+def test_the_worker_refuses_a_cycle_a_sender_did_not_check(workers: Workers) -> None:
+    # A hand-made call whose chain already holds its agent (another version's sender, a
+    # replayed entry): the worker refuses it too, before running anything.
+    workers.start("w1", MOD)
+    a = Relay("a", to_dist=DistConf(server="w1")).ready()
+    b = busagent.bus.current()
+    body = CallBody(args=[Msg("user", 0)], chain=[("f00d", "outer"), (a.agent_id, "a")]).pack()
+    p = Placeholder(busagent.bus.new_id(), a.agent_id)
+    b.sender.route(a.agent_id, p.call_id, "call", body, p._fail)
+    with pytest.raises(CallCycle, match=r"a -> outer -> a|a -> a"):
+        p.result(timeout=20)
+    assert a(Msg("user", 0)).content == 1
+
+
+def test_lent_threads_are_counted_and_retire() -> None:
+    # The pool's arithmetic without processes: a blocked runner asks for one more while fewer
+    # than `threads` are free, and the surplus retires once it is back.
+    mb = Mailboxes(threads=2)
+    assert mb.block() is True and mb.runners == 3
+    assert mb.block() is True and mb.runners == 4
+    mb.unblock()
+    assert mb.claim() is Turn.EXIT and mb.runners == 3  # surplus and idle: retire
+    mb.unblock()
+    assert mb.claim() is Turn.EXIT and mb.runners == 2
+    assert mb.claim() is Turn.READ  # back to the pool's own size: lead a read

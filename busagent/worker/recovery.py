@@ -211,11 +211,13 @@ def count_restart(b: Bus, server: str) -> int:
     counts: Any = r.hgetall(counts_key)
     keep: dict[bytes, int] = {}
     dead: list[tuple[bytes, dict[bytes, bytes], int]] = []
+    read = r.pipeline(transaction=False)
     for p in pending:
+        read.xrange(inbox, p["message_id"], p["message_id"])
+    for p, got in zip(pending, read.execute(), strict=True):
         entry_id = p["message_id"]
-        got: Any = r.xrange(inbox, entry_id, entry_id)
         if not got:
-            continue
+            continue  # answered and deleted meanwhile
         fields = got[0][1]
         deaths = int(counts.get(entry_id, 0)) + 1
         tries = int(fields.get(b"tries", b"0") or 0) + deaths
