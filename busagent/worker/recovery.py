@@ -105,6 +105,8 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
             control.append((entry_id, fields))
     answer(b, inbox, control, UnknownAgent(f"server {server} died before answering"), server)
 
+    # Deaths of workers restarted under this name, counted per entry (count_restart).
+    restarts: dict[bytes, bytes] = b.redis.hgetall(k.restarts(server))  # type: ignore[assignment]
     now = time.time()
     live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after, now)
             and x.name != server
@@ -120,10 +122,10 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
         batch.append(scripts.Move(a.id, target.name, record, restore.fields(),
                                   by_agent.get(a.id, [])))
         if len(batch) == MOVE_BATCH:
-            _move(b, server, inbox, last, batch, res)
+            _move(b, server, inbox, last, batch, res, restarts)
             batch = []
     if batch:
-        _move(b, server, inbox, last, batch, res)
+        _move(b, server, inbox, last, batch, res, restarts)
 
     # Calls left for agents nobody has any more: answer them.
     leftover = []
@@ -146,10 +148,11 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
 
 
 def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[scripts.Move],
-          res: Result) -> None:
+          res: Result, restarts: dict[bytes, bytes]) -> None:
     s = b.settings
     moved, dead = scripts.move(b.scripts, b.keys, server, last, batch, reply_ttl=s.reply_ttl,
-                               max_deliveries=s.max_deliveries, deadletter_max=s.deadletter_max)
+                               max_deliveries=s.max_deliveries, deadletter_max=s.deadletter_max,
+                               restarts=restarts)
     res.moved_agents += len(batch)
     res.moved_calls += int(moved)
     res.deadlettered += int(dead)

@@ -74,3 +74,22 @@ def test_deliveries_are_counted_across_restarts_under_the_same_name(workers: Wor
     assert w.poll() is None
     assert not b.redis.exists(b.keys.restarts("w1"))
     assert busagent.ServerClient("w1").ping() > 0
+
+
+def test_restarts_and_moves_add_up(workers: Workers) -> None:
+    # One death under w1, a restart under the name and a second death there: the worker that
+    # then recovers w1 counts both, and dead-letters the call instead of dying of it.
+    env = {"BUSAGENT_MAX_DELIVERIES": "2"}
+    workers.start("w1", MOD, env=env)
+    k = Poison("k", to_dist=DistConf(server="w1")).ready()
+    p = k(Msg("user", "die"))
+    assert workers.procs["w1"].wait(timeout=30) == 17
+    assert _start_dying(workers, "w1", env).wait(timeout=30) == 17
+    w2 = workers.start("w2", MOD, env=env)
+    with pytest.raises(DeadLettered, match="delivered 2 times"):
+        p.result(timeout=30)
+    (dead,) = busagent.admin.deadletters()
+    assert dead["tries"] == "2" and dead["server"] == "w1"
+    assert w2.poll() is None
+    b = busagent.bus.current()
+    assert not b.redis.exists(b.keys.restarts("w1"))
