@@ -18,7 +18,7 @@ import sysconfig
 import threading
 import traceback
 import weakref
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import embedded, tracing
+from . import embedded, records, tracing
 from .config import Settings
 from .errors import BusagentError, BusError, ConfigError, RedisUnavailable, SkipStatement
 from .ids import new_id
@@ -77,7 +77,9 @@ def aconnect(url: str, settings: Settings, **kw: Any) -> aredis.Redis:
 class Bus:
     """One process's connection to the bus. ``busagent.init()`` makes the process-wide one."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_connections: int | None = None) -> None:
+        """``max_connections``: of the blocking client's pool (redis-py's default, 100, for a
+        calling program; a worker needs one per thread that may block)."""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         tracing.configure(settings.tracing)
@@ -86,9 +88,16 @@ class Bus:
         self.children: Children | None = None
         #: the snapshot of live servers that placing new agents reads (busagent.placement).
         self.placement: Placement = Placement()
+        #: every server record, for long waits asking whether their agents can still run
+        #: (busagent.replies); shared so that many waits read the servers hash once.
+        self.server_snapshot = records.Snapshot()
         #: the worker this process serves as, set by the worker: its own model config
         #: overrides come first (busagent.models.get); None in a calling program.
         self.server_name: str | None = None
+        #: set by a worker: entered around a blocking wait for replies made on one of its
+        #: threads (a nested call's ``.content``), so the pool lends the thread's place to
+        #: another (busagent.worker.process); None in a calling program.
+        self.blocking: Callable[[], contextlib.AbstractContextManager[None]] | None = None
         #: id(loop) -> (the loop, weakly; its client; the generator that closes the client when
         #: the loop shuts down, kept here because the loop holds it only weakly).
         self._async: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], aredis.Redis,
@@ -100,7 +109,8 @@ class Bus:
             _announce_private(url)
         self.url = url
         try:
-            self.redis = connect(url, settings)
+            extra = {} if max_connections is None else {"max_connections": max_connections}
+            self.redis = connect(url, settings, **extra)
         except ValueError as e:  # redis-py's URL parser
             self.close()
             raise ConfigError(f"bad Redis URL {self.url_for_humans!r}: {e}") from None

@@ -5,7 +5,8 @@
 --
 -- Fencing: a call whose entry is no longer pending here (recovery moved it to another worker
 -- while this one was presumed dead) is skipped whole, so its reply is written once, by the
--- worker that owns it, and the memory never gets a second copy of its changes.
+-- worker that owns it, and the memory never gets a second copy of its changes. Memory is
+-- written only for an agent still in the agents hash, so a deleted agent leaves no key behind.
 --
 -- Called by busagent/scripts.py:commit, the only code that knows this KEYS/ARGV order.
 -- KEYS[1] the inbox stream, KEYS[2] the agents hash, KEYS[3] the specs hash, then the reply and
@@ -33,7 +34,10 @@ for _, r in ipairs(recs) do
         redis.call('DEL', mk)
         redis.call('HDEL', KEYS[2], r[4])
         redis.call('HDEL', KEYS[3], r[4])
-      else
+      elseif redis.call('HEXISTS', KEYS[2], r[4]) == 1 then
+        -- Only a registered agent's memory: a call that was running when its agent was
+        -- deleted (delete_all_agent runs beside the agent's own mailbox) must not re-create
+        -- the memory key after the delete removed it.
         if r[6] == 1 then redis.call('DEL', mk) end
         if #r > 6 then redis.call('RPUSH', mk, unpack(r, 7)) end
       end

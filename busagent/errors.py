@@ -5,7 +5,8 @@
     │   ├── ConfigError        bad settings or arguments (also a ValueError)
     │   ├── NotSerializable    a value cannot travel on the bus (also a TypeError)
     │   ├── MessageTooLarge    an encoded call or reply exceeds ``max_message_bytes``
-    │   └── UnknownClass       a worker was asked for a class from a module it did not load
+    │   ├── UnknownClass       a worker was asked for a class from a module it did not load
+    │   └── CallCycle          a call to an agent up its own call chain (itself, A -> B -> A)
     ├── BusError               the bus itself failed: fix Redis or the deployment, then retry
     │   ├── RedisUnavailable   Redis cannot be reached or refused us (also a ConnectionError)
     │   └── ProtocolError      an entry on the bus is malformed, unsigned or of another version
@@ -65,6 +66,11 @@ class MessageTooLarge(UsageError):
 
 class UnknownClass(UsageError):
     pass
+
+
+class CallCycle(UsageError):
+    """A call to an agent that is waiting up the caller's own call chain (a self-call or a
+    cycle A -> B -> A): it would wait for itself. The message names the cycle."""
 
 
 class BusError(BusagentError):

@@ -14,6 +14,7 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:specs``                     | hash   | agent id -> msgpack constructor call (to rebuild)  |
 | ``{p}:deadletter``                | stream | calls given up on, with the reason (capped)        |
 | ``{p}:lock:{server}``             | string | held by whoever moves a dead server's agents       |
+| ``{p}:restarts:{server}``         | hash   | entry id -> deaths under this name holding it      |
 | ``{p}:ready:{server}``            | list   | a token pushed once when a worker is serving       |
 | ``{p}:models``                    | hash   | config_name -> JSON model config, for every worker |
 | ``{p}:models:{server}``           | hash   | config_name -> JSON model config, one server's     |
@@ -85,6 +86,11 @@ class Keys:
 
     def lock(self, server: str) -> str:
         return f"{self.prefix}:lock:{server}"
+
+    def restarts(self, server: str) -> str:
+        """Hash: inbox entry id -> how many times a worker under this name died holding it
+        (counted when one restarts under the name), so poison calls are counted there too."""
+        return f"{self.prefix}:restarts:{server}"
 
     def models(self, server: str | None = None) -> str:
         return f"{self.prefix}:models:{server}" if server else f"{self.prefix}:models"

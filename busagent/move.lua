@@ -15,10 +15,12 @@
 -- Called by busagent/scripts.py:move, the only code that knows this KEYS/ARGV order.
 -- KEYS[1] agents hash, KEYS[2] old inbox, KEYS[3] dead-letter stream, KEYS[4..] new inboxes.
 -- ARGV: group, reply prefix, reply ttl, max deliveries, dead-letter max length,
---       old server name, snapshot end id, batch (msgpack)
+--       old server name, snapshot end id, batch (msgpack), restarts (msgpack map: entry id ->
+--       deaths of workers restarted under the old name while holding it)
 -- batch: array of {agent id, new inbox KEYS index, record JSON, restore entry fields (flat),
 --                  {snapshot entry ids...}}
 local batch = cmsgpack.unpack(ARGV[8])
+local restarts = cmsgpack.unpack(ARGV[9])
 local maxd = tonumber(ARGV[4])
 local moved, dead = 0, 0
 
@@ -33,16 +35,28 @@ local function move(id, fields, target)
       f[#f + 1] = fields[i + 1]
     end
   end
-  tries = tries + 1
+  tries = tries + 1 + (restarts[id] or 0)
   redis.call('XACK', KEYS[2], ARGV[1], id)
   redis.call('XDEL', KEYS[2], id)
-  local call = ''
+  local call, kind = '', ''
   for i = 1, #f, 2 do
     if f[i] == 'call' then call = f[i + 1] end
+    if f[i] == 'kind' then kind = f[i + 1] end
+  end
+  if kind == 'restore' then
+    -- A restore the dead worker never finished: the agent's new server gets a fresh one
+    -- (below), so this one is dropped, not counted toward max_deliveries or dead-lettered.
+    return
   end
   if tries >= maxd then
+    -- The fields the README lists for a dead letter: the call's own, then reason, tries and
+    -- the server that died last holding it.
     f[#f + 1] = 'reason'
     f[#f + 1] = 'delivered ' .. tries .. ' times; each worker died (last: ' .. ARGV[6] .. ')'
+    f[#f + 1] = 'tries'
+    f[#f + 1] = tostring(tries)
+    f[#f + 1] = 'server'
+    f[#f + 1] = ARGV[6]
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(f))
     if call ~= '' then
       local rk = ARGV[2] .. call

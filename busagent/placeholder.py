@@ -9,7 +9,7 @@ the receiving worker reads the value from Redis itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import bus as _bus
@@ -111,7 +111,9 @@ class Placeholder:
             # a CallTimeout at the deadline.
             b.sender.flush()
             if not self.done():
-                self._settle(replies.fetch(b, [self.call_id], timeout)[self.call_id])
+                agents = {self.call_id: self.agent_id} if self.agent_id else None
+                self._settle(replies.fetch(b, [self.call_id], timeout,
+                                           agents=agents)[self.call_id])
         return self._unwrap()
 
     def stream(self, timeout: float | None = None) -> Iterator[Any]:
@@ -174,6 +176,33 @@ def _collect(placeholders: Sequence[Placeholder]) -> tuple[list[str], dict[str, 
     return pending, errors
 
 
+class _Agents(Mapping[str, str]):
+    """Which agent each call is for, for the wait's liveness check: built only if a wait
+    lasts long enough to check (a gather of a million must not pay for it otherwise)."""
+
+    def __init__(self, placeholders: Sequence[Placeholder]) -> None:
+        self.ps = placeholders
+        self._map: dict[str, str] | None = None
+
+    def _built(self) -> dict[str, str]:
+        if self._map is None:
+            self._map = {p.call_id: p.agent_id for p in self.ps if p.agent_id}
+        return self._map
+
+    def __getitem__(self, call_id: str) -> str:
+        return self._built()[call_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+
+def _agents(placeholders: Sequence[Placeholder]) -> _Agents:
+    return _Agents(placeholders)
+
+
 def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
             return_exceptions: bool, released: bool = False) -> list[Any]:
     out: list[Any] = []
@@ -200,7 +229,7 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
         b.sender.flush()  # refused sends fail their placeholders now (see Placeholder.result)
         pending, errors = _collect(ps)
         if pending:
-            got = replies.fetch(b, pending, timeout, errors, take=release)
+            got = replies.fetch(b, pending, timeout, errors, take=release, agents=_agents(ps))
     return _finish(ps, got, return_exceptions, release)
 
 
@@ -216,7 +245,8 @@ async def agather(placeholders: Iterable[Placeholder],
             await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
         pending, errors = _collect(ps)
         if pending:
-            got = await replies.afetch(b, pending, timeout, errors, take=release)
+            got = await replies.afetch(b, pending, timeout, errors, take=release,
+                                       agents=_agents(ps))
     return _finish(ps, got, return_exceptions, release)
 
 

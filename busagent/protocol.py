@@ -185,7 +185,7 @@ Entry._NAMES = {name.encode(): name for name in Entry.model_fields}
 #: match: ``tests/test_protocol.py`` reads the scripts and checks both ways.
 LUA_ENTRY_FIELDS: dict[str, frozenset[str]] = {
     "route.lua": frozenset({"v", "call", "agent", "caller", "kind", "body", "sig"}),
-    "move.lua": frozenset({"tries", "call", "kind", "agent", "reason"}),
+    "move.lua": frozenset({"tries", "call", "kind", "agent", "reason", "server"}),
 }
 
 #: what a dead-lettered entry carries beside its own fields: why (move.lua, the worker) and the
@@ -193,9 +193,14 @@ LUA_ENTRY_FIELDS: dict[str, frozenset[str]] = {
 DEADLETTER_FIELDS = ("reason", "server")
 
 
-def deadletter(fields: Mapping[bytes, bytes], reason: str, server: str) -> dict[bytes, bytes]:
-    """The fields a worker keeps in the dead-letter stream for an entry it cannot answer."""
-    return {**fields, b"reason": reason.encode(), b"server": server.encode()}
+def deadletter(fields: Mapping[bytes, bytes], reason: str, server: str,
+               tries: int | None = None) -> dict[bytes, bytes]:
+    """The fields a worker keeps in the dead-letter stream for an entry it cannot answer
+    (``tries``: the deliveries that ended in a dead worker, when that is why)."""
+    out = {**fields, b"reason": reason.encode(), b"server": server.encode()}
+    if tries is not None:
+        out[b"tries"] = str(tries).encode()
+    return out
 
 
 def describe(fields: Mapping[bytes, bytes]) -> dict[str, str]:
@@ -275,6 +280,9 @@ class CallBody(Body):
     #: the caller's W3C trace context (``traceparent``, ``tracestate``) when tracing is on;
     #: left out of the packed body otherwise (:mod:`busagent.tracing`).
     trace: dict[str, str] | None = None
+    #: the agents waiting up the stack for this call, ``[agent id, name]`` outermost first
+    #: (:mod:`busagent.callchain`); empty from a program's own code, so left out of the body.
+    chain: list[tuple[str, str]] = Field(default_factory=list)
 
 
 class CreateBody(Body):

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from . import admin, placement, tracing
+from . import admin, callchain, placement, tracing
 from . import bus as _bus
 from .agent import Agent, DistConf, is_remote
 from .classpath import class_path, find
@@ -80,12 +80,15 @@ class RemoteAgent:
     def _call(self, kind: Kind, args: tuple[Any, ...], kwargs: dict[str, Any],
               method: str | None = None, stream: bool = False) -> Placeholder:
         b = _bus.current()
+        chain = callchain.current()
+        callchain.refuse(chain, [(self.agent_id, self.name)])
         timeout = b.settings.call_timeout
         call_id = _bus.new_id()
         body = CallBody(args=list(args), kwargs=kwargs, method=method, stream=stream,
                         deadline=None if timeout is None else time.time() + timeout,
                         trace=tracing.route(self.agent_id, call_id, self.name)
-                        if tracing.on() else None)
+                        if tracing.on() else None,
+                        chain=list(chain))
         try:
             data = body.pack()
         except NotSerializable as e:
@@ -189,11 +192,16 @@ def fanout(agents: Sequence[RemoteAgent | str], *args: Any, **kwargs: Any) -> li
     participants should use. Raises NotSerializable or MessageTooLarge for the arguments; an
     unknown agent id fails its own placeholder with UnknownAgent."""
     b = _bus.current()
+    chain = callchain.current()
+    if chain:  # from inside an agent's call: none of the targets may be up its chain
+        callchain.refuse(chain, [(a, a) if isinstance(a, str) else (a.agent_id, a.name)
+                                 for a in agents])
     timeout = b.settings.call_timeout
     body = CallBody(args=list(args), kwargs=kwargs,
                     deadline=None if timeout is None else time.time() + timeout,
                     trace=tracing.route("fanout", "", f"fanout to {len(agents)}")
-                    if tracing.on() else None)
+                    if tracing.on() else None,
+                    chain=list(chain))
     try:
         data = body.pack()
     except NotSerializable as e:

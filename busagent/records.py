@@ -144,3 +144,57 @@ def pick(candidates: list[ServerInfo], module: str, count: int = 1) -> ServerInf
     best = min(fits, key=_load)
     best.agents += count
     return best
+
+
+class Snapshot:
+    """One process's copy of every server record, re-read when older than ``max_age`` seconds:
+    a thousand waits checking liveness at once cost one read of the servers hash, not a
+    thousand. Not locked: two threads may both re-read (a round trip, not a wrong answer)."""
+
+    def __init__(self) -> None:
+        self.at = float("-inf")
+        self.servers: list[ServerInfo] = []
+
+    def get(self, r: Any, key: str, max_age: float) -> list[ServerInfo]:
+        now = time.monotonic()
+        if now - self.at > max_age:
+            self.servers = read_servers(r, key)
+            self.at = now
+        return self.servers
+
+
+def unhostable(r: Any, agents_key: str, servers: list[ServerInfo], agent_ids: list[str],
+               dead_after: float) -> str | None:
+    """Why a call to one of ``agent_ids`` cannot run now, or None: its server is dead (marked
+    so by recovery, or silent for twice ``dead_after``: a worker whose heartbeat is merely late
+    under load must not fail its callers) and no live server in ``servers`` (a
+    :class:`Snapshot`) loaded the agent's module with room for it, so recovery has nowhere to
+    move it. A caller waiting on such a call asks this now and then instead of waiting out its
+    whole deadline. No round trip while no server is dead; else one (the agents' records).
+    An agent whose server's record vanished (FLUSHALL) is not detected."""
+    now = time.time()
+    dead = {s.name for s in servers
+            if s.status == "dead" or now - s.heartbeat >= 2 * dead_after}
+    ids = list(dict.fromkeys(a for a in agent_ids if a))
+    if not dead or not ids:
+        return None
+    live = [s for s in servers if s.alive(dead_after, now)]
+    by_name = {s.name: s for s in servers}
+    for raw in r.hmget(agents_key, ids):
+        if raw is None:
+            continue  # deleted: its calls are answered UnknownAgent by whoever deleted it
+        a = AgentInfo.model_validate_json(raw)
+        if a.server not in dead:
+            continue
+        module = a.cls.split(":")[0]
+        if pick([s.model_copy() for s in live], module) is not None:
+            continue  # recovery moves it there within a heartbeat or two
+        why = ("no live worker at all" if not live else
+               f"no live worker loaded {module!r} with room for it")
+        home = by_name[a.server]
+        return (f"no live worker can host agent {a.name!r} ({a.id}): its server {a.server!r} "
+                f"is dead (silent for {now - home.heartbeat:.0f} s) and there is {why}. The "
+                f"call stays queued and runs when such a worker starts (`busagent worker "
+                f"--agents {module}`); see `busagent deadletter` for calls that killed their "
+                "workers")
+    return None

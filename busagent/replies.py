@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from . import scripts
-from .errors import CallTimeout, RedisUnavailable
+from . import records, scripts
+from .errors import CallTimeout, PlacementError, RedisUnavailable
 from .protocol import Reply
 from .sender import REDIS_DOWN
-from .tuning import PEEK_BATCH, SEND_BATCH
+from .tuning import CHECK_AGENTS, PEEK_BATCH, SEND_BATCH
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -82,14 +82,44 @@ class _Wait:
     Redis outage. The front ends only do the I/O it asks for."""
 
     def __init__(self, b: Bus, call_ids: Sequence[str], timeout: float | object | None,
-                 errors: dict[str, BaseException] | None, take: bool) -> None:
+                 errors: dict[str, BaseException] | None, take: bool,
+                 agents: Mapping[str, str] | None = None) -> None:
         self.b = b
         self.take = take
         t = b.settings.call_timeout if timeout is DEFAULT else timeout
-        self.deadline = None if t is None else time.monotonic() + float(t)  # type: ignore[arg-type]
+        now = time.monotonic()
+        self.deadline = None if t is None else now + float(t)  # type: ignore[arg-type]
         self.out: dict[str, bytes] = {}
         self.pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
         self.delay = 0.05
+        #: call id -> agent id, for the liveness check (:meth:`due`); none: no check.
+        self.agents: Mapping[str, str] = agents or {}
+        self.checking = agents is not None
+        # A wait shorter than dead_after never checks: no server can be dead by then that
+        # was not dead when the call was sent (and then recovery had already moved it).
+        self.check_at = now + b.settings.dead_after
+
+    def due(self) -> list[str]:
+        """The agents of the pending calls when it is time to ask whether any of them can
+        still run (once ``dead_after`` into the wait, then every ``heartbeat``), else []."""
+        now = time.monotonic()
+        if not self.checking or now < self.check_at:
+            return []
+        self.check_at = now + self.b.settings.heartbeat
+        return [a for c in self.pending[:CHECK_AGENTS] if (a := self.agents.get(c))]
+
+    def checked(self, reason: str | None) -> None:
+        """Raise PlacementError with ``reason`` when the liveness check found one."""
+        if reason:
+            raise PlacementError(reason)
+
+    def check(self) -> None:
+        """The liveness check, blocking (:func:`fetch`, or on an executor thread)."""
+        agents = self.due()
+        if agents:
+            k, s, r = self.b.keys, self.b.settings, self.b.redis
+            servers = self.b.server_snapshot.get(r, k.servers, s.heartbeat)
+            self.checked(records.unhostable(r, k.agents, servers, agents, s.dead_after))
 
     def should_peek(self) -> bool:
         # One key: the blocking read below returns at once if its reply is there.
@@ -116,8 +146,11 @@ class _Wait:
                     "`busagent servers`, or pass a longer timeout"
                 )
             wait = min(wait, left)
-        # BLMOVE takes a float timeout; 0 would mean forever.
-        return self.b.keys.reply(self.pending[-1]), max(wait, 0.001)
+        if self.checking:
+            wait = min(wait, self.check_at - time.monotonic())
+        # BLMOVE takes a float timeout; 0 means forever, and so does 0.001 on Redis 6.2
+        # (measured: it never returns), so never below 10 ms.
+        return self.b.keys.reply(self.pending[-1]), max(wait, 0.01)
 
     def read(self, got: Any) -> None:
         """Take the answer of the blocking read (BLPOP's ``[key, value]`` when taking)."""
@@ -141,39 +174,59 @@ class _Wait:
 
 
 def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
-          errors: dict[str, BaseException] | None = None, take: bool = False) -> dict[str, bytes]:
+          errors: dict[str, BaseException] | None = None, take: bool = False,
+          agents: Mapping[str, str] | None = None) -> dict[str, bytes]:
     """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
     calls known to have failed before reaching Redis: they are skipped and reported by the
-    caller. ``take``: delete each reply as it is read (the caller is its only reader)."""
+    caller. ``take``: delete each reply as it is read (the caller is its only reader).
+    ``agents`` (call id -> agent id): past ``dead_after`` into the wait, raise PlacementError
+    as soon as one of those agents' server is dead with no live worker to move it to
+    (:func:`busagent.records.unhostable`), rather than wait out the deadline."""
     b.sender.flush()
-    w, r = _Wait(b, call_ids, timeout, errors, take), b.redis
+    w, r = _Wait(b, call_ids, timeout, errors, take, agents), b.redis
     with b.errors():  # an outage is waited out below; any other refusal is a busagent error
-        while w.pending:
-            try:
-                if w.should_peek() and w.peeked(peek(b, w.pending, take)):
-                    break
-                k, wait = w.next()
-                # redis-py's hints say int; Redis takes fractional seconds since 6.0.
-                w.read(r.blpop([k], wait) if take
-                       else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
-            except REDIS_DOWN as e:
-                time.sleep(w.backoff(e))
+        if b.blocking is None or w.peeked(peek(b, w.pending, take)):
+            _wait(b, w, r)
+        else:
+            # On a worker's thread (a nested call): the replies are not all there, so the
+            # thread is about to block. The worker lends its place in the pool meanwhile.
+            with b.blocking():
+                _wait(b, w, r)
     return w.out
+
+
+def _wait(b: Bus, w: _Wait, r: Any) -> None:
+    take = w.take
+    while w.pending:
+        try:
+            if w.should_peek() and w.peeked(peek(b, w.pending, take)):
+                break
+            w.check()
+            k, wait = w.next()
+            # redis-py's hints say int; Redis takes fractional seconds since 6.0.
+            w.read(r.blpop([k], wait) if take
+                   else r.blmove(k, k, wait, "RIGHT", "LEFT"))
+        except REDIS_DOWN as e:
+            time.sleep(w.backoff(e))
 
 
 async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
                  errors: dict[str, BaseException] | None = None,
-                 take: bool = False) -> dict[str, bytes]:
+                 take: bool = False, agents: Mapping[str, str] | None = None
+                 ) -> dict[str, bytes]:
     """:func:`fetch` for asyncio code: the send queue is flushed on another thread and the
     event loop is never blocked."""
+    loop = asyncio.get_running_loop()
     if b.sender.queued():
-        await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
-    w, r = _Wait(b, call_ids, timeout, errors, take), b.async_client()
+        await loop.run_in_executor(None, b.sender.flush)
+    w, r = _Wait(b, call_ids, timeout, errors, take, agents), b.async_client()
     with b.errors():  # as in fetch
         while w.pending:
             try:
                 if w.should_peek() and w.peeked(await apeek(b, w.pending, take)):
                     break
+                if w.checking and w.check_at <= time.monotonic():
+                    await loop.run_in_executor(None, w.check)  # rare: off the loop
                 k, wait = w.next()
                 w.read(await r.blpop([k], wait) if take
                        else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]

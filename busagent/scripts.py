@@ -174,9 +174,12 @@ class Move:
 
 
 def move(s: Scripts, keys: Keys, server: str, last: bytes, batch: Sequence[Move], *,
-         reply_ttl: int, max_deliveries: int, deadletter_max: int) -> tuple[int, int]:
+         reply_ttl: int, max_deliveries: int, deadletter_max: int,
+         restarts: dict[bytes, bytes] | None = None) -> tuple[int, int]:
     """Move ``batch`` off ``server`` (its entries up to ``last`` listed, later ones found by the
-    script); returns (calls moved, calls dead-lettered)."""
+    script); returns (calls moved, calls dead-lettered). ``restarts``: entry id -> deaths of
+    workers restarted under ``server``'s name while holding it (``{p}:restarts:{server}``),
+    added to the entry's ``tries``."""
     ks = [keys.agents, keys.inbox(server), keys.deadletter]
     index: dict[str, int] = {}
     recs = []
@@ -190,5 +193,6 @@ def move(s: Scripts, keys: Keys, server: str, last: bytes, batch: Sequence[Move]
             flat += [k, str(v) if isinstance(v, int) else v]
         recs.append([m.agent_id, index[inbox], m.record_json, flat, m.entry_ids])
     moved, dead = s.run("move", ks, [GROUP, keys.reply_prefix, reply_ttl, max_deliveries,
-                                     deadletter_max, server, last, _packed(recs)])
+                                     deadletter_max, server, last, _packed(recs),
+                                     _packed({k: int(v) for k, v in (restarts or {}).items()})])
     return int(moved), int(dead)

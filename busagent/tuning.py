@@ -21,6 +21,9 @@ SENT_MARK_TTL = 30
 #: how long queued sends wait for a resolve (or more sends) before the sender thread sends them
 #: (seconds).
 LINGER = 0.002
+#: agents whose servers a long wait checks for liveness at each check (count): the first
+#: pending calls' agents; a gather over more finds a stranded one as the others are answered.
+CHECK_AGENTS = 100
 #: how long a placement decision reuses its snapshot of the servers hash (seconds).
 PLACEMENT_SNAPSHOT = 1.0
 #: how long a program waits for the child workers it started to serve (seconds).
@@ -53,6 +56,10 @@ RUNNING_SHOWN = 50
 LOG_LINES = 5000
 #: log lines a worker writes per round trip, and how long a line waits for more (count, seconds).
 LOG_BATCH, LOG_LINGER = 200, 0.2
+#: extra runner threads a worker starts at most while its threads block in nested calls
+#: (count): each blocked one holds a thread and a Redis connection; a chain of nested calls
+#: a thousand wide and two deep fits.
+MAX_LENT_THREADS = 4096
 #: remembered constructor failures, so calls that queued behind a failed create say why (count).
 FAILED_CREATES = 10000
 

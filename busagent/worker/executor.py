@@ -12,12 +12,12 @@ from __future__ import annotations
 import hmac
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from busagent import tracing
+from busagent import callchain, tracing
 from busagent.agent import Agent, is_remote
 from busagent.errors import BusagentError, CallTimeout, ProtocolError, RemoteError
 from busagent.protocol import (
@@ -128,6 +128,9 @@ class Executor:
 
     def _call(self, job: Job, agent: Agent, body: CallBody, refs: list[Ref]) -> Outcome:
         e = job.entry
+        # A sender that did not check (another version, hand-made entries): refused here too,
+        # before it waits for anything.
+        callchain.refuse(tuple(body.chain), [(agent.agent_id, agent.name)])
         if body.deadline is not None and time.time() > body.deadline:
             raise CallTimeout("the caller's deadline passed before the call started")
         if e.kind == "call":
@@ -152,14 +155,17 @@ class Executor:
                 values = _decode_inputs(zip(ids, raw, strict=True), body)  # type: ignore[arg-type]
                 args, kwargs = substitute(args, values), substitute(kwargs, values)
         if inspect.iscoroutinefunction(fn):
-            return self._finish_async(job, agent, fn(*args, **kwargs), body.stream)
-        value = fn(*args, **kwargs)
-        if inspect.isawaitable(value) or inspect.isasyncgen(value):
-            return self._finish_async(job, agent, value, body.stream)
-        if inspect.isgenerator(value):
-            value = self._stream(e.call, agent, value)
-        elif body.stream:
-            self._stream(e.call, agent, [value])
+            return self._finish_async(job, agent, fn(*args, **kwargs), body.stream,
+                                      body.chain)
+        # Calls the agent makes from here carry the chain with it appended.
+        with callchain.running(body.chain, agent.agent_id, agent.name):
+            value = fn(*args, **kwargs)
+            if inspect.isawaitable(value) or inspect.isasyncgen(value):
+                return self._finish_async(job, agent, value, body.stream, body.chain)
+            if inspect.isgenerator(value):
+                value = self._stream(e.call, agent, value)
+            elif body.stream:
+                self._stream(e.call, agent, [value])
         return self.replies.done(job, agent, value)
 
     def _deliver(self, job: Job, agent: Agent) -> Outcome:
@@ -170,13 +176,14 @@ class Executor:
         seen = self.io.deliver(agent, d.hub)
         if not d.speak:
             return self.replies.done(job, agent, seen)
-        turn = agent.reply()
-        if inspect.isawaitable(turn) or inspect.isasyncgen(turn):
-            return self._finish_async(job, agent, turn, True)
-        if inspect.isgenerator(turn):
-            turn = self._stream(job.entry.call, agent, turn)
-        else:
-            self._stream(job.entry.call, agent, [turn])
+        with callchain.running((), agent.agent_id, agent.name):  # a turn starts a chain
+            turn = agent.reply()
+            if inspect.isawaitable(turn) or inspect.isasyncgen(turn):
+                return self._finish_async(job, agent, turn, True, [])
+            if inspect.isgenerator(turn):
+                turn = self._stream(job.entry.call, agent, turn)
+            else:
+                self._stream(job.entry.call, agent, [turn])
         return self.replies.done(job, agent, turn)
 
     async def _await_inputs(self, job: Job, ids: list[str], deadline: float | None
@@ -191,14 +198,17 @@ class Executor:
             return self.replies.failed(job, err)
         return job
 
-    async def _finish_async(self, job: Job, agent: Agent, aw: Any, stream: bool) -> Done:
+    async def _finish_async(self, job: Job, agent: Agent, aw: Any, stream: bool,
+                            chain: Sequence[Sequence[str]]) -> Done:
         try:
-            if inspect.isasyncgen(aw):
-                value = await self._astream(job.entry.call, agent, aw)
-            else:
-                value = await aw
-                if stream:
-                    await self._astream(job.entry.call, agent, _once(value))
+            # Set inside the task that runs the coroutine: the chain travels in its context.
+            with callchain.running(chain, agent.agent_id, agent.name):
+                if inspect.isasyncgen(aw):
+                    value = await self._astream(job.entry.call, agent, aw)
+                else:
+                    value = await aw
+                    if stream:
+                        await self._astream(job.entry.call, agent, _once(value))
             return self.replies.done(job, agent, value)
         except Exception as err:  # noqa: BLE001
             return self.replies.failed(job, err)

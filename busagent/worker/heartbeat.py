@@ -94,6 +94,7 @@ class Heartbeat:
                 raise BusError(f"recovery of the previous {self.server!r} did not finish")
             time.sleep(0.2)  # another worker is moving our predecessor's agents: let it finish
         try:
+            recovery.count_restart(self.bus, self.server)
             rebuild(recovery.agents_of(self.bus, self.server))
             self.r.hset(self.keys.servers, self.server, self.info().model_dump_json())
         finally:
@@ -140,6 +141,7 @@ class Heartbeat:
                             self.server)
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.server)
+            pipe.delete(self.keys.restarts(self.server))
             forget(pipe, self.keys, [a.id for a in recovery.agents_of(self.bus, self.server)])
             pipe.execute()
         except redis.exceptions.RedisError as e:

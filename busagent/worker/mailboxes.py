@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from enum import Enum
 from typing import Any
 
-from busagent.tuning import MAX_INFLIGHT
+from busagent.tuning import MAX_INFLIGHT, MAX_LENT_THREADS
 
 from .jobs import Done, Job, Rejected
 
@@ -33,8 +33,14 @@ class Turn(Enum):
 
 
 class Mailboxes:
-    def __init__(self, max_inflight: int = MAX_INFLIGHT) -> None:
+    def __init__(self, max_inflight: int = MAX_INFLIGHT, threads: int = 1) -> None:
         self.max_inflight = max_inflight
+        #: runner threads that should be free to run agents (``--threads``).
+        self.threads = threads
+        #: runner threads alive (the worker starts ``threads``; :meth:`block` adds more).
+        self.runners = threads
+        #: runner threads blocked in a nested call's wait (:meth:`block`).
+        self.blocked = 0
         self.cond = threading.Condition()
         self.boxes: dict[str, deque[Job]] = {}
         #: claimed agents: ready, running, parked on the loop, or held by a bulk create.
@@ -70,6 +76,9 @@ class Mailboxes:
                         self.cond.notify()
                     return agent
                 if self.exiting:
+                    return Turn.EXIT
+                if self.runners - self.blocked > self.threads:
+                    self.runners -= 1  # lent while another blocked, which is back: retire
                     return Turn.EXIT
                 if not self.reading and not self.stopping and self.inflight < self.max_inflight:
                     self.reading = True
@@ -169,6 +178,33 @@ class Mailboxes:
             self.busy.discard(agent)
             self.boxes.pop(agent, None)
 
+    # --- runner threads blocked in nested calls -------------------------------------------
+
+    def block(self) -> bool:
+        """A runner thread is about to block until other agents answer (a nested call's
+        ``.content`` inside ``reply``). True: start one more runner thread, so ``threads``
+        stay free to run agents, the ones it waits for included (Ray releases a task's CPU
+        while it blocks in ``ray.get`` for the same reason). Surplus threads retire once the
+        blocked ones are back and they find nothing to do. Beyond MAX_LENT_THREADS extra
+        threads a blocking wait holds its thread like any blocking call."""
+        with self.cond:
+            self.blocked += 1
+            if (self.runners - self.blocked < self.threads
+                    and self.runners < self.threads + MAX_LENT_THREADS):
+                self.runners += 1
+                return True
+            return False
+
+    def unblock(self) -> None:
+        """The thread that :meth:`block` counted is running again."""
+        with self.cond:
+            self.blocked -= 1
+
+    def lent(self) -> None:
+        """The thread :meth:`block` asked for could not start: count it out again."""
+        with self.cond:
+            self.runners -= 1
+
     # --- parking on the loop thread ----------------------------------------------------------
 
     def park(self, agent: str, aw: Awaitable[Any]) -> bool:
@@ -229,6 +265,7 @@ class Mailboxes:
         with self.cond:
             return {
                 "reading": self.reading, "inflight": self.inflight, "parked": self.parked,
+                "runners": self.runners, "blocked": self.blocked,
                 "ready": list(self.ready)[:50], "busy": sorted(self.busy)[:50],
                 "mailboxes": {a: len(q) for a, q in list(self.boxes.items())[:50]},
             }

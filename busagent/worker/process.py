@@ -26,13 +26,14 @@ it into a Done, or an awaitable the worker parks on the loop ->
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis
@@ -41,7 +42,7 @@ from busagent import bus as _bus
 from busagent import tracing
 from busagent.config import Settings
 from busagent.protocol import ControlBody
-from busagent.tuning import DRAIN_BATCH
+from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS
 
 from . import recovery
 from .busio import BusIO
@@ -80,7 +81,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.loaded: dict[str, Any] = {}
         self.started = time.time()
-        self.mailboxes = Mailboxes()
+        self.mailboxes = Mailboxes(threads=self.settings.threads)
         self.stats = Stats()
         self.replies = Replies(name, self.settings.max_message_bytes)
         self.stopping = threading.Event()
@@ -98,9 +99,13 @@ class Worker:
             mod_name, mod = load(spec)
             self.loaded[mod_name] = mod
         s = self.settings
-        self.bus = bus = _bus.Bus(s)
+        # A connection per runner thread, lent ones included (each blocked nested call waits
+        # in BLMOVE on its own), and room for the heartbeat, the committer and recovery: an
+        # exhausted pool would stop the heartbeat and get the worker presumed dead.
+        self.bus = bus = _bus.Bus(s, max_connections=s.threads + MAX_LENT_THREADS + 64)
         _bus.install(bus)
         self.bus.server_name = self.name  # this server's model config overrides come first
+        bus.blocking = self._lend  # nested calls resolved inside reply must not starve the pool
         mb = self.mailboxes
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
@@ -211,7 +216,30 @@ class Worker:
         if tracing.on():
             tracing.committed([d.trace for d in batch if d.trace is not None])
 
+    @contextlib.contextmanager
+    def _lend(self) -> Iterator[None]:
+        """Around a blocking wait for replies (:attr:`busagent.bus.Bus.blocking`): on a
+        runner thread, another runner takes its place until it is back (Mailboxes.block), so
+        forty or four hundred agents waiting on helpers hosted here never hold every thread.
+        Costs a thread start only when the replies are not there yet (checked first)."""
+        if not getattr(_runner_thread, "on", False):
+            yield
+            return
+        mb = self.mailboxes
+        if mb.block():
+            try:
+                threading.Thread(target=self._runner, name=f"{self.name}-lent",
+                                 daemon=True).start()
+            except RuntimeError:  # the OS refused a thread: wait on this one regardless
+                log.warning("could not start a runner thread while one blocks")
+                mb.lent()
+        try:
+            yield
+        finally:
+            mb.unblock()
+
     def _runner(self) -> None:
+        _runner_thread.on = True
         while True:
             try:
                 self._serve()
@@ -334,6 +362,9 @@ class Worker:
         finally:
             self.mailboxes.unpark(agent_id, job)
 
+
+#: marks the runner threads (a blocking wait elsewhere, the heartbeat's, lends nothing).
+_runner_thread = threading.local()
 
 #: the kinds hosting runs (building and rebuilding agents); calls go to the executor.
 _HOSTING: dict[str, Callable[[Hosting, Job], Done]] = {

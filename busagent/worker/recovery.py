@@ -19,9 +19,9 @@ import redis
 
 from busagent import records, replies, scripts
 from busagent.bus import Bus
-from busagent.errors import UnknownAgent
+from busagent.errors import DeadLettered, UnknownAgent
 from busagent.keys import GROUP
-from busagent.protocol import Entry, Reply
+from busagent.protocol import Entry, Reply, deadletter
 from busagent.records import AgentInfo, ServerInfo, pick, read_servers
 from busagent.tuning import MOVE_BATCH, RECOVERY_LOCK_MS
 
@@ -105,6 +105,8 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
             control.append((entry_id, fields))
     answer(b, inbox, control, UnknownAgent(f"server {server} died before answering"), server)
 
+    # Deaths of workers restarted under this name, counted per entry (count_restart).
+    restarts: dict[bytes, bytes] = b.redis.hgetall(k.restarts(server))  # type: ignore[assignment]
     now = time.time()
     live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after, now)
             and x.name != server
@@ -120,10 +122,10 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
         batch.append(scripts.Move(a.id, target.name, record, restore.fields(),
                                   by_agent.get(a.id, [])))
         if len(batch) == MOVE_BATCH:
-            _move(b, server, inbox, last, batch, res)
+            _move(b, server, inbox, last, batch, res, restarts)
             batch = []
     if batch:
-        _move(b, server, inbox, last, batch, res)
+        _move(b, server, inbox, last, batch, res, restarts)
 
     # Calls left for agents nobody has any more: answer them.
     leftover = []
@@ -139,17 +141,18 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
         info.agents = res.stranded
         b.redis.hset(k.servers, server, info.model_dump_json())
     if res.stranded == 0 and b.redis.xlen(inbox) == 0:
-        b.redis.delete(inbox)
+        b.redis.delete(inbox, k.restarts(server))
     log.warning("recovered %s: %d agents and %d calls moved, %d dead-lettered, %d stranded",
                 server, res.moved_agents, res.moved_calls, res.deadlettered, res.stranded)
     return res
 
 
 def _move(b: Bus, server: str, inbox: str, last: bytes, batch: list[scripts.Move],
-          res: Result) -> None:
+          res: Result, restarts: dict[bytes, bytes]) -> None:
     s = b.settings
     moved, dead = scripts.move(b.scripts, b.keys, server, last, batch, reply_ttl=s.reply_ttl,
-                               max_deliveries=s.max_deliveries, deadletter_max=s.deadletter_max)
+                               max_deliveries=s.max_deliveries, deadletter_max=s.deadletter_max,
+                               restarts=restarts)
     res.moved_agents += len(batch)
     res.moved_calls += int(moved)
     res.deadlettered += int(dead)
@@ -183,3 +186,65 @@ def answer(b: Bus, inbox: str, waiting: list[tuple[bytes, dict[bytes, bytes]]],
         pipe.execute()
     except redis.exceptions.RedisError as e:
         log.warning("could not answer calls left on %s: %s", server, e)
+
+
+def count_restart(b: Bus, server: str) -> int:
+    """A worker starting under ``server``'s name after one died: the entries its predecessor
+    read and never answered (its pending list) were each delivered to a worker that died. Count
+    that death per entry in ``{p}:restarts:{server}``, on top of the deaths recovery counted
+    when it moved the entry (its ``tries``); one that reaches ``max_deliveries`` is
+    dead-lettered (its caller gets DeadLettered) instead of run again. So a poison call does
+    not kill a supervisor-restarted worker forever. Returns how many were dead-lettered.
+
+    Entries read but not yet started count too (a worker reads many at once): the count is of
+    deaths while holding the entry, as recovery's is. Called under the name's recovery lock."""
+    k, s, r = b.keys, b.settings, b.redis
+    inbox, counts_key = k.inbox(server), k.restarts(server)
+    pending: list[Any] = []
+    start = "-"
+    while True:  # paged: a worker can die holding many
+        page: Any = r.xpending_range(inbox, GROUP, start, "+", 1000, consumername=server)
+        pending.extend(page)
+        if len(page) < 1000:
+            break
+        start = "(" + page[-1]["message_id"].decode()
+    if not pending:
+        r.delete(counts_key)
+        return 0
+    counts: Any = r.hgetall(counts_key)
+    keep: dict[bytes, int] = {}
+    dead: list[tuple[bytes, dict[bytes, bytes], int]] = []
+    read = r.pipeline(transaction=False)
+    for p in pending:
+        read.xrange(inbox, p["message_id"], p["message_id"])
+    for p, got in zip(pending, read.execute(), strict=True):
+        entry_id = p["message_id"]
+        if not got:
+            continue  # answered and deleted meanwhile
+        fields = got[0][1]
+        deaths = int(counts.get(entry_id, 0)) + 1
+        tries = int(fields.get(b"tries", b"0") or 0) + deaths
+        if tries >= s.max_deliveries:
+            dead.append((entry_id, fields, tries))
+        else:
+            keep[entry_id] = deaths
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(counts_key)  # entries answered since the last restart drop out here
+    if keep:
+        pipe.hset(counts_key, mapping=keep)  # type: ignore[arg-type]
+    for entry_id, fields, tries in dead:
+        reason = f"delivered {tries} times; each worker died (last: {server}, restarted)"
+        pipe.xadd(k.deadletter, deadletter(fields, reason, server, tries),  # type: ignore[arg-type]
+                  maxlen=s.deadletter_max, approximate=True)
+        call = Entry.reply_to(fields)
+        if call:
+            replies.write(b, pipe, call, Reply.fail(DeadLettered(
+                f"the call was delivered {tries} times and its worker died each time; it is in "
+                "the dead-letter stream (`busagent deadletter`)"), server=server))
+        pipe.xack(inbox, GROUP, entry_id)
+        pipe.xdel(inbox, entry_id)
+    pipe.execute()
+    if dead:
+        log.warning("%s: %d calls dead-lettered at restart (they killed every worker that "
+                    "ran them)", server, len(dead))
+    return len(dead)
