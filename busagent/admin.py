@@ -23,18 +23,18 @@ from .records import AgentInfo, ServerInfo
 def servers(include_dead: bool = True) -> list[dict[str, Any]]:
     """Every server in the registry: its record's fields plus ``state`` (``up``, ``late``,
     ``stopping`` or ``dead``: :meth:`ServerInfo.state`), ``alive`` (takes new agents: ``up``
-    or ``late``) and ``age`` (seconds since its last heartbeat, one decimal). Sorted by name."""
+    or ``late``) and ``age`` (seconds since its last heartbeat by the Redis clock, one decimal).
+    Sorted by name."""
     b = _bus.current()
-    now = time.time()
     with b.errors():
         found = records.read_servers(b.redis, b.keys.servers)
     out = []
     for s in found:
-        state = s.state(b.settings.dead_after, now)
+        state = s.state(b.settings.dead_after)
         alive = state in records.LIVE
         if alive or include_dead:
             out.append({**s.model_dump(), "state": state, "alive": alive,
-                        "age": round(now - s.heartbeat, 1)})
+                        "age": round(s.age(), 1)})
     return out
 
 
@@ -79,8 +79,7 @@ class ServerClient:
     def _info(self) -> ServerInfo | None:
         b = _bus.current()
         with b.errors():
-            raw = b.redis.hget(b.keys.servers, self.server)
-        return None if raw is None else ServerInfo.model_validate_json(raw)
+            return records.read_server(b.redis, b.keys.servers, self.server)
 
     def _known(self) -> ServerInfo:
         info = self._info()

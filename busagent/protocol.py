@@ -245,8 +245,11 @@ class CallBody(Body):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: for kind "method": which method.
     method: str | None = None
-    #: epoch seconds after which the caller no longer waits; the worker then skips the call.
-    deadline: float | None = None
+    #: seconds the caller waits, counted from when Redis queued the call (the time in its inbox
+    #: entry id, by Redis's clock); past it the worker skips the call. Relative, so that no two
+    #: hosts' clocks are ever compared (an absolute deadline from a host whose clock is ahead
+    #: or behind would skip every call or none).
+    timeout: float | None = None
     #: write the reply as stream events even if ``reply`` is not a generator
     stream: bool = False
 

@@ -62,7 +62,7 @@ class RemoteAgent:
         b = _bus.current()
         timeout = b.settings.call_timeout
         body = CallBody(args=list(args), kwargs=kwargs, method=method, stream=stream,
-                        deadline=None if timeout is None else time.time() + timeout)
+                        timeout=timeout)
         try:
             data = body.pack()
         except NotSerializable as e:
@@ -158,8 +158,7 @@ def fanout(agents: Sequence[RemoteAgent | str], *args: Any, **kwargs: Any) -> li
     unknown agent id fails its own placeholder with UnknownAgent."""
     b = _bus.current()
     timeout = b.settings.call_timeout
-    body = CallBody(args=list(args), kwargs=kwargs,
-                    deadline=None if timeout is None else time.time() + timeout)
+    body = CallBody(args=list(args), kwargs=kwargs, timeout=timeout)
     try:
         data = body.pack()
     except NotSerializable as e:

@@ -153,9 +153,13 @@ def commit(s: Scripts, keys: Keys, inbox: str, reply_ttl: int, batch: Sequence[F
 # --- heartbeat.lua ------------------------------------------------------------------------------
 
 
-def heartbeat(s: Scripts, keys: Keys, name: str, record_json: str) -> bool:
-    """Write a server's record; False if it was fenced (declared dead by others)."""
-    return bool(s.run("heartbeat", [keys.servers], [name, record_json]))
+def heartbeat(s: Scripts, keys: Keys, name: str, record_json: str,
+              adopt: bool = False) -> tuple[bool, float]:
+    """Write a server's record (JSON without ``heartbeat``: the script stamps it with Redis's
+    ``TIME``); returns (False if it was fenced, i.e. declared dead by others, the Redis time in
+    epoch seconds). ``adopt`` writes even over a dead record (a new owner of the name)."""
+    ok, now = s.run("heartbeat", [keys.servers], [name, record_json, "1" if adopt else "0"])
+    return bool(ok), float(now)
 
 
 # --- move.lua -----------------------------------------------------------------------------------

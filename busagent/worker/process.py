@@ -100,7 +100,8 @@ class Worker:
         mb = self.mailboxes
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
-        self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret)
+        self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret,
+                                 clock=lambda: self.heartbeat.clock.now())
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
                                    self.started)
@@ -179,13 +180,21 @@ class Worker:
         self.bus.close()
 
     def _beat(self) -> None:
+        said = ""  # the last failure logged: a refusal that lasts is logged once, not each beat
         while not self.stopping.wait(self.settings.heartbeat):
             try:
                 if not self.heartbeat.beat():
                     self.stop()
                 self.heartbeat.sweep()
-            except redis.exceptions.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                if said:
+                    log.warning("heartbeat: Redis accepts writes again")
+                    said = ""
+            except (redis.exceptions.RedisError, OSError) as e:
+                text = str(self.bus.translate(e))
+                if text != said:
+                    log.warning("heartbeat refused: %s (other workers will not be declared "
+                                "dead until this clears)", text)
+                    said = text
 
     def state(self) -> dict[str, Any]:
         """The scheduler's state, for diagnosing a stuck worker (``ServerClient.state()``)."""
