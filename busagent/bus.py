@@ -145,9 +145,23 @@ class Bus:
         if isinstance(e, redis.exceptions.AuthenticationError):
             return RedisUnavailable(f"Redis at {where} refused the credentials: {e}; put "
                                     "user:password in the URL (redis://user:password@host:port/0)")
-        if isinstance(e, redis.exceptions.NoPermissionError):
-            return RedisUnavailable(f"Redis at {where} refused a command to this user: {e}; "
-                                    "grant the ACL the README lists")
+        # Inside a Lua script Redis wraps a refusal ("ERR Error running script ... -OOM ..."),
+        # so redis-py sees a plain ResponseError: look at the text too.
+        text = str(e)
+        if isinstance(e, redis.exceptions.NoPermissionError) or "NOPERM" in text:
+            return RedisUnavailable(f"Redis at {where} refused a command to this user (ACL): "
+                                    f"{e}; grant the ACL the README lists (Access control)")
+        if isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:
+            return BusError(f"Redis at {where} is out of memory and refuses writes (maxmemory "
+                            f"reached under maxmemory-policy noeviction): {e}; raise maxmemory or "
+                            "free memory (a shorter reply_ttl, gather(release=True), deleting "
+                            "agents); replies already written can still be read")
+        if isinstance(e, redis.exceptions.ReadOnlyError):
+            return BusError(f"Redis at {where} is a read-only replica: {e}; point "
+                            "BUSAGENT_REDIS_URL at the primary")
+        if isinstance(e, redis.exceptions.ResponseError) and "MISCONF" in text:
+            return BusError(f"Redis at {where} refuses writes because it cannot save to disk: "
+                            f"{e}; fix its disk or persistence settings")
         if isinstance(e, (*REDIS_DOWN, OSError)):
             return RedisUnavailable(f"lost Redis at {where}: {e}; check that it is up and the "
                                     "URL (BUSAGENT_REDIS_URL)")

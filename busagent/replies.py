@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
+
 from . import scripts
 from .errors import CallTimeout, RedisUnavailable
 from .protocol import Reply
@@ -76,6 +78,20 @@ def release(b: Bus, call_ids: Sequence[str]) -> None:
             b.redis.unlink(*[key(b, c) for c in call_ids[i : i + SEND_BATCH]])
 
 
+def flush(b: Bus, timeout: float | object | None) -> float | None:
+    """Send this process's queued calls within the caller's ``timeout`` (seconds, DEFAULT for
+    ``call_timeout``, None for none) and return what is left of it for the wait, so that the
+    flush and the wait together honour the deadline. Raises RedisUnavailable (naming the cause:
+    unreachable, credentials refused) if the calls could not be sent in time."""
+    t = b.settings.call_timeout if timeout is DEFAULT else timeout
+    if t is None:
+        b.sender.flush()
+        return None
+    start = time.monotonic()
+    b.sender.flush(until=start + float(t))  # type: ignore[arg-type]
+    return max(float(t) - (time.monotonic() - start), 0.0)  # type: ignore[arg-type]
+
+
 class _Wait:
     """The state of one wait for many replies, shared by :func:`fetch` and :func:`afetch`:
     what is still pending, the deadline sliced into blocking reads, and the backoff through a
@@ -90,6 +106,9 @@ class _Wait:
         self.out: dict[str, bytes] = {}
         self.pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
         self.delay = 0.05
+        #: why Redis last refused the blocking read (it is a write: refused when Redis is out
+        #: of memory), for the CallTimeout message.
+        self.refused = ""
 
     def should_peek(self) -> bool:
         # One key: the blocking read below returns at once if its reply is there.
@@ -110,10 +129,12 @@ class _Wait:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 n = len(self.pending)
+                why = (f"; meanwhile Redis refused writes ({self.refused})" if self.refused
+                       else "")
                 raise CallTimeout(
                     f"{n} of {n + len(self.out)} call(s) not answered in time (first: "
                     f"{self.pending[0]}); the agent may be busy or its worker down: see "
-                    "`busagent servers`, or pass a longer timeout"
+                    f"`busagent servers`, or pass a longer timeout{why}"
                 )
             wait = min(wait, left)
         # BLMOVE takes a float timeout; 0 would mean forever.
@@ -126,6 +147,17 @@ class _Wait:
             got = None if got is None else got[1]
         if got is not None:
             self.out[self.pending.pop()] = cast(bytes, got)
+
+    def refusal(self, e: BaseException) -> float:
+        """How long to wait before trying again when Redis refused the blocking read (out of
+        memory: BLMOVE is a write); the peek that comes first still reads what is there.
+        Never past the deadline: :meth:`next` raises CallTimeout there."""
+        self.refused = str(self.b.translate(e))
+        d = self.delay
+        self.delay = min(self.delay * 2, 1.0)
+        if self.deadline is not None:
+            d = min(d, max(self.deadline - time.monotonic(), 0.0))
+        return d
 
     def backoff(self, e: BaseException) -> float:
         """How long to wait before trying again through an outage; past the caller's deadline,
@@ -145,7 +177,7 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
     """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
     calls known to have failed before reaching Redis: they are skipped and reported by the
     caller. ``take``: delete each reply as it is read (the caller is its only reader)."""
-    b.sender.flush()
+    timeout = flush(b, timeout)
     w, r = _Wait(b, call_ids, timeout, errors, take), b.redis
     with b.errors():  # an outage is waited out below; any other refusal is a busagent error
         while w.pending:
@@ -158,6 +190,11 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
                        else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
             except REDIS_DOWN as e:
                 time.sleep(w.backoff(e))
+            except redis.exceptions.OutOfMemoryError as e:
+                # Replies already written stay readable: collect.lua only reads (LINDEX).
+                if w.peeked(peek(b, w.pending, take)):
+                    break
+                time.sleep(w.refusal(e))
     return w.out
 
 
@@ -167,7 +204,7 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
     """:func:`fetch` for asyncio code: the send queue is flushed on another thread and the
     event loop is never blocked."""
     if b.sender.queued():
-        await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
+        timeout = await asyncio.get_running_loop().run_in_executor(None, flush, b, timeout)
     w, r = _Wait(b, call_ids, timeout, errors, take), b.async_client()
     with b.errors():  # as in fetch
         while w.pending:
@@ -179,4 +216,8 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
                        else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
             except REDIS_DOWN as e:
                 await asyncio.sleep(w.backoff(e))
+            except redis.exceptions.OutOfMemoryError as e:
+                if w.peeked(await apeek(b, w.pending, take)):
+                    break
+                await asyncio.sleep(w.refusal(e))
     return w.out

@@ -120,9 +120,11 @@ class Worker:
         with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
             self.inbox.ensure_group()
             self.heartbeat.adopt(self.hosting.rebuild)
+        # Heart-beating first: the record just written must not go stale while the runner
+        # threads start (slow on a loaded host), or others would take it for dead.
+        self._spawn(self._beat, "heartbeat")
         for i in range(s.threads):
             self._spawn(self._runner, f"runner-{i}")
-        self._spawn(self._beat, "heartbeat")
         with bus.errors():
             self.heartbeat.announce()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded), bus.url_for_humans)
@@ -177,6 +179,7 @@ class Worker:
         elif not fenced:
             self.heartbeat.deregister()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.inbox.close()
         self.bus.close()
 
     def _beat(self) -> None:
