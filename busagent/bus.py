@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import os
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -109,11 +111,29 @@ class Bus:
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
         try:
+            #: Redis's maxmemory-policy ("" if it does not say): see :meth:`eviction_problem`.
+            self.eviction_policy = str(self.redis.info("memory").get("maxmemory_policy", ""))
             self.scripts = Scripts(self.redis)
         except (redis.exceptions.RedisError, OSError) as e:  # e.g. an ACL without SCRIPT LOAD
             self.close()
             raise self.translate(e) from None
         self.sender = Sender(self)
+
+    def eviction_problem(self) -> str | None:
+        """What is wrong with Redis's eviction policy for busagent, or None if nothing is.
+
+        Only ``noeviction`` is safe: any other policy lets Redis drop keys silently when it is
+        full: ``allkeys-*`` the registry, specs, inboxes and memories (every call then says the
+        agent is unknown), ``volatile-*`` replies before they are read and recovery locks. A
+        full Redis under ``noeviction`` refuses writes instead, which busagent reports (and
+        survives). One INFO at connect; a Redis that does not report its policy is trusted."""
+        policy = self.eviction_policy
+        if policy in ("", "noeviction"):
+            return None
+        return (f"Redis at {self.url_for_humans} has maxmemory-policy {policy}: when full it "
+                "silently evicts busagent's data (registry, inboxes, replies, memories); set "
+                "`maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction, and in "
+                "redis.conf); see the README's 'Redis settings'")
 
     @property
     def url_for_humans(self) -> str:
@@ -225,6 +245,12 @@ def _connect(s: Settings) -> Bus:
         _bus = None
     _wanted = s
     _bus = Bus(s)
+    problem = _bus.eviction_problem()
+    if problem:
+        # A caller warns (loudly, once) and goes on: it may only read, and refusing would stop
+        # dashboards too. Workers, which hold the data, refuse to start (worker/process.py).
+        logging.getLogger("busagent").warning("%s", problem)
+        warnings.warn(problem, RuntimeWarning, stacklevel=3)
     return _bus
 
 

@@ -39,6 +39,7 @@ import redis
 
 from busagent import bus as _bus
 from busagent.config import Settings
+from busagent.errors import ConfigError
 from busagent.protocol import ControlBody
 from busagent.tuning import DRAIN_BATCH
 
@@ -95,6 +96,13 @@ class Worker:
             self.loaded[mod_name] = mod
         s = self.settings
         self.bus = bus = _bus.Bus(s)
+        problem = bus.eviction_problem()
+        if problem:
+            # A worker holds the registry, inboxes and memories: on an evicting Redis it would
+            # lose them silently, so it does not start (Sidekiq and BullMQ only warn; losing
+            # agents without a word is worse than a one-line error at start-up).
+            bus.close()
+            raise ConfigError(f"{problem}; this worker will not start on it")
         _bus.install(bus)
         self.bus.server_name = self.name  # this server's model config overrides come first
         mb = self.mailboxes

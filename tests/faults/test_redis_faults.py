@@ -257,3 +257,28 @@ def test_a_dropped_reader_connection_keeps_each_agents_arrival_order(
         later.result(timeout=20)
         expected += [f"A{round_}", f"B{round_}"]
         assert [m.content for m in rec.memory.get()] == expected
+
+
+# --- 3. Redis that evicts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_an_evicting_redis_is_refused_by_workers_and_warned_about_by_callers(
+        prefix: str, policy: str) -> None:
+    server = embedded.start()
+    try:
+        admin(server).config_set("maxmemory-policy", policy)
+        with pytest.warns(RuntimeWarning, match=rf"maxmemory-policy {policy}.*noeviction"):
+            busagent.init(server.url, prefix=prefix)
+        env = {**os.environ, **FAST, "PYTHONPATH": str(ROOT)}
+        p = subprocess.run([sys.executable, "-m", "busagent.cli", "worker", "--name", "w1",
+                            "--redis", server.url, "--prefix", prefix, "--agents",
+                            "tests.agents"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+        err = p.stderr.decode().strip()
+        assert p.returncode == 1, err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert f"maxmemory-policy {policy}" in err and "noeviction" in err
+        assert admin(server).hlen(f"{prefix}:servers") == 0  # it never registered
+    finally:
+        busagent.shutdown()
+        server.stop()
