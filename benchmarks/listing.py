@@ -90,7 +90,7 @@ def main() -> None:
             env = {**os.environ, "BUSAGENT_REDIS_URL": server.url, "BUSAGENT_PREFIX": PREFIX}
             out = subprocess.run([sys.executable, "-m", "busagent.cli", "agents", "--json"],
                                  env=env, cwd=ROOT, stdout=subprocess.PIPE, check=True)
-            return out.stdout.count(b"\n") - 1
+            return out.stdout.count(b"\n") - 2  # "[\n" rows... "\n]\n"
 
         _during(server.url, "`busagent agents --json` (CLI, streamed)", cli)
         _during(server.url, "one `HVALS` (the old listing)", lambda: len(r.hvals(key)))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from . import scripts
-from .errors import CallTimeout, RedisUnavailable
+from .errors import CallTimeout, MessageTooLarge, RedisUnavailable
 from .protocol import Reply
 from .sender import REDIS_DOWN
 from .tuning import PEEK_BATCH, SEND_BATCH
@@ -172,6 +172,41 @@ class _Wait:
         return d
 
 
+def _closed_while_up(b: Bus, w: _Wait) -> bool:
+    """After a read broke: False if Redis is down (wait it out). Else Redis closed our
+    connection while up: most often because a reply was larger than its output-buffer limit
+    for normal clients (``client-output-buffer-limit normal 32mb 16mb 5`` on many managed
+    Redis), which no number of re-reads can get through. The largest pending reply is then
+    read alone; if Redis closes the connection again, that call fails with MessageTooLarge
+    (once: its reply is settled as that error) and True is returned, as it is when the lone
+    read works (a CLIENT KILL or an idle timeout: not an outage)."""
+    try:
+        b.redis.ping()
+        sizes = [n for i in range(0, len(w.pending), PEEK_BATCH)
+                 for n in scripts.sizes(b.scripts, [key(b, c) for c in
+                                                    w.pending[i : i + PEEK_BATCH]])]
+    except REDIS_DOWN:
+        return False
+    size, call = max(zip(sizes, w.pending, strict=True))
+    if size == 0:
+        return False  # nothing to blame: retry with back-off as through an outage
+    try:
+        got = scripts.collect(b.scripts, [key(b, call)], w.take)[0]
+    except REDIS_DOWN:
+        try:
+            b.redis.ping()
+        except REDIS_DOWN:
+            return False
+        got = Reply.fail(MessageTooLarge(
+            f"the reply to call {call} is {size:,} bytes and Redis at {b.url_for_humans} "
+            "closes the connection each time it sends it: it is over Redis's output-buffer "
+            "limit for normal clients (client-output-buffer-limit); raise that limit (CONFIG "
+            "SET client-output-buffer-limit \"normal 0 0 0\") or return smaller replies"))
+    if got is not None:
+        w.peeked({call: got})
+    return True
+
+
 def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
           errors: dict[str, BaseException] | None = None, take: bool = False) -> dict[str, bytes]:
     """Block until every call's reply is in Redis; return the raw replies. ``errors`` holds
@@ -189,7 +224,8 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
                 w.read(r.blpop([k], wait) if take
                        else r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
             except REDIS_DOWN as e:
-                time.sleep(w.backoff(e))
+                if not _closed_while_up(b, w):
+                    time.sleep(w.backoff(e))
             except redis.exceptions.OutOfMemoryError as e:
                 # Replies already written stay readable: collect.lua only reads (LINDEX).
                 if w.peeked(peek(b, w.pending, take)):

@@ -18,10 +18,19 @@ import pytest
 import redis
 
 import busagent
-from busagent import BusError, DistConf, Msg, Placeholder, RedisUnavailable, embedded
+from busagent import (
+    BusError,
+    DistConf,
+    MessageTooLarge,
+    Msg,
+    Placeholder,
+    RedisUnavailable,
+    embedded,
+)
 from busagent.admin import agent_info, servers
 from busagent.protocol import CallBody
 from tests.agents import Adder, Recorder
+from tests.faults.redis_agents import Blob
 
 from ..conftest import FAST, ROOT, Workers, wait_for
 from .test_acl import readme_acl
@@ -282,3 +291,29 @@ def test_an_evicting_redis_is_refused_by_workers_and_warned_about_by_callers(
     finally:
         busagent.shutdown()
         server.stop()
+
+
+# --- 5. big replies and output buffers ----------------------------------------------------------
+
+
+def test_replies_are_read_in_batches_bounded_by_bytes_and_one_too_big_fails_once(
+        own: tuple[embedded.Server, Workers]) -> None:
+    server, w = own
+    r = admin(server)
+    w.start("w1", "tests.faults.redis_agents",
+            env={"BUSAGENT_MAX_MESSAGE_BYTES": str(64 * 2**20)})
+    blob = Blob("blob", to_dist=DistConf(server="w1"))
+    mb = 2**20
+    # As on managed Redis, scaled down: a normal client is dropped past 8 MB of pending output.
+    r.config_set("client-output-buffer-limit", "normal 8mb 4mb 5")
+    # Six 3 MB replies: each fits, all six in one answer would not.
+    ps = [blob(3 * mb) for _ in range(6)]
+    assert [len(v) for v in busagent.gather(ps, timeout=60)] == [3 * mb] * 6
+    # A 12 MB reply can never get through this connection: one clear error, well before the
+    # deadline, and not "Redis is down".
+    big = blob(12 * mb)
+    with pytest.raises(MessageTooLarge, match="client-output-buffer-limit"):
+        big.result(timeout=120)
+    # Redis and the worker were fine all along.
+    assert len(blob(10).result(timeout=10)) == 10
+    assert all(p.poll() is None for p in w.procs.values())
