@@ -112,7 +112,10 @@ class Bus:
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
         try:
             #: Redis's maxmemory-policy ("" if it does not say): see :meth:`eviction_problem`.
-            self.eviction_policy = str(self.redis.info("memory").get("maxmemory_policy", ""))
+            self.eviction_policy = ""
+            with contextlib.suppress(redis.exceptions.ResponseError):  # INFO not allowed: trust
+                self.eviction_policy = str(
+                    self.redis.info("memory").get("maxmemory_policy", ""))
             self.scripts = Scripts(self.redis)
         except (redis.exceptions.RedisError, OSError) as e:  # e.g. an ACL without SCRIPT LOAD
             self.close()

@@ -578,7 +578,8 @@ def test_a_reread_of_pending_entries_skips_those_in_flight() -> None:
     r = fakeredis.FakeRedis()
     bus = SimpleNamespace(redis=r, keys=Keys("t"), settings=Settings())
     held: set[bytes] = set()
-    inbox = Inbox(bus, "w1", threading.Event(), lambda: set(held))  # type: ignore[arg-type]
+    inbox = Inbox(bus, "w1", threading.Event(), lambda: set(held),  # type: ignore[arg-type]
+                  reader=r)
     inbox.ensure_group()
     fields = {"v": "1", "agent": "a", "kind": "call", "body": pack({"args": []})}
     ids = [r.xadd(inbox.key, {**fields, "call": f"c{i}"}) for i in range(3)]

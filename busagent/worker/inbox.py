@@ -35,6 +35,9 @@ from .jobs import Job, Rejected
 log = logging.getLogger("busagent.worker")
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+#: Redis refusing a read that would work later, as opposed to having lost our group.
+_REFUSED = (redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError,
+            redis.exceptions.ReadOnlyError)
 
 
 class Inbox:
@@ -42,7 +45,7 @@ class Inbox:
     of the entries in flight (read and not yet written); ``stopping`` ends back-off waits."""
 
     def __init__(self, bus: Bus, server: str, stopping: threading.Event,
-                 held: Callable[[], set[bytes]]) -> None:
+                 held: Callable[[], set[bytes]], reader: redis.Redis | None = None) -> None:
         self.bus = bus
         self.r = bus.redis
         self.server = server
@@ -54,7 +57,8 @@ class Inbox:
         self._history_at = 0.0
         #: the reader's own connection, never retried by redis-py (see the module docstring);
         #: named, so an operator sees it in CLIENT LIST.
-        self.reader = redis.Redis.from_url(
+        #: (``reader``: another client, for unit tests on a fake Redis.)
+        self.reader = reader if reader is not None else redis.Redis.from_url(
             bus.url, retry=Retry(NoBackoff(), 0), **socket_options(bus.url, bus.settings),
             client_name="busagent-inbox:" + "_".join(server.split()))
         #: the last failure logged (a failure that lasts is logged once) and the back-off.
@@ -91,7 +95,7 @@ class Inbox:
                                                count=READ_COUNT,
                                                block=None if start != ">" else block)
         except redis.exceptions.ResponseError as e:
-            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+            if isinstance(e, _REFUSED) or "NOPERM" in str(e) or "MISCONF" in str(e):
                 # Refused (NOPERM after an ACL change, ...): nothing was lost; say what is
                 # wrong once and back off until it clears.
                 self._failed(e, "was refused")
