@@ -21,8 +21,10 @@ pytest:             ## only the test suite: real redis-server and worker process
 bench:              ## busagent vs the raw redis-py floor, side by side on one Redis
 	$(PYTHON) benchmarks/bench.py
 
+SOAK_ARGS ?=
 soak:               ## 100,000 calls while killing workers and restarting Redis; audits every call
-	$(PYTHON) benchmarks/soak.py --calls 100000 --kills 20 --redis-restarts 2
+	$(PYTHON) benchmarks/soak.py --calls 100000 --kills 20 --redis-restarts 2 $(SOAK_ARGS)
+# Redis misbehaving too: make soak SOAK_ARGS="--client-kills 10 --squeezes 3"
 
 cli-docs:           ## regenerate cli/USAGE.md from the commands (a test checks it is current)
 	typer busagent.cli utils docs --name busagent --output cli/USAGE.md

@@ -2,12 +2,19 @@
 restarted, then an audit of every call.
 
     python benchmarks/soak.py --calls 100000 --kills 20 --redis-restarts 2
+    python benchmarks/soak.py ... --client-kills 10 --squeezes 3     # Redis misbehaving too
 
 Runs its own redis-server (append-only file, fsync always) and worker processes. Calls go out in
 windows; kills and restarts happen while a window is in flight. Killed workers are replaced,
 alternately under the same name (which rebuilds its agents itself) and a new one (the others
 recover the agents). At the end, for every call id: the number of replies in Redis (1 is right),
 and for every agent: that its memory holds each delivered message exactly once.
+
+``--client-kills N``: in N windows, CLIENT KILL of up to five random connections (workers'
+readers, their pools, the caller's), as a proxy or load balancer dropping connections would.
+``--squeezes N``: in N windows, maxmemory set below Redis's used memory for ``--squeeze-seconds``
+(noeviction: every write refused, heartbeats included), then lifted. Calls whose routing Redis
+refused are sent again, like those refused while Redis was down.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
+import redis
 
 import busagent
 from busagent import Agent, Msg, embedded
@@ -110,6 +119,37 @@ def diagnose(b: busagent.bus.Bus, ps: list[Any]) -> None:
                       f"idle={det[0]['time_since_delivered']}ms", file=sys.stderr)
 
 
+def kill_clients(url: str, rng: random.Random) -> int:
+    """CLIENT KILL up to five random connections other than this one's; how many."""
+    r = redis.Redis.from_url(url)
+    try:
+        me = r.client_id()
+        others = [c["id"] for c in r.client_list() if int(c["id"]) != me]
+        victims = rng.sample(others, min(5, len(others)))
+        for v in victims:
+            r.client_kill_filter(_id=v)
+        return len(victims)
+    finally:
+        r.close()
+
+
+def squeeze(url: str, seconds: float) -> None:
+    """Refuse every write (maxmemory under used memory, noeviction) for ``seconds``."""
+    r = redis.Redis.from_url(url)
+    r.config_set("maxmemory", max(int(r.info("memory")["used_memory"]) // 2, 1))
+
+    def lift() -> None:
+        for _ in range(50):  # Redis may be restarting: keep trying
+            try:
+                r.config_set("maxmemory", 0)
+                r.close()
+                return
+            except redis.exceptions.RedisError:
+                time.sleep(0.2)
+
+    threading.Timer(seconds, lift).start()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=100_000)
@@ -119,6 +159,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--client-kills", type=int, default=0)
+    ap.add_argument("--squeezes", type=int, default=0)
+    ap.add_argument("--squeeze-seconds", type=float, default=1.0)
     o = ap.parse_args()
     rng = random.Random(o.seed)
     d = tempfile.mkdtemp(prefix="busagent-soak-")
@@ -136,6 +179,11 @@ def main() -> None:
     kill_at = set(rng.sample(range(1, n_windows - 1), min(o.kills, n_windows - 2)))
     restart_at = {n_windows * (i + 1) // (o.redis_restarts + 1) for i in range(o.redis_restarts)}
     restart_at -= kill_at
+    free = [x for x in range(1, n_windows - 1) if x not in kill_at and x not in restart_at]
+    client_kill_at = set(rng.sample(free, min(o.client_kills, len(free))))
+    free = [x for x in free if x not in client_kill_at]
+    squeeze_at = set(rng.sample(free, min(o.squeezes, len(free))))
+    client_kills = squeezes = killed_connections = 0
     sent: dict[str, tuple[int, str]] = {}  # call id -> (agent index, message id)
     refused = kills = restarts = 0
     worst_window = 0.0
@@ -164,6 +212,16 @@ def main() -> None:
                 restarts += 1
                 restart_at.discard(w)
                 event = time.perf_counter()
+            elif w in client_kill_at:
+                killed_connections += kill_clients(server.url, rng)
+                client_kills += 1
+                client_kill_at.discard(w)
+                event = time.perf_counter()
+            elif w in squeeze_at:
+                squeeze(server.url, o.squeeze_seconds)
+                squeezes += 1
+                squeeze_at.discard(w)
+                event = time.perf_counter()
             try:
                 out = busagent.gather([p for _, _, p in batch], return_exceptions=True)
             except busagent.CallTimeout:
@@ -175,9 +233,10 @@ def main() -> None:
                 recoveries.append(end - event)
             todo = []
             for (i, m, p), r in zip(batch, out, strict=True):
-                if isinstance(r, busagent.RedisUnavailable) and b.redis.llen(
+                # Never accepted (Redis was down, or full, when it was sent): send again.
+                if isinstance(r, busagent.BusError) and b.redis.llen(
                         b.keys.reply(p.call_id)) == 0:
-                    refused += 1  # never accepted (Redis was down at send): send again
+                    refused += 1
                     todo.append(i)
                 else:
                     sent[p.call_id] = (i, m.id)
@@ -205,10 +264,12 @@ def main() -> None:
         mem_missing += len(expected.get(i, set()) - set(got))
     result = {
         "calls": len(sent), "kills": kills, "redis_restarts": restarts,
+        "client_kills": client_kills, "connections_killed": killed_connections,
+        "memory_squeezes": squeezes,
         "answered_once": counts[1], "lost": counts[0],
         "duplicated": sum(v for k, v in counts.items() if k > 1),
         "memory_duplicates": mem_dups, "memory_missing": mem_missing,
-        "refused_while_redis_down_and_resent": refused,
+        "refused_while_redis_down_or_full_and_resent": refused,
         "worst_recovery_s": round(max(recoveries, default=0.0), 2),
         "worst_window_s": round(worst_window, 2), "seconds": round(took, 1),
         "calls_per_s": round(len(sent) / took),

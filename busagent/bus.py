@@ -11,12 +11,14 @@ import asyncio
 import atexit
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
 import sysconfig
 import threading
 import traceback
+import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextvars import ContextVar
@@ -130,11 +132,32 @@ class Bus:
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
         try:
+            #: Redis's maxmemory-policy ("" if it does not say): see :meth:`eviction_problem`.
+            self.eviction_policy = ""
+            with contextlib.suppress(redis.exceptions.ResponseError):  # INFO not allowed: trust
+                self.eviction_policy = str(
+                    self.redis.info("memory").get("maxmemory_policy", ""))
             self.scripts = Scripts(self.redis)
         except (redis.exceptions.RedisError, OSError) as e:  # e.g. an ACL without SCRIPT LOAD
             self.close()
             raise self.translate(e) from None
         self.sender = Sender(self)
+
+    def eviction_problem(self) -> str | None:
+        """What is wrong with Redis's eviction policy for busagent, or None if nothing is.
+
+        Only ``noeviction`` is safe: any other policy lets Redis drop keys silently when it is
+        full: ``allkeys-*`` the registry, specs, inboxes and memories (every call then says the
+        agent is unknown), ``volatile-*`` replies before they are read and recovery locks. A
+        full Redis under ``noeviction`` refuses writes instead, which busagent reports (and
+        survives). One INFO at connect; a Redis that does not report its policy is trusted."""
+        policy = self.eviction_policy
+        if policy in ("", "noeviction"):
+            return None
+        return (f"Redis at {self.url_for_humans} has maxmemory-policy {policy}: when full it "
+                "silently evicts busagent's data (registry, inboxes, replies, memories); set "
+                "`maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction, and in "
+                "redis.conf); see the README's 'Redis settings'")
 
     @property
     def private(self) -> bool:
@@ -180,9 +203,23 @@ class Bus:
         if isinstance(e, redis.exceptions.AuthenticationError):
             return RedisUnavailable(f"Redis at {where} refused the credentials: {e}; put "
                                     "user:password in the URL (redis://user:password@host:port/0)")
-        if isinstance(e, redis.exceptions.NoPermissionError):
-            return RedisUnavailable(f"Redis at {where} refused a command to this user: {e}; "
-                                    "grant the ACL the README lists")
+        # Inside a Lua script Redis wraps a refusal ("ERR Error running script ... -OOM ..."),
+        # so redis-py sees a plain ResponseError: look at the text too.
+        text = str(e)
+        if isinstance(e, redis.exceptions.NoPermissionError) or "NOPERM" in text:
+            return RedisUnavailable(f"Redis at {where} refused a command to this user (ACL): "
+                                    f"{e}; grant the ACL the README lists (Access control)")
+        if isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in text:
+            return BusError(f"Redis at {where} is out of memory and refuses writes (maxmemory "
+                            f"reached under maxmemory-policy noeviction): {e}; raise maxmemory or "
+                            "free memory (a shorter reply_ttl, gather(release=True), deleting "
+                            "agents); replies already written can still be read")
+        if isinstance(e, redis.exceptions.ReadOnlyError):
+            return BusError(f"Redis at {where} is a read-only replica: {e}; point "
+                            "BUSAGENT_REDIS_URL at the primary")
+        if isinstance(e, redis.exceptions.ResponseError) and "MISCONF" in text:
+            return BusError(f"Redis at {where} refuses writes because it cannot save to disk: "
+                            f"{e}; fix its disk or persistence settings")
         if isinstance(e, (*REDIS_DOWN, OSError)):
             return RedisUnavailable(f"lost Redis at {where}: {e}; check that it is up and the "
                                     "URL (BUSAGENT_REDIS_URL)")
@@ -310,6 +347,12 @@ def _connect(s: Settings) -> Bus:
     # install(), not this). Only over Python's own hook: IPython's or the user's stay.
     if sys.excepthook is sys.__excepthook__:
         sys.excepthook = _excepthook
+    problem = _bus.eviction_problem()
+    if problem:
+        # A caller warns (loudly, once) and goes on: it may only read, and refusing would stop
+        # dashboards too. Workers, which hold the data, refuse to start (worker/process.py).
+        logging.getLogger("busagent").warning("%s", problem)
+        warnings.warn(problem, RuntimeWarning, stacklevel=3)
     return _bus
 
 

@@ -160,14 +160,33 @@ def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = F
 def agents(
     server: Annotated[str | None, typer.Option(help="only this server's agents")] = None,
     url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
+    limit: Annotated[int | None, typer.Option(
+        min=1, help="one page of about this many registry records (then see --cursor)")] = None,
+    cursor: Annotated[int, typer.Option(
+        min=0, help="where the page starts: 0, or the cursor the last page printed")] = 0,
 ) -> None:
-    """List registered agents."""
+    """List registered agents, streamed page by page (in Redis's scan order). With --limit,
+    one page from --cursor; the next cursor goes to stderr (0: the end)."""
     _connect(url, prefix)
-    rows = admin.agents(server)
-    if as_json:
-        _print_json(rows)
+    if limit is None:
+        rows = admin.iter_agents(server)
+        nxt = None
     else:
-        _table(rows, ["id", "name", "cls", "server"])
+        nxt, page = admin.agent_page(cursor, limit, server)
+        rows = iter(page)
+    cols = ["id", "name", "cls", "server"]
+    # Printed as read, never collected first: a million rows start at once and cost no memory.
+    if as_json:
+        sys.stdout.write("[")
+        for i, r in enumerate(rows):
+            sys.stdout.write(("," if i else "") + "\n" + json.dumps(r))
+        sys.stdout.write("\n]\n")
+    else:
+        sys.stdout.write("\t".join(cols) + "\n")
+        for r in rows:
+            sys.stdout.write("\t".join(str(r[c]) for c in cols) + "\n")
+    if nxt is not None:
+        print(f"next cursor: {nxt}", file=sys.stderr)
 
 
 @app.command()
@@ -197,7 +216,7 @@ def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
         return
     now = time.time()
     shown = {**data, "started": f"{_when(data['started'])} ({_ago(now - data['started'])})",
-             "heartbeat": f"{_when(data['heartbeat'])} ({_ago(now - data['heartbeat'])})",
+             "heartbeat": f"{_when(data['heartbeat'])} ({_ago(data['age'])})",
              "cpu": f"{data['cpu']:.1f} %", "mem": f"{data['mem']:.1f} MiB"}
     _table([{"field": k, "value": v} for k, v in shown.items()], ["field", "value"])
 
@@ -216,7 +235,7 @@ def stop(
     if info_["state"] == "dead" and not drain:
         gone = client.forget()
         print(f"{server} was dead (last heartbeat {_when(info_['heartbeat'])}, "
-              f"{_ago(time.time() - info_['heartbeat'])}): removed its record, "
+              f"{_ago(info_['age'])}): removed its record, "
               f"{gone['agents']} agent(s) and {gone['calls']} waiting call(s)")
         return
     client.stop(drain=drain)

@@ -108,8 +108,8 @@ class Placeholder:
             _forbid_blocking_in_loop()
             b = _bus.current()
             # A send Redis refused fails its placeholder during the flush: raise that now, not
-            # a CallTimeout at the deadline.
-            b.sender.flush()
+            # a CallTimeout at the deadline. The flush spends the deadline, not its own.
+            timeout = replies.flush(b, timeout)
             if not self.done():
                 agents = {self.call_id: self.agent_id} if self.agent_id else None
                 self._settle(replies.fetch(b, [self.call_id], timeout,
@@ -226,7 +226,8 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
     if not all(p.done() for p in ps):
         _forbid_blocking_in_loop()
         b = _bus.current()
-        b.sender.flush()  # refused sends fail their placeholders now (see Placeholder.result)
+        # refused sends fail their placeholders now (see Placeholder.result)
+        timeout = replies.flush(b, timeout)
         pending, errors = _collect(ps)
         if pending:
             got = replies.fetch(b, pending, timeout, errors, take=release, agents=_agents(ps))
@@ -242,7 +243,8 @@ async def agather(placeholders: Iterable[Placeholder],
     if not all(p.done() for p in ps):
         b = _bus.current()
         if b.sender.queued():  # refused sends fail their placeholders now, off the loop
-            await asyncio.get_running_loop().run_in_executor(None, b.sender.flush)
+            timeout = await asyncio.get_running_loop().run_in_executor(
+                None, replies.flush, b, timeout)
         pending, errors = _collect(ps)
         if pending:
             got = await replies.afetch(b, pending, timeout, errors, take=release,

@@ -42,10 +42,9 @@ class Placement:
         Raises RedisUnavailable or BusError if Redis fails."""
         now = time.monotonic()
         if fresh or now - self.at > PLACEMENT_SNAPSHOT:
-            t = time.time()
             with b.errors():
                 found = records.read_servers(b.redis, b.keys.servers)
-            self.servers = [s for s in found if s.alive(b.settings.dead_after, t)]
+            self.servers = [s for s in found if s.alive(b.settings.dead_after)]
             self.at = now
         return self.servers
 

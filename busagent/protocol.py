@@ -45,7 +45,10 @@ from .message import Msg
 #: Version 2 (was 1): the kinds ``create_many`` and ``restore`` and call-less entries are new;
 #: a v1 worker would misread them, and a v2 worker a v1 bulk create or rebuild (a v1 restore
 #: read as a plain create would drop the agent). The version check refuses either clearly.
-VERSION = 2
+#: Version 3 (was 2): a call's deadline is a relative ``timeout`` counted by the Redis clock
+#: (a v2 worker would ignore it, a v3 worker a v2 absolute ``deadline``), a create's memory is
+#: a list of exact-JSON items, and calls may carry ``chain`` and ``trace``.
+VERSION = 3
 
 EXT_MSG = 1
 EXT_REF = 2
@@ -273,8 +276,11 @@ class CallBody(Body):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: for kind "method": which method.
     method: str | None = None
-    #: epoch seconds after which the caller no longer waits; the worker then skips the call.
-    deadline: float | None = None
+    #: seconds the caller waits, counted from when Redis queued the call (the time in its inbox
+    #: entry id, by Redis's clock); past it the worker skips the call. Relative, so that no two
+    #: hosts' clocks are ever compared (an absolute deadline from a host whose clock is ahead
+    #: or behind would skip every call or none).
+    timeout: float | None = None
     #: write the reply as stream events even if ``reply`` is not a generator
     stream: bool = False
     #: the caller's W3C trace context (``traceparent``, ``tracestate``) when tracing is on;

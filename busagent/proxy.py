@@ -85,7 +85,7 @@ class RemoteAgent:
         timeout = b.settings.call_timeout
         call_id = _bus.new_id()
         body = CallBody(args=list(args), kwargs=kwargs, method=method, stream=stream,
-                        deadline=None if timeout is None else time.time() + timeout,
+                        timeout=timeout,
                         trace=tracing.route(self.agent_id, call_id, self.name)
                         if tracing.on() else None,
                         chain=list(chain))
@@ -197,8 +197,7 @@ def fanout(agents: Sequence[RemoteAgent | str], *args: Any, **kwargs: Any) -> li
         callchain.refuse(chain, [(a, a) if isinstance(a, str) else (a.agent_id, a.name)
                                  for a in agents])
     timeout = b.settings.call_timeout
-    body = CallBody(args=list(args), kwargs=kwargs,
-                    deadline=None if timeout is None else time.time() + timeout,
+    body = CallBody(args=list(args), kwargs=kwargs, timeout=timeout,
                     trace=tracing.route("fanout", "", f"fanout to {len(agents)}")
                     if tracing.on() else None,
                     chain=list(chain))

@@ -9,7 +9,13 @@ Liveness, everywhere, is :meth:`ServerInfo.state`. The Lua scripts apply the par
 must be atomic with what they write, and say so here so the rules cannot drift apart:
 
 * ``heartbeat.lua``: a record whose status is ``dead`` is not overwritten (the worker was fenced:
-  others moved its agents). That is the ``dead`` state below, by status.
+  others moved its agents). That is the ``dead`` state below, by status. The script stamps the
+  record's ``heartbeat`` with Redis's own ``TIME``.
+
+Clocks: a heartbeat's time and the "now" it is compared with both come from the one Redis
+server's clock (``TIME``), never from two hosts' clocks, so a worker whose clock is minutes off
+is judged like any other. Records are read with the Redis time in the same round trip
+(:func:`read_servers`, :func:`read_server`), and :meth:`ServerInfo.state` compares with that.
 * ``route.lua``: any record counts as a server to queue calls for, whatever its state: calls
   queued for a ``late`` or ``dead`` server are moved with its agents by recovery, in order.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from .protocol import VERSION
 
@@ -61,8 +67,9 @@ class ServerInfo(BaseModel):
     pid: int
     #: epoch seconds.
     started: float
-    #: epoch seconds of the last heartbeat, from the worker's clock.
-    heartbeat: float
+    #: epoch seconds of the last heartbeat by the Redis server's clock (``heartbeat.lua`` stamps
+    #: it with ``TIME``), never the worker's own clock.
+    heartbeat: float = 0.0
     #: percent of one core.
     cpu: float = 0.0
     #: resident memory in MiB.
@@ -88,11 +95,24 @@ class ServerInfo(BaseModel):
     #: the oldest calls running now (up to ``tuning.RUNNING_SHOWN``).
     running: list[RunningCall] = []
 
+    #: the Redis server's time when this record was read (epoch seconds), or None for a record
+    #: not read through :func:`read_servers` / :func:`read_server`.
+    _seen: float | None = PrivateAttr(default=None)
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the last heartbeat, by the Redis clock: ``now`` if given (a Redis
+        time), else the Redis time at which the record was read. A record built in this process
+        and never read from Redis falls back to the local clock."""
+        if now is None:
+            now = self._seen if self._seen is not None else time.time()
+        return now - self.heartbeat
+
     def state(self, dead_after: float, now: float | None = None) -> State:
         """``dead``: fenced by recovery, or silent for ``dead_after`` seconds or more; ``late``:
         silent for over two heartbeats' worth of ``dead_after`` but not yet dead (callers still
-        queue calls for it); ``stopping``: finishing a graceful stop; ``up``: serving."""
-        age = (time.time() if now is None else now) - self.heartbeat
+        queue calls for it); ``stopping``: finishing a graceful stop; ``up``: serving. Ages are
+        by the Redis clock (:meth:`age`)."""
+        age = self.age(now)
         if self.status == "dead" or age >= dead_after:
             return "dead"
         if self.status == "stopping":
@@ -104,18 +124,61 @@ class ServerInfo(BaseModel):
         return self.state(dead_after, now) in LIVE
 
 
-def parse_server(raw: bytes | str) -> ServerInfo | None:
-    """A server record, or None for a foreign or older one (shown by nobody, swept by workers)."""
+def redis_time(reply: Any) -> float:
+    """Epoch seconds from the answer of Redis ``TIME`` (redis-py's ``(seconds, microseconds)``)."""
+    sec, usec = reply
+    return int(sec) + int(usec) / 1e6
+
+
+def parse_server(raw: bytes | str, seen: float | None = None) -> ServerInfo | None:
+    """A server record, or None for a foreign or older one (shown by nobody, swept by workers).
+    ``seen``: the Redis time it was read at."""
     try:
-        return ServerInfo.model_validate_json(raw)
+        info = ServerInfo.model_validate_json(raw)
     except ValueError:
         return None
+    info._seen = seen
+    return info
 
 
 def read_servers(r: Any, key: str) -> list[ServerInfo]:
-    """Every server record in the hash ``key``, by name."""
-    out = [s for raw in r.hvals(key) if (s := parse_server(raw)) is not None]
+    """Every server record in the hash ``key``, by name, each knowing the Redis time it was read
+    at (``TIME`` in the same round trip). Grows with servers, not agents."""
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    pipe.hvals(key)
+    t, raws = pipe.execute()
+    now = redis_time(t)
+    out = [s for raw in raws if (s := parse_server(raw, now)) is not None]
     return sorted(out, key=lambda s: s.name)
+
+
+def read_server(r: Any, key: str, name: str) -> ServerInfo | None:
+    """One server's record (None if absent or unreadable), with the Redis time it was read at."""
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    pipe.hget(key, name)
+    t, raw = pipe.execute()
+    return None if raw is None else parse_server(raw, redis_time(t))
+
+
+class RedisClock:
+    """This process's estimate of the Redis server's clock: the local clock plus an offset
+    measured from ``TIME`` (the worker re-measures it at every heartbeat). What a worker
+    compares a call's relative deadline with, so that a host whose clock is minutes off still
+    honours deadlines to within a round trip."""
+
+    def __init__(self) -> None:
+        #: Redis time minus local time (seconds); 0 until measured.
+        self.offset = 0.0
+
+    def update(self, redis_now: float, sent: float, received: float) -> None:
+        """Record a ``TIME`` answer read between local times ``sent`` and ``received``."""
+        self.offset = redis_now - (sent + received) / 2
+
+    def now(self) -> float:
+        """The Redis server's time now, estimated (epoch seconds)."""
+        return time.time() + self.offset
 
 
 def agents_of(r: Any, key: str, server: str) -> list[AgentInfo]:
@@ -172,13 +235,13 @@ def unhostable(r: Any, agents_key: str, servers: list[ServerInfo], agent_ids: li
     move it. A caller waiting on such a call asks this now and then instead of waiting out its
     whole deadline. No round trip while no server is dead; else one (the agents' records).
     An agent whose server's record vanished (FLUSHALL) is not detected."""
-    now = time.time()
-    dead = {s.name for s in servers
-            if s.status == "dead" or now - s.heartbeat >= 2 * dead_after}
+    # Ages by the Redis clock at which the snapshot was read (ServerInfo.age), never this
+    # host's: heartbeats are stamped with Redis's TIME.
+    dead = {s.name for s in servers if s.status == "dead" or s.age() >= 2 * dead_after}
     ids = list(dict.fromkeys(a for a in agent_ids if a))
     if not dead or not ids:
         return None
-    live = [s for s in servers if s.alive(dead_after, now)]
+    live = [s for s in servers if s.alive(dead_after)]
     by_name = {s.name: s for s in servers}
     for raw in r.hmget(agents_key, ids):
         if raw is None:
@@ -193,7 +256,7 @@ def unhostable(r: Any, agents_key: str, servers: list[ServerInfo], agent_ids: li
                f"no live worker loaded {module!r} with room for it")
         home = by_name[a.server]
         return (f"no live worker can host agent {a.name!r} ({a.id}): its server {a.server!r} "
-                f"is dead (silent for {now - home.heartbeat:.0f} s) and there is {why}. The "
+                f"is dead (silent for {home.age():.0f} s) and there is {why}. The "
                 f"call stays queued and runs when such a worker starts (`busagent worker "
                 f"--agents {module}`); see `busagent deadletter` for calls that killed their "
                 "workers")

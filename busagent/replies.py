@@ -19,8 +19,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
+
 from . import records, scripts
-from .errors import CallTimeout, PlacementError, RedisUnavailable
+from .errors import CallTimeout, MessageTooLarge, PlacementError, RedisUnavailable
 from .protocol import Reply
 from .sender import REDIS_DOWN
 from .tuning import CHECK_AGENTS, PEEK_BATCH, SEND_BATCH
@@ -76,6 +78,20 @@ def release(b: Bus, call_ids: Sequence[str]) -> None:
             b.redis.unlink(*[key(b, c) for c in call_ids[i : i + SEND_BATCH]])
 
 
+def flush(b: Bus, timeout: float | object | None) -> float | None:
+    """Send this process's queued calls within the caller's ``timeout`` (seconds, DEFAULT for
+    ``call_timeout``, None for none) and return what is left of it for the wait, so that the
+    flush and the wait together honour the deadline. Raises RedisUnavailable (naming the cause:
+    unreachable, credentials refused) if the calls could not be sent in time."""
+    t = b.settings.call_timeout if timeout is DEFAULT else timeout
+    if t is None:
+        b.sender.flush()
+        return None
+    start = time.monotonic()
+    b.sender.flush(until=start + float(t))  # type: ignore[arg-type]
+    return max(float(t) - (time.monotonic() - start), 0.0)  # type: ignore[arg-type]
+
+
 class _Wait:
     """The state of one wait for many replies, shared by :func:`fetch` and :func:`afetch`:
     what is still pending, the deadline sliced into blocking reads, and the backoff through a
@@ -92,6 +108,9 @@ class _Wait:
         self.out: dict[str, bytes] = {}
         self.pending = [c for c in dict.fromkeys(call_ids) if not (errors and c in errors)]
         self.delay = 0.05
+        #: why Redis last refused the blocking read (it is a write: refused when Redis is out
+        #: of memory), for the CallTimeout message.
+        self.refused = ""
         #: call id -> agent id, for the liveness check (:meth:`due`); none: no check.
         self.agents: Mapping[str, str] = agents or {}
         self.checking = agents is not None
@@ -140,10 +159,12 @@ class _Wait:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 n = len(self.pending)
+                why = (f"; meanwhile Redis refused writes ({self.refused})" if self.refused
+                       else "")
                 raise CallTimeout(
                     f"{n} of {n + len(self.out)} call(s) not answered in time (first: "
                     f"{self.pending[0]}); the agent may be busy or its worker down: see "
-                    "`busagent servers`, or pass a longer timeout"
+                    f"`busagent servers`, or pass a longer timeout{why}"
                 )
             wait = min(wait, left)
         if self.checking:
@@ -160,6 +181,17 @@ class _Wait:
         if got is not None:
             self.out[self.pending.pop()] = cast(bytes, got)
 
+    def refusal(self, e: BaseException) -> float:
+        """How long to wait before trying again when Redis refused the blocking read (out of
+        memory: BLMOVE is a write); the peek that comes first still reads what is there.
+        Never past the deadline: :meth:`next` raises CallTimeout there."""
+        self.refused = str(self.b.translate(e))
+        d = self.delay
+        self.delay = min(self.delay * 2, 1.0)
+        if self.deadline is not None:
+            d = min(d, max(self.deadline - time.monotonic(), 0.0))
+        return d
+
     def backoff(self, e: BaseException) -> float:
         """How long to wait before trying again through an outage; past the caller's deadline,
         say Redis was the problem (not the agent)."""
@@ -173,6 +205,41 @@ class _Wait:
         return d
 
 
+def _closed_while_up(b: Bus, w: _Wait) -> bool:
+    """After a read broke: False if Redis is down (wait it out). Else Redis closed our
+    connection while up: most often because a reply was larger than its output-buffer limit
+    for normal clients (``client-output-buffer-limit normal 32mb 16mb 5`` on many managed
+    Redis), which no number of re-reads can get through. The largest pending reply is then
+    read alone; if Redis closes the connection again, that call fails with MessageTooLarge
+    (once: its reply is settled as that error) and True is returned, as it is when the lone
+    read works (a CLIENT KILL or an idle timeout: not an outage)."""
+    try:
+        b.redis.ping()
+        sizes = [n for i in range(0, len(w.pending), PEEK_BATCH)
+                 for n in scripts.sizes(b.scripts, [key(b, c) for c in
+                                                    w.pending[i : i + PEEK_BATCH]])]
+    except REDIS_DOWN:
+        return False
+    size, call = max(zip(sizes, w.pending, strict=True))
+    if size == 0:
+        return False  # nothing to blame: retry with back-off as through an outage
+    try:
+        got = scripts.collect(b.scripts, [key(b, call)], w.take)[0]
+    except REDIS_DOWN:
+        try:
+            b.redis.ping()
+        except REDIS_DOWN:
+            return False
+        got = Reply.fail(MessageTooLarge(
+            f"the reply to call {call} is {size:,} bytes and Redis at {b.url_for_humans} "
+            "closes the connection each time it sends it: it is over Redis's output-buffer "
+            "limit for normal clients (client-output-buffer-limit); raise that limit (CONFIG "
+            "SET client-output-buffer-limit \"normal 0 0 0\") or return smaller replies"))
+    if got is not None:
+        w.peeked({call: got})
+    return True
+
+
 def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
           errors: dict[str, BaseException] | None = None, take: bool = False,
           agents: Mapping[str, str] | None = None) -> dict[str, bytes]:
@@ -182,7 +249,7 @@ def fetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None
     ``agents`` (call id -> agent id): past ``dead_after`` into the wait, raise PlacementError
     as soon as one of those agents' server is dead with no live worker to move it to
     (:func:`busagent.records.unhostable`), rather than wait out the deadline."""
-    b.sender.flush()
+    timeout = flush(b, timeout)
     w, r = _Wait(b, call_ids, timeout, errors, take, agents), b.redis
     with b.errors():  # an outage is waited out below; any other refusal is a busagent error
         if b.blocking is None or w.peeked(peek(b, w.pending, take)):
@@ -207,7 +274,13 @@ def _wait(b: Bus, w: _Wait, r: Any) -> None:
             w.read(r.blpop([k], wait) if take
                    else r.blmove(k, k, wait, "RIGHT", "LEFT"))
         except REDIS_DOWN as e:
-            time.sleep(w.backoff(e))
+            if not _closed_while_up(b, w):
+                time.sleep(w.backoff(e))
+        except redis.exceptions.OutOfMemoryError as e:
+            # Replies already written stay readable: collect.lua only reads (LINDEX).
+            if w.peeked(peek(b, w.pending, take)):
+                break
+            time.sleep(w.refusal(e))
 
 
 async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None = None,
@@ -218,7 +291,7 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
     event loop is never blocked."""
     loop = asyncio.get_running_loop()
     if b.sender.queued():
-        await loop.run_in_executor(None, b.sender.flush)
+        timeout = await loop.run_in_executor(None, flush, b, timeout)
     w, r = _Wait(b, call_ids, timeout, errors, take, agents), b.async_client()
     with b.errors():  # as in fetch
         while w.pending:
@@ -232,4 +305,8 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
                        else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
             except REDIS_DOWN as e:
                 await asyncio.sleep(w.backoff(e))
+            except redis.exceptions.OutOfMemoryError as e:
+                if w.peeked(await apeek(b, w.pending, take)):
+                    break
+                await asyncio.sleep(w.refusal(e))
     return w.out

@@ -37,6 +37,7 @@ import redis
 import redis.asyncio as aredis
 
 from .keys import GROUP, Keys
+from .tuning import PEEK_BYTES
 
 NAMES = ("route", "collect", "commit", "move", "heartbeat")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in NAMES}
@@ -98,15 +99,23 @@ def route(s: Scripts, keys: Keys, calls: Sequence[tuple[str, str, str]], *, kind
 # --- collect.lua --------------------------------------------------------------------------------
 
 
-def collect(s: Scripts, reply_keys: Sequence[str], take: bool) -> list[bytes | None]:
-    """Each key's reply or None; ``take`` deletes what it read."""
-    return [v or None for v in s.run("collect", reply_keys, [int(take)])]
+def collect(s: Scripts, reply_keys: Sequence[str], take: bool,
+            budget: int = PEEK_BYTES) -> list[bytes | None]:
+    """Each key's reply or None (not there, or past ``budget`` bytes of replies already in
+    this answer: read it next time); ``take`` deletes what it read."""
+    return [v or None for v in s.run("collect", reply_keys, [int(take), budget])]
 
 
-async def acollect(s: Scripts, client: aredis.Redis, reply_keys: Sequence[str], take: bool
-                   ) -> list[bytes | None]:
+async def acollect(s: Scripts, client: aredis.Redis, reply_keys: Sequence[str], take: bool,
+                   budget: int = PEEK_BYTES) -> list[bytes | None]:
     """:func:`collect` on an asyncio client."""
-    return [v or None for v in await s.arun(client, "collect", reply_keys, [int(take)])]
+    return [v or None
+            for v in await s.arun(client, "collect", reply_keys, [int(take), budget])]
+
+
+def sizes(s: Scripts, reply_keys: Sequence[str]) -> list[int]:
+    """Each key's reply size in bytes (0 if it is not there), without sending any reply."""
+    return [int(n) for n in s.run("collect", reply_keys, [2, 0])]
 
 
 # --- commit.lua ---------------------------------------------------------------------------------
@@ -153,9 +162,13 @@ def commit(s: Scripts, keys: Keys, inbox: str, reply_ttl: int, batch: Sequence[F
 # --- heartbeat.lua ------------------------------------------------------------------------------
 
 
-def heartbeat(s: Scripts, keys: Keys, name: str, record_json: str) -> bool:
-    """Write a server's record; False if it was fenced (declared dead by others)."""
-    return bool(s.run("heartbeat", [keys.servers], [name, record_json]))
+def heartbeat(s: Scripts, keys: Keys, name: str, record_json: str,
+              adopt: bool = False) -> tuple[bool, float]:
+    """Write a server's record (JSON without ``heartbeat``: the script stamps it with Redis's
+    ``TIME``); returns (False if it was fenced, i.e. declared dead by others, the Redis time in
+    epoch seconds). ``adopt`` writes even over a dead record (a new owner of the name)."""
+    ok, now = s.run("heartbeat", [keys.servers], [name, record_json, "1" if adopt else "0"])
+    return bool(ok), float(now)
 
 
 # --- move.lua -----------------------------------------------------------------------------------

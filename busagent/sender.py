@@ -128,16 +128,38 @@ class Sender:
         with self._cond:
             return bool(self._queue)
 
-    def flush(self) -> None:
-        """Send everything queued before this call returns."""
-        with self._send_lock:
+    def flush(self, until: float | None = None) -> None:
+        """Send everything queued before this call returns. ``until`` (``time.monotonic()``
+        seconds): a caller's deadline; if Redis is still unreachable then, RedisUnavailable is
+        raised and what was not sent stays queued (the sender thread keeps trying for up to
+        SEND_PATIENCE seconds), so a resolve never waits out the send queue's patience on top
+        of its own deadline."""
+        if until is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=max(until - time.monotonic(), 0.0)):
+            raise RedisUnavailable(
+                f"Redis at {self._bus.url_for_humans} did not take the queued calls before the "
+                "caller's deadline (sending them is being retried); check that it is up and "
+                "accepts busagent's credentials"
+            )
+        try:
             while True:
                 with self._cond:
                     batch = self._queue[:SEND_BATCH]
                     del self._queue[:SEND_BATCH]
                 if not batch:
                     return
-                self._send(batch)
+                late = self._send(batch, until)
+                if late is not None:
+                    with self._cond:
+                        self._queue[:0] = batch
+                    cause = self._bus.translate(late)
+                    raise RedisUnavailable(
+                        f"could not send before the caller's deadline: {cause}; the calls stay "
+                        f"queued and are sent if Redis takes them within {SEND_PATIENCE:g} s"
+                    )
+        finally:
+            self._send_lock.release()
 
     def close(self) -> None:
         """Send what is queued (waiting out a Redis outage up to SEND_PATIENCE seconds, and
@@ -175,21 +197,26 @@ class Sender:
             with contextlib.suppress(Exception):
                 self.flush()
 
-    def _send(self, batch: list[Op]) -> None:
+    def _send(self, batch: list[Op], until: float | None = None) -> BaseException | None:
         """Send a batch, waiting out a Redis outage for up to SEND_PATIENCE seconds (what is
-        sent is idempotent: the routing script drops a call id it has already routed)."""
+        sent is idempotent: the routing script drops a call id it has already routed), then
+        failing its ops. Returns the last error, with the ops not told, when the caller's
+        ``until`` comes first."""
         deadline = time.monotonic() + SEND_PATIENCE
         delay = 0.05
         while True:
             try:
                 self._attempt(batch)
-                return
+                return None
             except (*REDIS_DOWN, OSError) as e:
-                if time.monotonic() + delay > deadline:
+                now = time.monotonic()
+                if now + delay > deadline:
                     err = self._unavailable(e)
                     for op in batch:
                         op.on_error(err)
-                    return
+                    return None
+                if until is not None and now + delay > until:
+                    return e
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -238,7 +265,5 @@ class Sender:
               flush=True)
 
     def _unavailable(self, e: BaseException) -> RedisUnavailable:
-        return RedisUnavailable(
-            f"could not send to Redis at {self._bus.url_for_humans}: {e}; check the URL "
-            "(BUSAGENT_REDIS_URL) and that the server is up"
-        )
+        return RedisUnavailable(f"could not send for {SEND_PATIENCE:g} s: "
+                                f"{self._bus.translate(e)}")

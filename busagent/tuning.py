@@ -13,6 +13,9 @@ from __future__ import annotations
 SEND_BATCH = 1000
 #: replies read per collect.lua call (count).
 PEEK_BATCH = 2000
+#: bytes of replies one collect.lua call returns at most (beyond its first reply): well under
+#: the 16-32 MB output-buffer limits managed Redis sets for normal clients (bytes).
+PEEK_BYTES = 4 * 2**20
 #: how long sends wait out a Redis outage before their placeholders fail (seconds).
 SEND_PATIENCE = 20.0
 #: how long a routed call id is remembered, so a resent call is routed once (seconds). Must

@@ -85,7 +85,7 @@ def test_bodies_pack_small_and_keep_user_values() -> None:
     refs: list[Ref] = []
     back = CallBody.unpack(body.pack(), refs)
     assert back.args[0].content == Point(x=1, y=2) and refs == [Ref("c1")]
-    assert (back.method, back.stream, back.deadline) == ("m", True, None)
+    assert (back.method, back.stream, back.timeout) == ("m", True, None)
     spec = CreateBody(cls="m:C", name="n", memory=[to_json(Msg("a", 1))])
     assert from_json(CreateBody.unpack(spec.pack()).memory[0]).content == 1
     for bad in (CallBody(args=[1]).pack(), b"\x93\x01\x02\x03"):

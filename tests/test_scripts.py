@@ -66,10 +66,13 @@ def test_heartbeat_is_fenced_and_scripts_reload(bus: busagent.bus.Bus) -> None:
     b, k = bus, bus.keys
     rec = ServerInfo(name="s1", host="h", pid=1, started=0.0, heartbeat=1.0, capacity=1)
     b.redis.script_flush()  # Redis restarted empty: NOSCRIPT, loaded again
-    assert scripts.heartbeat(b.scripts, k, "s1", rec.model_dump_json())
+    ok, now = scripts.heartbeat(b.scripts, k, "s1", rec.model_dump_json(exclude={"heartbeat"}))
+    assert ok
+    # stamped with Redis's clock, not the record's
+    assert ServerInfo.model_validate_json(b.redis.hget(k.servers, "s1") or b"").heartbeat == now
     dead = rec.model_copy(update={"status": "dead"})
     b.redis.hset(k.servers, "s1", dead.model_dump_json())
-    assert not scripts.heartbeat(b.scripts, k, "s1", rec.model_dump_json())
+    assert not scripts.heartbeat(b.scripts, k, "s1", rec.model_dump_json(exclude={"heartbeat"}))[0]
 
 
 def test_move_restores_moves_and_deadletters(bus: busagent.bus.Bus) -> None:

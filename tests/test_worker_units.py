@@ -39,7 +39,8 @@ def job(agent: str, kind: str = "call", body: bytes | None = None, *, call: str 
     n = next(_ids)
     entry = Entry(v=v, call=call or f"c{n}", agent=agent, caller="test", kind=kind,
                   body=pack({"args": []}) if body is None else body, sig=sig)
-    return Job(f"{n}-0".encode(), entry, held=held)
+    # ids as Redis makes them: its time in ms (relative deadlines count from it), a sequence
+    return Job(f"{int(time.time() * 1000)}-{n}".encode(), entry, held=held)
 
 
 def drain(mb: Mailboxes, agent: str) -> list[Job]:
@@ -440,7 +441,7 @@ def test_wrong_version_bad_signature_and_oversized_calls_are_refused() -> None:
 def test_a_passed_deadline_gives_call_timeout_without_running() -> None:
     a = Echo("e")
     ex, _ = executor(a)
-    done = finished(ex.run(call(a, "late", deadline=time.time() - 1)))
+    done = finished(ex.run(call(a, "late", timeout=-1)))
     with pytest.raises(CallTimeout, match="deadline passed"):
         decode(done.reply)
     assert a.memory.get() == []
@@ -485,7 +486,7 @@ def test_an_input_that_failed_fails_the_call() -> None:
         decode(finished(ex.run(call(a, Ref("p1")))).reply)
     # Not there yet, then not in time: the awaitable ends in the error Done.
     ex, _ = executor(a)
-    out = ex.run(call(a, Ref("p2"), deadline=time.time() + 60))
+    out = ex.run(call(a, Ref("p2"), timeout=60))
     done = asyncio.run(out)  # type: ignore[arg-type]
     with pytest.raises(CallTimeout):
         decode(finished(done).reply)
@@ -577,7 +578,8 @@ def test_a_reread_of_pending_entries_skips_those_in_flight() -> None:
     r = fakeredis.FakeRedis()
     bus = SimpleNamespace(redis=r, keys=Keys("t"), settings=Settings())
     held: set[bytes] = set()
-    inbox = Inbox(bus, "w1", threading.Event(), lambda: set(held))  # type: ignore[arg-type]
+    inbox = Inbox(bus, "w1", threading.Event(), lambda: set(held),  # type: ignore[arg-type]
+                  reader=r)
     inbox.ensure_group()
     fields = {"v": "1", "agent": "a", "kind": "call", "body": pack({"args": []})}
     ids = [r.xadd(inbox.key, {**fields, "call": f"c{i}"}) for i in range(3)]

@@ -64,9 +64,9 @@ def servers() -> list[dict[str, Any]]:
         found = read_servers(b.redis, b.keys.servers)
     out = []
     for s in found:
-        state = s.state(b.settings.dead_after, now)
+        state = s.state(b.settings.dead_after)  # by the Redis clock (ServerInfo.age)
         out.append({**s.model_dump(), "state": state, "alive": state in LIVE,
-                    "age": round(now - s.heartbeat, 1), "uptime": round(now - s.started, 1),
+                    "age": round(s.age(), 1), "uptime": round(now - s.started, 1),
                     "p50": quantile(s.latency, 0.5), "p99": quantile(s.latency, 0.99)})
     return out
 

@@ -101,7 +101,8 @@ class Committer:
             except (redis.exceptions.RedisError, OSError) as e:
                 # Nothing is acknowledged until written: retry until Redis is back (or, for an
                 # out-of-memory refusal, has room again).
-                log.warning("writing replies failed (%s); retrying in %.2fs", e, backoff)
+                log.warning("writing replies failed; retrying in %.2fs: %s", backoff,
+                            self.bus.translate(e))
                 if self.exiting and backoff >= 2.0:
                     log.error("giving up on %d replies at exit; they stay pending", len(batch))
                     return

@@ -67,11 +67,14 @@ class Executor:
     shared secret (None: calls are not signed)."""
 
     def __init__(self, io: CallIO, replies: Replies, agent: Callable[[str], Agent],
-                 secret: str | None) -> None:
+                 secret: str | None, clock: Callable[[], float] = time.time) -> None:
         self.io = io
         self.replies = replies
         self.agent = agent
         self.secret = secret
+        #: Redis's time now, as this host estimates it (epoch seconds): what the callers'
+        #: relative deadlines are measured against (see CallBody.timeout).
+        self.clock = clock
 
     def verify(self, e: Entry) -> None:
         """Raise ProtocolError for another protocol version or a bad signature, MessageTooLarge
@@ -131,8 +134,10 @@ class Executor:
         # A sender that did not check (another version, hand-made entries): refused here too,
         # before it waits for anything.
         callchain.refuse(tuple(body.chain), [(agent.agent_id, agent.name)])
-        if body.deadline is not None and time.time() > body.deadline:
-            raise CallTimeout("the caller's deadline passed before the call started")
+        deadline = _deadline(job, body)
+        if deadline is not None and self.clock() > deadline:
+            raise CallTimeout(f"the caller's deadline passed before the call started (it waits "
+                              f"{body.timeout} s from when the call was queued)")
         if e.kind == "call":
             fn: Callable[..., Any] = agent.reply
         elif e.kind == "observe":
@@ -151,7 +156,7 @@ class Executor:
                 raw = self.io.peek(ids)
                 if any(v is None for v in raw):
                     # Not all inputs are there: wait on the loop thread, not in this one.
-                    return self._await_inputs(job, ids, body.deadline)
+                    return self._await_inputs(job, ids, deadline)
                 values = _decode_inputs(zip(ids, raw, strict=True), body)  # type: ignore[arg-type]
                 args, kwargs = substitute(args, values), substitute(kwargs, values)
         if inspect.iscoroutinefunction(fn):
@@ -189,7 +194,7 @@ class Executor:
     async def _await_inputs(self, job: Job, ids: list[str], deadline: float | None
                             ) -> Done | Job:
         try:
-            timeout = None if deadline is None else max(deadline - time.time(), 0.001)
+            timeout = None if deadline is None else max(deadline - self.clock(), 0.001)
             got = await self.io.fetch(ids, timeout)
             body = CallBody.unpack(job.entry.body, [])
             values = _decode_inputs(((c, got[c]) for c in ids), body)
@@ -293,3 +298,16 @@ def _ref_path(obj: Any, call_id: str, where: str) -> str:
         if found := _ref_path(v, call_id, sub):
             return found
     return ""
+
+
+def _deadline(job: Job, body: CallBody) -> float | None:
+    """When the caller stops waiting, by Redis's clock: the time Redis queued the entry (the
+    milliseconds in its id) plus the caller's relative timeout. A call moved by recovery was
+    queued again, so its time restarts there."""
+    if body.timeout is None:
+        return None
+    try:
+        queued = int(job.entry_id.split(b"-", 1)[0]) / 1000
+    except ValueError:  # not a Redis-made id: nothing to measure from
+        return None
+    return queued + body.timeout

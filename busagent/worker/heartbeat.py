@@ -3,6 +3,16 @@ dead servers into recovery, and deregistering.
 
 Fencing: once recovery declared this worker dead and moved its agents, ``heartbeat.lua`` refuses
 its record; the worker must then stop and touch nothing of theirs (:attr:`Heartbeat.fenced`).
+
+Clocks: the record's heartbeat is stamped with Redis's ``TIME`` by the script and judged against
+Redis's time (:mod:`busagent.records`), so this host's clock plays no part in liveness. Each
+beat also measures this host's offset from Redis's clock (:attr:`Heartbeat.clock`), which the
+executor uses for the callers' relative deadlines.
+
+Refused writes: while Redis refuses this worker's heartbeat (out of memory, a lost connection,
+a restart) it refused its peers' too, so their records look stale through no fault of theirs.
+The sweep therefore judges nobody until Redis has accepted this worker's own writes for a whole
+``dead_after`` again (:meth:`Heartbeat.sweep`).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from busagent import records, scripts
 from busagent.bus import Bus
 from busagent.errors import BusError, ConfigError, UnknownAgent
 from busagent.protocol import VERSION
-from busagent.records import AgentInfo, ServerInfo
+from busagent.records import AgentInfo, RedisClock, ServerInfo
 from busagent.tuning import RECOVERY_LOCK_MS
 
 from . import recovery
@@ -56,6 +66,10 @@ class Heartbeat:
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)
         self._cpu_sampled = False
+        #: this host's estimate of Redis's clock, re-measured at every beat.
+        self.clock = RedisClock()
+        #: monotonic time of the last heartbeat Redis refused (or could not take).
+        self._refused_at = float("-inf")
 
     def info(self) -> ServerInfo:
         """This worker's record as of now."""
@@ -66,7 +80,7 @@ class Heartbeat:
             self._cpu_sampled, cpu = True, 0.0
         return ServerInfo(
             name=self.server, host=socket.gethostname(), pid=os.getpid(), started=self.started,
-            heartbeat=time.time(), cpu=cpu,
+            cpu=cpu,
             mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
             inflight=self.inflight(), capacity=self.capacity, modules=list(self.modules),
             status="stopping" if self.stopping.is_set() else "up", version=VERSION,
@@ -77,9 +91,8 @@ class Heartbeat:
         """Take the name: BusagentError if a live worker has it. After a crash under this name,
         ``rebuild`` gets the agents still registered to it (before anything is read, so that
         its pending calls find them); then the record is written."""
-        raw = self.r.hget(self.keys.servers, self.server)
-        if raw is not None:
-            old = ServerInfo.model_validate_json(raw)
+        old = records.read_server(self.r, self.keys.servers, self.server)
+        if old is not None:
             # On this host a dead pid is proof enough; elsewhere, trust the heartbeat's age.
             gone = old.host == socket.gethostname() and not psutil.pid_exists(old.pid)
             if old.alive(self.bus.settings.dead_after) and old.pid != os.getpid() and not gone:
@@ -96,7 +109,7 @@ class Heartbeat:
         try:
             recovery.count_restart(self.bus, self.server)
             rebuild(recovery.agents_of(self.bus, self.server))
-            self.r.hset(self.keys.servers, self.server, self.info().model_dump_json())
+            self._write(adopt=True)
         finally:
             recovery.unlock(self.bus, self.server, self.server)
 
@@ -105,12 +118,23 @@ class Heartbeat:
         self.r.rpush(self.keys.ready(self.server), "1")
         self.r.expire(self.keys.ready(self.server), 60)
 
+    def _write(self, adopt: bool = False) -> bool:
+        sent = time.time()
+        ok, now = scripts.heartbeat(self.bus.scripts, self.keys, self.server,
+                                    self.info().model_dump_json(exclude={"heartbeat"}), adopt)
+        self.clock.update(now, sent, time.time())
+        return ok
+
     def beat(self) -> bool:
-        """Write the record; False once fenced (then it is never written again)."""
+        """Write the record; False once fenced (then it is never written again). Raises
+        redis-py's error when Redis refused it (remembered: see :meth:`sweep`)."""
         if self.fenced:
             return False
-        ok = scripts.heartbeat(self.bus.scripts, self.keys, self.server,
-                               self.info().model_dump_json())
+        try:
+            ok = self._write()
+        except (redis.exceptions.RedisError, OSError):
+            self._refused_at = time.monotonic()
+            raise
         if not ok:
             log.error("worker %s was declared dead and its agents moved elsewhere; stopping",
                       self.server)
@@ -118,15 +142,18 @@ class Heartbeat:
         return bool(ok)
 
     def sweep(self) -> None:
-        """Recover servers that stopped heart-beating; drop their records once empty and old."""
-        now = time.time()
+        """Recover servers that stopped heart-beating; drop their records once empty and old.
+        Judges nobody within ``dead_after`` of a heartbeat of ours that Redis refused: the
+        others' heartbeats were refused alike, and a record's age then says nothing."""
+        if time.monotonic() - self._refused_at < self.bus.settings.dead_after:
+            return
         for info in records.read_servers(self.r, self.keys.servers):
             if info.name == self.server or self.stopping.is_set():
                 continue
-            if recovery.needs_recovery(self.bus, info, now):
+            if recovery.needs_recovery(self.bus, info):
                 recovery.recover(self.bus, info.name, self.server)
             elif (info.status == "dead" and info.agents == 0
-                  and now - info.heartbeat > self.bus.settings.sweep_after):
+                  and info.age() > self.bus.settings.sweep_after):
                 log.info("sweeping dead server %s", info.name)
                 self.r.hdel(self.keys.servers, info.name)
 

@@ -2,6 +2,13 @@
 
 One leader reads at a time (see :mod:`.mailboxes`), so stream order is dispatch order. Entries
 come back as :class:`.jobs.Job`s, or :class:`.jobs.Rejected` for malformed ones.
+
+Order across a dropped connection: Redis moves an entry to our pending list as it hands it to a
+blocked XREADGROUP; if the connection dies then (CLIENT KILL, a proxy or load balancer dropping
+an idle connection), the entry is pending and unseen. The reader therefore has a connection of
+its own that redis-py never retries a command on (a silent retry of ``XREADGROUP >`` would
+read the *next* entries first), and after any broken read it re-reads the pending list before
+anything new, so each agent's calls still run in arrival order.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from busagent.bus import Bus
+from busagent.bus import Bus, socket_options
 from busagent.errors import ProtocolError
 from busagent.keys import GROUP
 from busagent.protocol import ControlBody, CreateBatch, Entry, deadletter
@@ -26,6 +35,9 @@ from .jobs import Job, Rejected
 log = logging.getLogger("busagent.worker")
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+#: Redis refusing a read that would work later, as opposed to having lost our group.
+_REFUSED = (redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError,
+            redis.exceptions.ReadOnlyError)
 
 
 class Inbox:
@@ -33,7 +45,7 @@ class Inbox:
     of the entries in flight (read and not yet written); ``stopping`` ends back-off waits."""
 
     def __init__(self, bus: Bus, server: str, stopping: threading.Event,
-                 held: Callable[[], set[bytes]]) -> None:
+                 held: Callable[[], set[bytes]], reader: redis.Redis | None = None) -> None:
         self.bus = bus
         self.r = bus.redis
         self.server = server
@@ -43,6 +55,15 @@ class Inbox:
         #: where the next read starts: "0" re-reads this consumer's pending entries, ">" new.
         self._start = "0"
         self._history_at = 0.0
+        #: the reader's own connection, never retried by redis-py (see the module docstring);
+        #: named, so an operator sees it in CLIENT LIST.
+        #: (``reader``: another client, for unit tests on a fake Redis.)
+        self.reader = reader if reader is not None else redis.Redis.from_url(
+            bus.url, retry=Retry(NoBackoff(), 0), **socket_options(bus.url, bus.settings),
+            client_name="busagent-inbox:" + "_".join(server.split()))
+        #: the last failure logged (a failure that lasts is logged once) and the back-off.
+        self._said = ""
+        self._delay = 0.5
 
     def ensure_group(self) -> None:
         """Create the stream and its consumer group unless they exist."""
@@ -58,9 +79,8 @@ class Inbox:
         return nothing."""
         block = int(min(self.bus.settings.block_slice, 1.0) * 1000)
         if self._start == ">" and time.monotonic() - self._history_at > HISTORY_EVERY:
-            # redis-py retries a command whose connection broke; if the broken XREADGROUP had
-            # already delivered entries, they sit in our pending list unseen. Look there now
-            # and then.
+            # A safety net: entries can sit in our pending list unseen only after a broken read,
+            # which already sends us there; look now and then anyway.
             self._start = "0"
         if self._start == "0":
             self._history_at = time.monotonic()
@@ -71,9 +91,15 @@ class Inbox:
         try:
             # Not interrupted on stop (entries read by an abandoned XREADGROUP would sit pending
             # unseen): the short block bounds how long a stop waits instead.
-            resp: Any = self.r.xreadgroup(GROUP, self.server, {self.key: start},
-                                          count=READ_COUNT, block=None if start != ">" else block)
+            resp: Any = self.reader.xreadgroup(GROUP, self.server, {self.key: start},
+                                               count=READ_COUNT,
+                                               block=None if start != ">" else block)
         except redis.exceptions.ResponseError as e:
+            if isinstance(e, _REFUSED) or "NOPERM" in str(e) or "MISCONF" in str(e):
+                # Refused (NOPERM after an ACL change, ...): nothing was lost; say what is
+                # wrong once and back off until it clears.
+                self._failed(e, "was refused")
+                return [], []
             # NOGROUP (6.2) or UNBLOCKED (7.x, the stream was deleted under a blocked read):
             # Redis lost our data. Recreate the group and go on, without spinning.
             log.warning("reading the inbox failed (%s); recreating the consumer group", e)
@@ -81,12 +107,16 @@ class Inbox:
             try:
                 self.ensure_group()
             except redis.exceptions.RedisError as e2:
-                log.warning("could not recreate the consumer group: %s", e2)
+                log.warning("could not recreate the consumer group: %s", self.bus.translate(e2))
             return [], []
         except _REDIS_DOWN as e:
-            log.warning("reading the inbox failed (%s); retrying", e)
-            self.stopping.wait(0.5)  # back off; a stop ends the wait early
+            # Entries Redis handed to the broken connection are pending: read them first.
+            self._start = "0"
+            self._failed(e, "lost its connection")
             return [], []
+        if self._said:
+            log.warning("reading the inbox works again")
+            self._said, self._delay = "", 0.5
         entries = [e for _, es in resp or [] for e in es]
         if start != ">":
             # Our own pending entries (a restart under the same name), page by page, then new.
@@ -103,6 +133,19 @@ class Inbox:
             else:
                 rejected.append(job)
         return jobs, rejected
+
+    def _failed(self, e: BaseException, how: str) -> None:
+        """Log a failed read once per distinct cause, then back off (0.5 s doubling to 5 s; a
+        stop ends the wait early)."""
+        text = str(self.bus.translate(e))
+        if text != self._said:
+            log.warning("reading the inbox %s: %s; retrying with backoff", how, text)
+            self._said = text
+        self.stopping.wait(self._delay)
+        self._delay = min(self._delay * 2, 5.0)
+
+    def close(self) -> None:
+        self.reader.close()
 
     def wake(self) -> None:
         """End the leader's blocking read now rather than at its timeout: an entry that the

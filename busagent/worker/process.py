@@ -41,6 +41,7 @@ import redis
 from busagent import bus as _bus
 from busagent import tracing
 from busagent.config import Settings
+from busagent.errors import ConfigError
 from busagent.protocol import ControlBody
 from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS
 
@@ -103,13 +104,21 @@ class Worker:
         # in BLMOVE on its own), and room for the heartbeat, the committer and recovery: an
         # exhausted pool would stop the heartbeat and get the worker presumed dead.
         self.bus = bus = _bus.Bus(s, max_connections=s.threads + MAX_LENT_THREADS + 64)
+        problem = bus.eviction_problem()
+        if problem:
+            # A worker holds the registry, inboxes and memories: on an evicting Redis it would
+            # lose them silently, so it does not start (Sidekiq and BullMQ only warn; losing
+            # agents without a word is worse than a one-line error at start-up).
+            bus.close()
+            raise ConfigError(f"{problem}; this worker will not start on it")
         _bus.install(bus)
         self.bus.server_name = self.name  # this server's model config overrides come first
         bus.blocking = self._lend  # nested calls resolved inside reply must not starve the pool
         mb = self.mailboxes
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
-        self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret)
+        self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret,
+                                 clock=lambda: self.heartbeat.clock.now())
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
                                    self.started, self.stats.snapshot)
@@ -130,9 +139,11 @@ class Worker:
         with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
             self.inbox.ensure_group()
             self.heartbeat.adopt(self.hosting.rebuild)
+        # Heart-beating first: the record just written must not go stale while the runner
+        # threads start (slow on a loaded host), or others would take it for dead.
+        self._spawn(self._beat, "heartbeat")
         for i in range(s.threads):
             self._spawn(self._runner, f"runner-{i}")
-        self._spawn(self._beat, "heartbeat")
         with bus.errors():
             self.heartbeat.announce()
         log.info("worker %s serving %s on %s", self.name, list(self.loaded), bus.url_for_humans)
@@ -188,16 +199,25 @@ class Worker:
             self.heartbeat.deregister()
         self.logs.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.inbox.close()
         self.bus.close()
 
     def _beat(self) -> None:
+        said = ""  # the last failure logged: a refusal that lasts is logged once, not each beat
         while not self.stopping.wait(self.settings.heartbeat):
             try:
                 if not self.heartbeat.beat():
                     self.stop()
                 self.heartbeat.sweep()
-            except redis.exceptions.RedisError as e:
-                log.warning("heartbeat failed: %s", e)
+                if said:
+                    log.warning("heartbeat: Redis accepts writes again")
+                    said = ""
+            except (redis.exceptions.RedisError, OSError) as e:
+                text = str(self.bus.translate(e))
+                if text != said:
+                    log.warning("heartbeat refused: %s (other workers will not be declared "
+                                "dead until this clears)", text)
+                    said = text
 
     def state(self) -> dict[str, Any]:
         """The scheduler's state, for diagnosing a stuck worker (``ServerClient.state()``)."""

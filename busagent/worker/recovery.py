@@ -10,7 +10,6 @@ server that loaded its module, queues a restore there and moves the agent's wait
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +40,9 @@ def agents_of(b: Bus, server: str) -> list[AgentInfo]:
     return records.agents_of(b.redis, b.keys.agents, server)
 
 
-def needs_recovery(b: Bus, info: ServerInfo, now: float) -> bool:
-    if info.state(b.settings.dead_after, now) != "dead":
+def needs_recovery(b: Bus, info: ServerInfo) -> bool:
+    """Dead by :meth:`ServerInfo.state` (the Redis clock) with agents or calls left to move."""
+    if info.state(b.settings.dead_after) != "dead":
         return False
     return info.status != "dead" or info.agents > 0 or b.redis.xlen(b.keys.inbox(info.name)) > 0
 
@@ -74,11 +74,10 @@ def recover(b: Bus, server: str, owner: str, exclude: set[str] | None = None) ->
     try:
         # Decided from a snapshot: under the lock, look again. A worker restarted under this
         # name registers under the same lock, and must not be taken apart as its predecessor.
-        raw = b.redis.hget(b.keys.servers, server)
-        if raw is not None and server not in (exclude or set()):
-            info = ServerInfo.model_validate_json(raw)
-            if not needs_recovery(b, info, time.time()):
-                return None
+        info = records.read_server(b.redis, b.keys.servers, server)
+        if (info is not None and server not in (exclude or set())
+                and not needs_recovery(b, info)):
+            return None
         return _recover(b, server, exclude or set())
     finally:
         unlock(b, server, owner)
@@ -107,8 +106,7 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
 
     # Deaths of workers restarted under this name, counted per entry (count_restart).
     restarts: dict[bytes, bytes] = b.redis.hgetall(k.restarts(server))  # type: ignore[assignment]
-    now = time.time()
-    live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after, now)
+    live = [x for x in read_servers(b.redis, k.servers) if x.alive(s.dead_after)
             and x.name != server
             and x.name not in exclude]
     batch: list[scripts.Move] = []
