@@ -86,9 +86,14 @@ class Worker:
         self.stats = Stats()
         self.replies = Replies(name, self.settings.max_message_bytes)
         self.stopping = threading.Event()
+        #: set by :meth:`shutdown` once the grace is over: the heartbeat goes on until then,
+        #: recording ``stopping``, so that a graceful stop with long calls still running is not
+        #: taken for a death (its agents moved and their calls run twice).
+        self.closing = threading.Event()
         #: on stop, move the agents to other servers instead of deleting them.
         self.drain = False
         self.threads: list[threading.Thread] = []
+        self._beat_thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -141,7 +146,7 @@ class Worker:
             self.heartbeat.adopt(self.hosting.rebuild)
         # Heart-beating first: the record just written must not go stale while the runner
         # threads start (slow on a loaded host), or others would take it for dead.
-        self._spawn(self._beat, "heartbeat")
+        self._beat_thread = self._spawn(self._beat, "heartbeat")
         for i in range(s.threads):
             self._spawn(self._runner, f"runner-{i}")
         with bus.errors():
@@ -151,10 +156,11 @@ class Worker:
     async def _setup_loop(self) -> None:
         self.bus.set_aredis(_bus.aconnect(self.bus.url, self.settings, max_connections=256))
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
         t.start()
         self.threads.append(t)
+        return t
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, ``stop()``, a control ``stop`` or the parent's death."""
@@ -182,6 +188,7 @@ class Worker:
         self.mailboxes.wait_idle(self.settings.grace)
         self.committer.exiting = True
         self.committer.flush()
+        self._stop_beating()
         fenced = self.heartbeat.fenced
         stranded = 0
         if self.drain and not fenced:
@@ -202,13 +209,22 @@ class Worker:
         self.inbox.close()
         self.bus.close()
 
+    def _stop_beating(self) -> None:
+        """End the heartbeat thread and wait for it, so no beat re-registers this worker after
+        :meth:`shutdown` deregistered it or handed its agents on."""
+        self.closing.set()
+        beat = self._beat_thread
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(timeout=self.settings.heartbeat + 30)
+
     def _beat(self) -> None:
         said = ""  # the last failure logged: a refusal that lasts is logged once, not each beat
-        while not self.stopping.wait(self.settings.heartbeat):
+        while not self.closing.wait(self.settings.heartbeat):
             try:
                 if not self.heartbeat.beat():
                     self.stop()
-                self.heartbeat.sweep()
+                if not self.stopping.is_set():  # a worker on its way out takes on nobody's
+                    self.heartbeat.sweep()
                 if said:
                     log.warning("heartbeat: Redis accepts writes again")
                     said = ""

@@ -21,7 +21,7 @@ from busagent import DistConf, Msg, Placeholder, ServerClient, embedded
 from busagent.errors import CallTimeout, ProtocolError, UnknownAgent
 from tests.agents import Adder, Killer, Recorder, Sleeper
 
-from ..conftest import Workers, wait_for
+from ..conftest import FAST, Workers, wait_for
 
 
 def answered_once(b: busagent.bus.Bus, ps: list[Placeholder]) -> None:
@@ -340,3 +340,28 @@ def test_blocking_reads_recover_after_redis_stalls(workers: Workers) -> None:
     assert p.result(timeout=30).content == 2
     assert stall.wait(30) == 0
     assert a(Msg("user", 2)).result(timeout=30).content == 3
+
+
+def test_a_graceful_stop_keeps_heartbeating_so_its_long_call_runs_once(
+        workers: Workers) -> None:
+    # The call outlives dead_after several times over: a worker that stopped heart-beating at
+    # SIGTERM was taken for dead, its agent moved to w2 and the call run a second time there.
+    p1 = workers.start("w1", extra=["--grace", "30"])
+    workers.start("w2")
+    b = busagent.bus.current()
+    s = Sleeper("slow", 4 * float(FAST["BUSAGENT_DEAD_AFTER"]),
+                to_dist=DistConf(server="w1")).ready()
+    p = s(Msg("user", "once"))
+    b.sender.flush()
+    wait_for(lambda: any(c.get("call") == p.call_id
+                         for c in ServerClient("w1").get_server_info()["running"]),
+             what="the call running on w1")
+    p1.send_signal(signal.SIGTERM)
+    wait_for(lambda: ServerClient("w1").get_server_info()["state"] == "stopping",
+             what="w1 recorded as stopping")
+    assert p.result(timeout=60).content == "slow(once)"
+    assert p1.wait(30) == 0
+    with pytest.raises(UnknownAgent):  # deleted by its stop, not moved to w2
+        busagent.admin.agent_info(s.agent_id)
+    assert b.redis.llen(b.keys.reply(p.call_id)) == 1
+    assert not [x for x in busagent.admin.deadletters()], "nothing dead-lettered"
