@@ -37,8 +37,10 @@ still failed after their retries; re-running retries them), BusError from Redis.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
+import itertools
 import json
 import random
 import string
@@ -46,7 +48,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .agent import Agent
 from .errors import ConfigError, ModelError
@@ -58,8 +67,16 @@ BATCH = 32
 ROW_RETRIES = 3
 
 
+#: a compiled distribution: (the row's generator, the attributes drawn so far) -> a value
+Draw = Callable[[random.Random, dict[str, Any]], Any]
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def compile(self) -> Draw:
+        """The draw as a plain function (a million rows must not go through pydantic)."""
+        raise NotImplementedError
 
 
 class Categorical(_Spec):
@@ -77,10 +94,15 @@ class Categorical(_Spec):
             raise ValueError("categorical weights must be >= 0 with a positive sum")
         return self
 
-    def sample(self, rng: random.Random, row: dict[str, Any]) -> Any:
+    def compile(self) -> Draw:
+        # cumulative weights once, not per row (random.choices rebuilds them every call)
+        items = list(self.values)
         if isinstance(self.values, dict):
-            return rng.choices(list(self.values), weights=list(self.values.values()))[0]
-        return self.values[rng.randrange(len(self.values))]
+            cum = list(itertools.accumulate(self.values.values()))
+            top, find = cum[-1], bisect.bisect
+            return lambda rng, row: items[find(cum, rng.random() * top)]
+        n = len(items)
+        return lambda rng, row: items[int(rng.random() * n)]
 
 
 class Normal(_Spec):
@@ -94,14 +116,19 @@ class Normal(_Spec):
     max: float | None = None
     digits: int | None = None
 
-    def sample(self, rng: random.Random, row: dict[str, Any]) -> Any:
+    def compile(self) -> Draw:
         lo = -float("inf") if self.min is None else self.min
         hi = float("inf") if self.max is None else self.max
-        for _ in range(16):
-            v = rng.gauss(self.mean, self.std)
-            if lo <= v <= hi:
-                break
-        return _round(min(hi, max(lo, v)), self.digits)
+        mean, std, digits = self.mean, self.std, self.digits
+
+        def draw(rng: random.Random, row: dict[str, Any]) -> Any:
+            for _ in range(16):
+                v = rng.gauss(mean, std)
+                if lo <= v <= hi:
+                    break
+            return _round(min(hi, max(lo, v)), digits)
+
+        return draw
 
 
 class Uniform(_Spec):
@@ -112,8 +139,9 @@ class Uniform(_Spec):
     high: float
     digits: int | None = None
 
-    def sample(self, rng: random.Random, row: dict[str, Any]) -> Any:
-        return _round(rng.uniform(self.low, self.high), self.digits)
+    def compile(self) -> Draw:
+        low, high, digits = self.low, self.high, self.digits
+        return lambda rng, row: _round(rng.uniform(low, high), digits)
 
 
 class Integer(_Spec):
@@ -123,8 +151,9 @@ class Integer(_Spec):
     low: int
     high: int
 
-    def sample(self, rng: random.Random, row: dict[str, Any]) -> Any:
-        return rng.randint(self.low, self.high)
+    def compile(self) -> Draw:
+        low, high = self.low, self.high
+        return lambda rng, row: rng.randint(low, high)
 
 
 class Conditional(_Spec):
@@ -148,12 +177,19 @@ class Conditional(_Spec):
     def on(self) -> str:
         return self.given
 
-    def sample(self, rng: random.Random, row: dict[str, Any]) -> Any:
-        spec = self.cases.get(str(row[self.on]), self.default)
-        if spec is None:
-            raise ConfigError(f"conditional on {self.on!r}: no case for {row[self.on]!r} and no "
-                              "default")
-        return spec.sample(rng, row)
+    def compile(self) -> Draw:
+        on = self.given
+        cases = {k: v.compile() for k, v in self.cases.items()}
+        default = self.default.compile() if self.default is not None else None
+
+        def draw(rng: random.Random, row: dict[str, Any]) -> Any:
+            d = cases.get(str(row[on]), default)
+            if d is None:
+                raise ConfigError(f"conditional on {on!r}: no case for {row[on]!r} and no "
+                                  "default")
+            return d(rng, row)
+
+        return draw
 
 
 Spec = Annotated[Categorical | Normal | Uniform | Integer | Conditional,
@@ -271,13 +307,13 @@ def sample(config: PopulationConfig, i: int) -> dict[str, Any]:
     """Row ``i``'s attributes: the same for the same seed and config, whatever the count."""
     steps = _steps.get(id(config))
     if steps is None or steps[0] is not config:
-        steps = (config, [(n, config.attributes[n]) for n in config.order()],
+        steps = (config, [(n, config.attributes[n].compile()) for n in config.order()],
                  list(config.attributes))
         _steps[id(config)] = steps
     rng = random.Random(config.seed * 0x1_0000_0000 + i)
     row: dict[str, Any] = {}
-    for name, spec in steps[1]:
-        row[name] = spec.sample(rng, row)
+    for name, draw in steps[1]:
+        row[name] = draw(rng, row)
     return {name: row[name] for name in steps[2]}  # in the config's order
 
 
