@@ -107,4 +107,5 @@ class Group(Agent):
                 "invalid": len(values) - len(valid),
                 # per participant, in this shard's order: its value (None: invalid), its tokens
                 "each": [v if good else None for v, good in zip(values, ok, strict=True)],
-                "usage": usage}
+                # None unless some participant reported tokens: random ones never do
+                "usage": usage if any(u is not None for u in usage) else None}

@@ -161,10 +161,13 @@ def participants(args: argparse.Namespace, results: list[dict[str, Any]]
     create), in that order."""
     people: list[dict[str, Any]] = []
     tokens = {"prompt": 0, "completion": 0, "reporting": 0}
+    if not args.people and args.agent_type == "random":
+        return people, tokens  # nothing to add to `data`: a million-agent round stays lean
     for s, res in enumerate(results):
+        usage = res.get("usage")
         for k, value in enumerate(res.get("each", [])):
             i = s + k * args.shards
-            used = (res.get("usage") or [None] * (k + 1))[k]
+            used = usage[k] if usage else None
             row: dict[str, Any] = {"id": i, "value": value, "tokens": used}
             if args.people:
                 row["attributes"] = args.people[i]["attributes"]
