@@ -375,25 +375,26 @@ def _resume(out: Path, digest: str) -> set[int]:
     if not out.exists():
         return set()
     done: set[int] = set()
+    end = 0  # the end of the last whole line: read line by line, a big file never in memory
     with out.open("rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a build killed mid-line: drop the partial row, it is rebuilt
-            f.truncate(end)
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            got = row["provenance"]["config_hash"]
-            i = int(row["id"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{out}:{n} is not a population row ({e}); write to another "
-                              "--out") from e
-        if got != digest:
-            raise ConfigError(f"{out} holds a population of another config (hash {got}, this "
-                              f"one is {digest}); write to another --out or delete it")
-        done.add(i)
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # a build killed mid-line: the partial row is dropped and rebuilt
+            end += len(line)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                got = row["provenance"]["config_hash"]
+                i = int(row["id"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{out}:{n} is not a population row ({e}); write to another "
+                                  "--out") from e
+            if got != digest:
+                raise ConfigError(f"{out} holds a population of another config (hash {got}, "
+                                  f"this one is {digest}); write to another --out or delete it")
+            done.add(i)
+        f.truncate(end)
     return done
 
 
