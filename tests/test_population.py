@@ -241,3 +241,37 @@ def test_openai_client_usage_errors_and_extra_args() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_rows_that_keep_failing_are_retried_then_reported_and_resumable(
+        tmp_path: Path, workers: Workers) -> None:
+    import busagent
+
+    workers.start("w1", "busagent.population")
+    down = FakeLLM(fail_every=1).start()  # every request answers 503
+    try:
+        busagent.load_model_configs(down.config("down", max_retries=0))
+        cfg = population.load_config(CONFIG, count=10)
+        out = tmp_path / "p.jsonl"
+        with pytest.raises(ModelError, match=r"10 background\(s\) failed after 4 tries") as e:
+            population.build(cfg, out, model_config_name="down", writers=2, batch=4,
+                             progress=False)
+        assert "\n" not in str(e.value) and "run the build again" in str(e.value)
+        assert down.requests == 10 * 4  # each row sent once and retried three times
+        assert out.read_text() == ""
+    finally:
+        down.stop()
+    # another endpoint: the same build finishes the rows (each row's provenance names the
+    # model that wrote it)
+    up = FakeLLM().start()
+    try:
+        busagent.load_model_configs(up.config("up"))
+        report = population.build(cfg, out, model_config_name="up", writers=2, batch=4,
+                                  progress=False)
+        assert (report.written, report.kept, report.failed) == (10, 0, [])
+        assert sorted(r["id"] for r in rows_of(out)) == list(range(10))
+        assert up.requests == 10
+    finally:
+        up.stop()
+    # the worker is still serving
+    assert any(s["name"] == "w1" for s in busagent.servers(include_dead=False))
