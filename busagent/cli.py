@@ -338,6 +338,53 @@ def fake_llm(
         fake.server.server_close()
 
 
+population_app = typer.Typer(help="Populations of agents with backgrounds.",
+                              no_args_is_help=True)
+app.add_typer(population_app, name="population")
+
+
+@population_app.command("build")
+def population_build(
+    config: Annotated[str, typer.Argument(help="population config, JSON or YAML")],
+    out: Annotated[str, typer.Option(help="JSON-lines file to write (a re-run resumes it)")] = (
+        "people.jsonl"),
+    model_config: Annotated[str | None, typer.Option(
+        help="JSON file of model configs to store in Redis for the workers")] = None,
+    config_name: Annotated[str | None, typer.Option(
+        help="model config that writes the backgrounds; without it, the config's template")
+    ] = None,
+    count: Annotated[int | None, typer.Option(help="people to build (default: the config's)")
+                     ] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default: the config's)")
+                    ] = None,
+    writers: Annotated[int, typer.Option(help="writer agents on workers (model builds)")] = 4,
+    batch: Annotated[int, typer.Option(help="rows per message to a writer")] = 32,
+    url: RedisOpt = None, prefix: PrefixOpt = None,
+) -> None:
+    """Sample a population's attributes and write each person's background (by an LLM on the
+    workers with --config-name, else from the template); prints a one-line summary."""
+    from busagent import population
+
+    cfg = population.load_config(config, count=count, seed=seed)
+    if model_config and not config_name:
+        raise ConfigError("--model-config needs --config-name: the config that writes")
+    if config_name:
+        # A model build runs on the bus: the given Redis, else busagent.init()'s default (the
+        # shared embedded one if running, else a private one with child workers).
+        _bus.init(url, **({"prefix": prefix} if prefix else {}))
+        if model_config:
+            from busagent import models as _models
+
+            _models.load_model_configs(model_config)
+    report = population.build(cfg, out, model_config_name=config_name, writers=writers,
+                              batch=batch, progress=sys.stderr.isatty())
+    rate = report.written / report.seconds if report.seconds else 0.0
+    tokens = (f", tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"
+              if config_name else "")
+    print(f"{out}: {report.written} rows written, {report.kept} kept from before, "
+          f"{report.seconds:.1f} s ({rate:,.0f} rows/s){tokens}")
+
+
 @app.command()
 def status(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False) -> None:
     """One-screen summary: servers up/late/dead, agents, calls in flight and per second,

@@ -17,9 +17,9 @@ and ``scripted`` (canned lines, for examples and tests that need no model at all
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
-import random
 import threading
 import time
 import weakref
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
+import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import bus as _bus
@@ -35,7 +35,7 @@ from .errors import ConfigError, ModelError
 from .message import Msg
 from .tuning import MODEL_CONFIG_REFRESH
 
-#: HTTP statuses worth retrying: rate limits and a busy or restarting server
+#: HTTP statuses the client retries: rate limits and a busy or restarting server
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -60,8 +60,40 @@ class ModelConfig(BaseModel):
     lines: list[str] = Field(default_factory=list)
 
 
+class Usage(BaseModel):
+    """Tokens a call (or a sum of calls) used, as the server reported them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: int = 0
+    completion: int = 0
+    #: how many calls these tokens are the sum of
+    calls: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(prompt=self.prompt + other.prompt,
+                     completion=self.completion + other.completion,
+                     calls=self.calls + other.calls)
+
+    @classmethod
+    def of(cls, usage: Any) -> Usage | None:
+        """From an OpenAI ``usage`` object or dict; None when the server sent none."""
+        if usage is None:
+            return None
+        if not isinstance(usage, dict):
+            usage = {k: getattr(usage, k, None) for k in ("prompt_tokens", "completion_tokens")}
+        return cls(prompt=int(usage.get("prompt_tokens") or 0),
+                   completion=int(usage.get("completion_tokens") or 0), calls=1)
+
+
 class ModelResponse(BaseModel):
     text: str
+    #: tokens this call used; None when the endpoint does not report them
+    usage: Usage | None = None
     raw: dict[str, Any] | None = None
 
 
@@ -153,19 +185,28 @@ class ScriptedModel(Model):
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 #: model types whose missing base_url means the vendor's endpoint (``vllm`` has no vendor)
 VENDOR_TYPES = frozenset({"openai_chat", "openai"})
+#: what the openai client sends as the key to a local server that wants none (vLLM's own docs
+#: use "EMPTY"); the client refuses to start without one
+NO_KEY = "EMPTY"
+#: keyword arguments ``chat.completions.create`` takes itself; any other generate arg (vLLM's
+#: ``top_k``, ``repetition_penalty``...) goes into the request body as ``extra_body``
+_CREATE_ARGS = frozenset(inspect.signature(
+    openai.resources.chat.AsyncCompletions.create).parameters) - {"self"}
 
 
 class OpenAIChatModel(Model):
-    """An OpenAI-compatible ``/v1/chat/completions`` endpoint.
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint, through the official ``openai``
+    package's async client (what vLLM, llama.cpp server and Ollama users already use).
 
-    Every request has a timeout; connection errors, timeouts and the statuses in
-    ``RETRY_STATUS`` are retried ``max_retries`` times with jittered exponential backoff (a 429's
-    ``Retry-After`` is honoured); at most ``concurrency`` requests per process are in flight, the
-    rest wait their turn instead of overloading the server.
+    The client does the HTTP: every request has the config's ``timeout`` (s); timeouts, refused
+    connections and 408/409/429/5xx are retried ``max_retries`` times with its jittered
+    exponential backoff, honouring ``Retry-After``. busagent adds the per-process cap: at most
+    ``concurrency`` requests are in flight per worker, the rest wait their turn instead of
+    overloading the server. Every failure raises ``ModelError`` (one line, naming the config).
 
     The endpoint is ``base_url`` (or ``client_args.base_url``); an ``openai_chat`` or ``openai``
     config without one uses ``OPENAI_BASE_URL`` or the vendor's ``https://api.openai.com/v1``,
-    and ``OPENAI_API_KEY`` when it has no ``api_key``, as AgentScope (through the openai SDK)
+    and ``OPENAI_API_KEY`` when it has no ``api_key``, as AgentScope (through the same SDK)
     does. Raises ConfigError for a ``vllm`` config without a base_url.
     """
 
@@ -175,9 +216,8 @@ class OpenAIChatModel(Model):
         base = config.base_url or args.get("base_url")
         api_key = config.api_key or args.get("api_key")
         if config.model_type in VENDOR_TYPES:
-            # What AgentScope's openai_chat does through the openai SDK: no base_url means the
-            # vendor's endpoint (or OPENAI_BASE_URL), no api_key means OPENAI_API_KEY, both read
-            # where the model runs (the worker).
+            # No base_url means the vendor's endpoint (or OPENAI_BASE_URL), no api_key means
+            # OPENAI_API_KEY, both read where the model runs (the worker).
             base = base or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
             api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not base:
@@ -186,118 +226,97 @@ class OpenAIChatModel(Model):
                 "set \"base_url\" (or client_args.base_url) to the endpoint, e.g. "
                 "http://localhost:8000/v1"
             )
-        self.url = str(base).rstrip("/") + "/chat/completions"
+        self.base_url = str(base).rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.api_key = str(api_key) if api_key else None
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         organization = config.model_extra.get("organization") if config.model_extra else None
-        organization = organization or args.get("organization")
-        if organization:
-            self.headers["OpenAI-Organization"] = str(organization)
-        # One client and one cap per event loop: httpx's async pool is bound to the loop that
-        # made it, and a worker has one loop, the calling program another.
+        self.organization = str(organization or args.get("organization") or "") or None
+        if self.organization:
+            self.headers["OpenAI-Organization"] = self.organization
+        #: tokens used by this process through this config: ``prompt``, ``completion``, ``calls``
+        self.usage = Usage()
+        self._usage_lock = threading.Lock()
+        # One client and one cap per event loop: the client's connection pool is bound to the
+        # loop that made it, and a worker has one loop, the calling program another.
         self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
+            asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, asyncio.Semaphore]
         ] = weakref.WeakKeyDictionary()
 
-    def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    def _client(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         got = self._per_loop.get(loop)
         if got is None:
             n = max(1, self.config.concurrency)
-            limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-            got = (httpx.AsyncClient(timeout=self.config.timeout, limits=limits),
-                   asyncio.Semaphore(n))
+            client = openai.AsyncOpenAI(
+                api_key=self.api_key or NO_KEY, organization=self.organization,
+                base_url=self.base_url, timeout=self.config.timeout,
+                max_retries=max(0, self.config.max_retries))
+            got = (client, asyncio.Semaphore(n))
             self._per_loop[loop] = got
         return got
 
-    def _body(self, messages: Messages | Msg, stream: bool, kwargs: dict[str, Any]
-              ) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.config.model_name,
-                                "messages": format_messages(messages)}
-        body.update(self.config.generate_args)
-        body.update({k: v for k, v in kwargs.items() if k != "name"})
-        if stream:
-            body["stream"] = True
-        return body
+    def _args(self, messages: Messages | Msg, kwargs: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {**self.config.generate_args,
+                                **{k: v for k, v in kwargs.items() if k != "name"}}
+        extra = {k: body.pop(k) for k in list(body) if k not in _CREATE_ARGS}
+        if extra:
+            body["extra_body"] = {**body.get("extra_body", {}), **extra}
+        return {"model": self.config.model_name, "messages": format_messages(messages), **body}
 
     async def acall(self, messages: Messages | Msg, **kwargs: Any) -> ModelResponse:
-        body = self._body(messages, False, kwargs)
+        """One completion: ``.text`` and ``.usage`` (tokens, when the server reports them).
+        Raises ModelError when the endpoint fails after its retries or answers nonsense."""
         client, cap = self._client()
         async with cap:
-            for attempt in range(self.config.max_retries + 1):
-                try:
-                    r = await client.post(self.url, json=body, headers=self.headers)
-                except httpx.TransportError as e:  # timeouts and refused connections included
-                    await self._retry(attempt, f"{type(e).__name__}: {e}", None)
-                    continue
-                if r.status_code in RETRY_STATUS:
-                    await self._retry(attempt, f"HTTP {r.status_code}: {r.text[:200]}", r)
-                    continue
-                if r.status_code != 200:
-                    raise ModelError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]} "
-                                     f"(check model config {self.config_name!r})")
-                return self._parse(r)
-        raise AssertionError("unreachable: _retry raises on the last attempt")
+            try:
+                r = await client.chat.completions.create(**self._args(messages, kwargs))
+            except openai.OpenAIError as e:
+                raise self._error(e) from e
+        try:
+            text = r.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError) as e:
+            raise ModelError(f"{self.url} sent a reply that is not a chat completion: "
+                             f"{str(r)[:300]!r}") from e
+        usage = Usage.of(r.usage)
+        if usage is not None:
+            with self._usage_lock:
+                self.usage = self.usage + usage
+        return ModelResponse(text=text, usage=usage, raw=r.model_dump(exclude_unset=True))
 
     async def astream(self, messages: Messages | Msg, **kwargs: Any) -> AsyncIterator[str]:
-        """Server-sent events, one content delta at a time. Retries only before the first piece:
-        a stream that broke halfway cannot be resumed without repeating text."""
-        body = self._body(messages, True, kwargs)
+        """Content deltas as they come. The client retries only before the stream starts: a
+        stream that broke halfway cannot be resumed without repeating text (ModelError)."""
         client, cap = self._client()
-        started = False
         async with cap:
-            for attempt in range(self.config.max_retries + 1):
-                try:
-                    async with client.stream("POST", self.url, json=body,
-                                             headers=self.headers) as r:
-                        if r.status_code in RETRY_STATUS:
-                            await r.aread()
-                            await self._retry(attempt, f"HTTP {r.status_code}", r)
-                            continue
-                        if r.status_code != 200:
-                            await r.aread()
-                            raise ModelError(f"{self.url} answered HTTP {r.status_code}: "
-                                             f"{r.text[:300]}")
-                        async for piece in _deltas(r):
-                            started = True
-                            yield piece
-                        return
-                except httpx.TransportError as e:
-                    if started:
-                        raise ModelError(f"{self.url} broke off a stream: {e}") from e
-                    await self._retry(attempt, f"{type(e).__name__}: {e}", None)
+            try:
+                stream = await client.chat.completions.create(**self._args(messages, kwargs),
+                                                              stream=True)
+                async with stream:
+                    async for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            yield chunk.choices[0].delta.content
+            except openai.OpenAIError as e:
+                raise self._error(e) from e
 
-    async def _retry(self, attempt: int, why: str, r: httpx.Response | None) -> None:
-        if attempt >= self.config.max_retries:
-            raise ModelError(f"{self.url} failed {attempt + 1} times, last: {why} (is the "
-                             f"endpoint of model config {self.config_name!r} up?)")
-        delay = min(10.0, 0.2 * 2 ** attempt) * (0.5 + random.random())
-        if r is not None and r.headers.get("retry-after", "").replace(".", "", 1).isdigit():
-            delay = min(30.0, float(r.headers["retry-after"]))
-        await asyncio.sleep(delay)
-
-    def _parse(self, r: httpx.Response) -> ModelResponse:
-        try:
-            raw = r.json()
-            text = raw["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise ModelError(f"{self.url} sent a reply that is not a chat completion: "
-                             f"{r.text[:300]!r}") from e
-        return ModelResponse(text=text, raw=raw)
-
-
-async def _deltas(r: httpx.Response) -> AsyncIterator[str]:
-    """The content pieces of a chat-completion event stream."""
-    async for line in r.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        delta = json.loads(data)["choices"][0].get("delta", {})
-        if delta.get("content"):
-            yield delta["content"]
+    def _error(self, e: openai.OpenAIError) -> ModelError:
+        """One line saying what failed and what to check."""
+        where = f"(is the endpoint of model config {self.config_name!r} up?)"
+        if isinstance(e, openai.APIStatusError):
+            status = e.status_code
+            body = str(e.message).replace("\n", " ")[:300]
+            if status in RETRY_STATUS:
+                return ModelError(f"{self.url} failed {self.config.max_retries + 1} times, "
+                                  f"last: HTTP {status}: {body} {where}")
+            return ModelError(f"{self.url} answered HTTP {status}: {body} "
+                              f"(check model config {self.config_name!r})")
+        if isinstance(e, openai.APIConnectionError):  # timeouts included
+            return ModelError(f"{self.url} failed {self.config.max_retries + 1} times, last: "
+                              f"{type(e).__name__}: {e} {where}")
+        return ModelError(f"{self.url}: {type(e).__name__}: {e} "
+                          f"(check model config {self.config_name!r})")
 
 
 MODEL_TYPES: dict[str, type[Model]] = {

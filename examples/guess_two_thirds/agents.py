@@ -65,21 +65,26 @@ class LLMParticipant(Agent):
                                                   background=background or "")
         self.system = Msg("system", system, role="system")
 
-    async def reply(self, x: Msg | None = None) -> float:
+    async def reply(self, x: Msg | None = None) -> dict[str, Any]:
+        """``{"value": the number (-1: none), "usage": [prompt, completion] tokens of the
+        round's two calls, or None when the endpoint reports none]}``."""
         self.memory.add(x)
-        raw = (await self.model.acall([self.system, *self.memory.get()])).text
-        value = await self.parse_value(raw)
-        self.memory.add(Msg(self.name, raw, role="assistant"))
-        return value
+        r = await self.model.acall([self.system, *self.memory.get()])
+        value, used = await self.parse_value(r.text)
+        self.memory.add(Msg(self.name, r.text, role="assistant"))
+        usage = [u for u in (r.usage, used) if u is not None]
+        return {"value": value,
+                "usage": [sum(u.prompt for u in usage), sum(u.completion for u in usage)]
+                if usage else None}
 
-    async def parse_value(self, text: str) -> float:
+    async def parse_value(self, text: str) -> tuple[float, models.Usage | None]:
         parse = prompts()["PARSE"]
-        answer = (await self.model.acall([
+        r = await self.model.acall([
             Msg("system", parse["system"].format(text=text), role="system"),
             Msg("user", parse["user"], role="user"),
-        ])).text
-        found = re.findall(NUMBER, answer)
-        return float(found[0]) if found else -1.0
+        ])
+        found = re.findall(NUMBER, r.text)
+        return (float(found[0]) if found else -1.0), r.usage
 
 
 class Group(Agent):
@@ -97,9 +102,18 @@ class Group(Agent):
         prompt = Msg("Moderator", x.content if x else "", role="user")
         # One encoded prompt, a thousand calls per routing step, one batched gather; the
         # shard is the replies' only reader, so they leave Redis as soon as it has them.
-        values = await busagent.agather(busagent.fanout(self.participants, prompt),
-                                        return_exceptions=True, release=True)
-        valid = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)
-                 and 0 <= v <= self.max_value]
+        answers = await busagent.agather(busagent.fanout(self.participants, prompt),
+                                         return_exceptions=True, release=True)
+        # An LLM participant answers {"value", "usage"}: the value counts, the tokens are
+        # summed per participant so a user sees what a round cost.
+        values = [a.get("value") if isinstance(a, dict) else a for a in answers]
+        usage = [a.get("usage") if isinstance(a, dict) else None for a in answers]
+        ok = [isinstance(v, int | float) and not isinstance(v, bool)
+              and 0 <= v <= self.max_value for v in values]
+        valid = [v for v, good in zip(values, ok, strict=True) if good]
         return {"sum": sum(valid), "cnt": len(valid), "values": valid,
-                "invalid": len(values) - len(valid)}
+                "invalid": len(values) - len(valid),
+                # per participant, in this shard's order: its value (None: invalid), its tokens
+                "each": [v if good else None for v, good in zip(values, ok, strict=True)],
+                # None unless some participant reported tokens: random ones never do
+                "usage": usage if any(u is not None for u in usage) else None}

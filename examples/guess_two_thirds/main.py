@@ -61,6 +61,9 @@ def create(args: argparse.Namespace) -> list[Any]:
         personas = PROMPTS["PERSONAS"]
         items = [(f"p{i}", args.config_name, args.max_value, args.ratio, args.sys_id,
                   personas[i % len(personas)] if args.persona else None) for i in range(n)]
+        if args.people:  # --population: participant i is the population's person i
+            items = [(*item[:5], person["background"])
+                     for item, person in zip(items, args.people, strict=False)]
     ps: list[Any] = []
     step = 10_000
     for i in range(0, n, step):
@@ -76,6 +79,7 @@ def create(args: argparse.Namespace) -> list[Any]:
 
 
 def play(args: argparse.Namespace) -> Path:
+    args.people = load_people(args)
     busagent.init(child_workers=args.workers)
     if args.fake_llm is not None:
         from busagent.fakellm import FakeLLM
@@ -93,6 +97,7 @@ def play(args: argparse.Namespace) -> Path:
     t = time.perf_counter()
     shards = create(args)
     run = {"agents": args.agents, "shards": args.shards, "ratio": args.ratio, "kind": kind,
+           "population": args.population, "tokens": [],
            "sleep": args.sleep if kind == "random" else None, "workers": args.workers,
            "create_s": round(time.perf_counter() - t, 3), "rounds": []}
     user = PROMPTS["USER"][args.usr_id]
@@ -111,20 +116,71 @@ def play(args: argparse.Namespace) -> Path:
         avg = total / cnt if cnt else 0.0
         win = avg * float(ratio)
         print(f"Moderator: The average value of round {r} is {avg:.2f} [takes {took:.3f} s]")
+        people, tokens = participants(args, results)
         stats = {"win": win, "cnt": cnt, "avg": avg, "med": statistics.median(data) if data else 0,
                  "std": statistics.pstdev(data) if data else 0, "max": max(data, default=0),
                  "min": min(data, default=0), "time": took,
-                 "invalid": sum(res["invalid"] for res in results)}
-        (out / f"result_{r}.json").write_text(json.dumps({"data": data, "stats": stats}))
+                 "invalid": sum(res["invalid"] for res in results), "tokens": tokens}
+        if tokens["reporting"]:
+            print(f"  tokens: {tokens['prompt']:,} prompt + {tokens['completion']:,} completion "
+                  f"({tokens['reporting']} participants reporting)")
+        (out / f"result_{r}.json").write_text(json.dumps({"data": data, "stats": stats,
+                                                          "participants": people}))
         histogram(data, win, args.max_value, out / f"result_{r}", round_no=r, ratio=args.ratio)
         run["rounds"].append(round(took, 4))
+        run["tokens"].append(tokens)
         mem = memory_now()
         run.setdefault("memory", []).append(mem)
         print(f"  memory: Redis {mem['redis_mb']} MB, workers {mem['workers_mb']} MB "
               f"(whole servers, as of their last heartbeat)")
         (out / "run.json").write_text(json.dumps(run, indent=1))
         prompt = NEXT_ROUND.format(win=win) + user
+    if args.by:
+        from analysis import analyse
+
+        analyse(out, args.by)
     return out
+
+
+def load_people(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The --population rows, one per participant (refused if there are fewer people than
+    agents: reusing a person would make two participants one person)."""
+    if not args.population:
+        return None
+    from busagent import population
+
+    people = population.read(args.population)
+    if len(people) < args.agents:
+        raise SystemExit(f"error: {args.population} has {len(people)} people, fewer than "
+                         f"--agents {args.agents}: build more with `busagent population build "
+                         f"... --count {args.agents}`")
+    return people[: args.agents]
+
+
+def participants(args: argparse.Namespace, results: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each participant's value (None: invalid), tokens and, with --population, attributes;
+    and the round's token totals. Shard s holds participants s, s + S, s + 2S, ... (see
+    create), in that order."""
+    people: list[dict[str, Any]] = []
+    tokens = {"prompt": 0, "completion": 0, "reporting": 0}
+    if not args.people and args.agent_type == "random":
+        return people, tokens  # nothing to add to `data`: a million-agent round stays lean
+    for s, res in enumerate(results):
+        usage = res.get("usage")
+        for k, value in enumerate(res.get("each", [])):
+            i = s + k * args.shards
+            used = usage[k] if usage else None
+            row: dict[str, Any] = {"id": i, "value": value, "tokens": used}
+            if args.people:
+                row["attributes"] = args.people[i]["attributes"]
+            if used:
+                tokens["prompt"] += used[0]
+                tokens["completion"] += used[1]
+                tokens["reporting"] += 1
+            people.append(row)
+    people.sort(key=lambda p: int(p["id"]))
+    return people, tokens
 
 
 def memory_now() -> dict[str, float]:
@@ -241,6 +297,13 @@ def main() -> None:
     ap.add_argument("--usr-id", default="1", choices=sorted(PROMPTS["USER"]),
                     help="which user prompt of configs/prompts.json starts each round")
     ap.add_argument("--persona", action="store_true", help="give LLM agents a background")
+    ap.add_argument("--population", metavar="JSONL",
+                    help="people built by `busagent population build`: participant i gets "
+                    "person i's background (LLM agents; use --sys-id 5, which shows it) and "
+                    "each round's results record their attributes")
+    ap.add_argument("--by", action="append", metavar="ATTR", default=[],
+                    help="after the game, break results down by this population attribute "
+                    "(table and plot, see analysis.py); repeatable")
     ap.add_argument("--workers", type=int, default=2, help="child worker processes, when needed")
     ap.add_argument("--exp", default="guess_two_thirds",
                     help="experiment name: a folder under --out")

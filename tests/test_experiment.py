@@ -1,0 +1,165 @@
+"""The game with a population (backgrounds to the model, attributes and tokens in the results,
+the per-attribute analysis) and experiment sweeps (resumable, with their summary and plots),
+on real worker processes, a real redis-server and the fake endpoint (issue 14)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from busagent import fakellm, population
+from busagent.fakellm import FakeLLM
+
+from .conftest import ROOT, Workers
+
+GAME = ROOT / "examples" / "guess_two_thirds"
+PEOPLE = ROOT / "examples" / "populations" / "people.yaml"
+
+
+def run(script: Path, redis_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BUSAGENT_REDIS_URL": redis_url, "BUSAGENT_PREFIX": prefix}
+    return subprocess.run([sys.executable, str(script), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_game_with_a_population_and_its_analysis(tmp_path: Path, redis_url: str, prefix: str,
+                                                 workers: Workers,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 24
+    people_file = tmp_path / "people.jsonl"
+    population.build(population.load_config(PEOPLE, count=n), people_file, progress=False)
+    people = population.read(people_file)
+    seen: list[str] = []
+    real = fakellm.answer
+
+    def answer(messages: list[dict[str, Any]], rng: Any) -> str:
+        seen.append(str(messages[0].get("content", "")))
+        return real(messages, rng)
+
+    monkeypatch.setattr(fakellm, "answer", answer)  # the fake runs in this process
+    fake = FakeLLM(latency=0.01).start()
+    workers.start("w1", str(GAME / "agents.py"))
+    try:
+        cfg = tmp_path / "models.json"
+        cfg.write_text(json.dumps([fake.config("fake-pop", max_retries=3)]))
+        p = run(GAME / "main.py", redis_url, prefix, "--agent-type", "llm", "--agents", str(n),
+                "--shards", "3", "--rounds", "2", "--model-config", str(cfg), "--config-name",
+                "fake-pop", "--population", str(people_file), "--sys-id", "5", "--by",
+                "occupation", "--by", "age", "--out", str(tmp_path / "res"))
+        assert p.returncode == 0, p.stderr
+    finally:
+        fake.stop()
+    out = Path(p.stdout.strip().splitlines()[-1].split("results in ")[1])
+    # every participant's own background reached the model in its system prompt
+    for person in people:
+        assert any(person["background"] in s for s in seen), person["id"]
+    assert "tokens:" in p.stdout
+    total_tokens = 0
+    for r in (1, 2):
+        res = json.loads((out / f"result_{r}.json").read_text())
+        parts = res["participants"]
+        assert [x["id"] for x in parts] == list(range(n))
+        for x in parts:
+            assert x["attributes"] == people[x["id"]]["attributes"]
+            assert x["tokens"][0] > 0 and x["tokens"][1] > 0  # two calls' worth, reported
+        assert sorted(x["value"] for x in parts if x["value"] is not None) == sorted(res["data"])
+        tok = res["stats"]["tokens"]
+        assert tok["prompt"] == sum(x["tokens"][0] for x in parts) and tok["reporting"] == n
+        total_tokens += tok["prompt"]
+        # the analysis table is the participants' values grouped by occupation
+        with (out / "by_occupation.csv").open() as f:
+            table = [row for row in csv.DictReader(f) if row["round"] == str(r)]
+        groups: dict[str, list[float]] = {}
+        for x in parts:
+            groups.setdefault(x["attributes"]["occupation"], []).append(x["value"])
+        assert {row["occupation"] for row in table} == set(groups)
+        for row in table:
+            vals = [v for v in groups[row["occupation"]] if v is not None]
+            assert int(row["n"]) == len(groups[row["occupation"]])
+            assert abs(float(row["mean"]) - statistics.fmean(vals)) < 1e-2
+            assert abs(float(row["std"]) - statistics.pstdev(vals)) < 1e-2
+    # the later round's prompt carries the first round's memory: more tokens in round 2
+    run_json = json.loads((out / "run.json").read_text())
+    assert [t["prompt"] for t in run_json["tokens"]][1] > run_json["tokens"][0]["prompt"]
+    assert total_tokens == sum(t["prompt"] for t in run_json["tokens"])
+    # age has many values: binned, every participant in one bin
+    with (out / "by_age.csv").open() as f:
+        ages = [row for row in csv.DictReader(f) if row["round"] == "1"]
+    assert 1 < len(ages) <= 5 and sum(int(row["n"]) for row in ages) == n
+    for name in ("by_occupation.png", "by_age.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_a_population_smaller_than_the_game_is_refused(tmp_path: Path) -> None:
+    people_file = tmp_path / "people.jsonl"
+    population.build(population.load_config(PEOPLE, count=3), people_file, progress=False)
+    p = subprocess.run([sys.executable, str(GAME / "main.py"), "--agents", "5", "--population",
+                        str(people_file), "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        f"error: {people_file} has 3 people, fewer than --agents 5: build more with "
+        "`busagent population build ... --count 5`"]
+
+
+def test_a_sweep_of_three_cases_resumes_and_summarises(tmp_path: Path, redis_url: str,
+                                                       prefix: str, workers: Workers) -> None:
+    workers.start("w1", str(GAME / "agents.py"))
+    cases = tmp_path / "cases.csv"
+    cases.write_text("agents,shards,ratio,rounds,sleep\n"
+                     "20,2,2/3,2,0\n40,2,1/2,2,0\n60,3,2/3,3,0\n")
+    res = tmp_path / "res"
+    p = run(GAME / "experiment.py", redis_url, prefix, str(cases), "--name", "sweep", "--out",
+            str(res))
+    assert p.returncode == 0, p.stderr + p.stdout
+    root = res / "sweep"
+    state = json.loads((root / "experiment.json").read_text())["cases"]
+    assert len(state) == 3
+    # the paper's layout: experiment / kind / settings / timestamp
+    dirs = {Path(c["run"]).relative_to(root).parent.as_posix() for c in state.values()}
+    assert dirs == {"random/20-2-2_3-0", "random/40-2-1_2-0", "random/60-3-2_3-0"}
+    with (root / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 + 2 + 3
+    for row in rows:
+        stats = json.loads((Path(row["run"]) / f"result_{row['round']}.json").read_text())
+        assert abs(float(row["avg"]) - stats["stats"]["avg"]) < 1e-3
+        assert int(row["cnt"]) == int(row["agents"])
+    assert {row["ratio"] for row in rows} == {"2/3", "1/2"}
+    for name in ("avg_per_round.png", "distributions.png", "round_time_vs_agents.png"):
+        assert (root / name).stat().st_size > 0
+    # run again: every case done before, nothing re-run
+    runs_before = sorted(root.rglob("run.json"))
+    p = run(GAME / "experiment.py", redis_url, prefix, str(cases), "--name", "sweep", "--out",
+            str(res))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("done before, skipped") == 3
+    assert sorted(root.rglob("run.json")) == runs_before
+    # a sweep that stopped after two cases runs only the third
+    state_file = root / "experiment.json"
+    data = json.loads(state_file.read_text())
+    third = next(k for k, c in data["cases"].items() if c["order"] == 3)
+    del data["cases"][third]
+    state_file.write_text(json.dumps(data))
+    p = run(GAME / "experiment.py", redis_url, prefix, str(cases), "--name", "sweep", "--out",
+            str(res))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("done before, skipped") == 2
+    assert len(list(root.rglob("run.json"))) == len(runs_before) + 1
+
+
+def test_a_case_with_an_unknown_column_is_refused(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.csv"
+    cases.write_text("agents,colour\n10,red\n")
+    p = subprocess.run([sys.executable, str(GAME / "experiment.py"), str(cases), "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 1 and "unknown column(s) ['colour']" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

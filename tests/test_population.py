@@ -1,0 +1,277 @@
+"""Populations (issue 14): sampling from a config, reproducible from the seed, backgrounds
+written by an LLM through the bus (real worker and redis-server, the fake endpoint), a killed
+build resumed without duplicates; models on the openai client with token usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from busagent import population
+from busagent.errors import ConfigError, ModelError
+from busagent.fakellm import FakeLLM
+
+from .conftest import ROOT, Workers, wait_for
+
+CONFIG = ROOT / "examples" / "populations" / "people.yaml"
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def within(count: int, n: int, p: float) -> bool:
+    """A binomial count within 4.5 standard deviations of n*p (fails ~1 in 150,000 runs)."""
+    return abs(count - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_sampled_counts_match_the_weights_and_conditions(tmp_path: Path) -> None:
+    n = 600
+    cfg = population.load_config(CONFIG, count=n)
+    population.build(cfg, tmp_path / "p.jsonl", progress=False)
+    rows = rows_of(tmp_path / "p.jsonl")
+    assert sorted(r["id"] for r in rows) == list(range(n))
+    attrs = [r["attributes"] for r in rows]
+    groups = Counter(a["age_group"] for a in attrs)
+    for value, weight in {"18-29": 0.3, "30-49": 0.4, "50+": 0.3}.items():
+        assert within(groups[value], n, weight), (value, groups)
+    edu = Counter(a["education"] for a in attrs)
+    for value, weight in {"secondary": 0.35, "bachelor": 0.35, "master": 0.2, "phd": 0.1}.items():
+        assert within(edu[value], n, weight), (value, edu)
+    # conditional: the young get only their own occupations, the rest only theirs
+    young = [a for a in attrs if a["age_group"] == "18-29"]
+    assert {a["occupation"] for a in young} == {"student", "clerk", "engineer"}
+    assert within(sum(a["occupation"] == "student" for a in young), len(young), 0.5)
+    assert not {a["occupation"] for a in attrs if a["age_group"] != "18-29"} & {"student",
+                                                                                "clerk"}
+    assert all(18 <= a["age"] <= 29 for a in young)
+    assert all(50 <= a["age"] <= 80 for a in attrs if a["age_group"] == "50+")
+    incomes = [a["income"] for a in attrs]
+    assert all(isinstance(v, int) and 0 <= v <= 200000 for v in incomes)
+    assert abs(sum(incomes) / n - 45000) < 4.5 * 15000 / math.sqrt(n)
+    assert all(0 <= a["risk_taking"] <= 1 for a in attrs)
+    # attribute-only background from the template, provenance on every row
+    r = rows[0]
+    assert r["background"].startswith(f"I am {r['attributes']['age']} years old")
+    assert r["provenance"] == {"config_hash": cfg.digest(), "seed": 7, "model": None}
+
+
+def test_same_seed_same_people_whatever_the_count(tmp_path: Path) -> None:
+    cfg = population.load_config(CONFIG, count=200)
+    population.build(cfg, tmp_path / "a.jsonl", progress=False)
+    population.build(cfg, tmp_path / "b.jsonl", progress=False)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    # more people later: the first 200 are kept, the next ones are the same as built at once
+    report = population.build(population.load_config(CONFIG, count=300), tmp_path / "a.jsonl",
+                              progress=False)
+    assert (report.kept, report.written) == (200, 100)
+    population.build(population.load_config(CONFIG, count=300), tmp_path / "c.jsonl",
+                     progress=False)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "c.jsonl").read_bytes()
+    other = population.load_config(CONFIG, count=200, seed=8)
+    population.build(other, tmp_path / "d.jsonl", progress=False)
+    assert rows_of(tmp_path / "d.jsonl")[0]["attributes"] != rows_of(
+        tmp_path / "a.jsonl")[0]["attributes"]
+    # another config's file is never mixed into
+    with pytest.raises(ConfigError, match="another config"):
+        population.build(other, tmp_path / "a.jsonl", progress=False)
+
+
+def test_a_half_written_row_is_rebuilt_not_duplicated(tmp_path: Path) -> None:
+    cfg = population.load_config(CONFIG, count=50)
+    out = tmp_path / "p.jsonl"
+    population.build(population.load_config(CONFIG, count=20), out, progress=False)
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"id": 20, "attributes": {"age_gr')  # killed mid-write
+    report = population.build(cfg, out, progress=False)
+    assert (report.kept, report.written) == (20, 30)
+    ids = [r["id"] for r in rows_of(out)]
+    assert sorted(ids) == list(range(50)) and len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ({"count": 3, "attributes": {"a": {"type": "conditional", "on": "b", "cases": {}}}},
+     "'b', which is not an attribute"),
+    ({"count": 3, "attributes": {
+        "a": {"type": "conditional", "on": "b", "cases": {"x": {"type": "integer", "low": 1,
+                                                                "high": 2}}},
+        "b": {"type": "conditional", "on": "a", "cases": {}}}}, "circle"),
+    ({"count": 3, "attributes": {"a": {"type": "gaussian", "mean": 1}}}, "attributes.a"),
+    ({"count": 3, "attributes": {"a": {"type": "categorical", "values": {"x": -1}}}},
+     "weights"),
+    ({"count": 3, "attributes": {"a": {"type": "categorical", "values": []}}}, "at least one"),
+    ({"count": 3, "attributes": {"a": {"type": "integer", "low": 1, "high": 2}},
+      "template": "{b}"}, "not an attribute"),
+    ({"count": -1, "attributes": {}}, "count"),
+    ({"count": 3, "attributes": {}, "colour": 1}, "colour"),
+])
+def test_bad_configs_get_one_line(config: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError, match=says) as e:
+        population.load_config(config)
+    assert "\n" not in str(e.value)
+
+
+def test_a_value_without_a_case_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = population.load_config({"count": 5, "attributes": {
+        "a": {"type": "categorical", "values": ["x"]},
+        "b": {"type": "conditional", "on": "a", "cases": {"y": {"type": "integer", "low": 1,
+                                                                "high": 2}}}}})
+    with pytest.raises(ConfigError, match="no case for 'x'"):
+        population.build(cfg, tmp_path / "p.jsonl", progress=False)
+
+
+def test_yaml_bare_on_and_bad_yaml(tmp_path: Path) -> None:
+    good = tmp_path / "c.yaml"
+    good.write_text("count: 2\nattributes:\n  a: {type: categorical, values: [x]}\n"
+                    "  b:\n    type: conditional\n    on: a\n    cases:\n"
+                    "      x: {type: integer, low: 1, high: 1}\n")
+    assert population.sample(population.load_config(good), 0) == {"a": "x", "b": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("count: [1\n")
+    with pytest.raises(ConfigError, match="cannot read") as e:
+        population.load_config(bad)
+    assert "\n" not in str(e.value)
+
+
+def build_cli(out: Path, redis_url: str, prefix: str, models: Path, count: int
+              ) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "busagent.cli", "population", "build", str(CONFIG), "--out",
+         str(out), "--count", str(count), "--model-config", str(models), "--config-name",
+         "writer", "--redis", redis_url, "--prefix", prefix, "--writers", "2", "--batch", "8"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_llm_backgrounds_through_the_bus_resume_after_a_kill(
+        tmp_path: Path, redis_url: str, prefix: str, workers: Workers) -> None:
+    fake = FakeLLM(latency=0.05, fail_every=13).start()  # failures are retried by the client
+    workers.start("w1", "busagent.population")
+    try:
+        models = tmp_path / "models.json"
+        models.write_text(json.dumps([fake.config("writer", concurrency=16, max_retries=4)]))
+        out = tmp_path / "people.jsonl"
+        n = 300
+        first = build_cli(out, redis_url, prefix, models, n)
+        wait_for(lambda: out.exists() and out.read_text().count("\n") >= 60, timeout=60,
+                 what="the first rows")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        kept = len(rows_of(out)) if out.read_text().endswith("\n") else out.read_text().count(
+            "\n")
+        assert kept < n, "the build was killed before it finished"
+        second = build_cli(out, redis_url, prefix, models, n)
+        stdout, stderr = second.communicate(timeout=120)
+        assert second.returncode == 0, stderr
+        assert f"{n - kept} rows written, {kept} kept from before" in stdout
+        rows = rows_of(out)
+        ids = [r["id"] for r in rows]
+        assert sorted(ids) == list(range(n)), "every id exactly once"
+        cfg = population.load_config(CONFIG, count=n)
+        for r in rows:
+            assert r["attributes"] == population.sample(cfg, r["id"])
+            # the fake endpoint's answer to the writer's prompt quotes it: this row's prompt
+            assert "I agree" in r["background"] and "\n" not in r["background"]
+            assert r["provenance"] == {"config_hash": cfg.digest(), "seed": 7,
+                                       "model": {"config_name": "writer", "model_name": "fake"}}
+        assert "tokens" in stdout and " 0 prompt" not in stdout
+        # resumed, not restarted: the second run asked for about the missing rows only
+        assert fake.requests - fake.failed < n + 2 * 2 * 8 + kept
+    finally:
+        fake.stop()
+
+
+def test_openai_client_usage_errors_and_extra_args() -> None:
+    from busagent.models import ModelConfig, OpenAIChatModel
+
+    fake = FakeLLM().start()
+    try:
+        cfg = fake.config("f", generate_args={"temperature": 0.1, "top_k": 5})  # top_k: vLLM's
+        m = OpenAIChatModel(ModelConfig.model_validate(cfg))
+        msgs = [{"role": "user", "content": "hello there"}]
+
+        async def two() -> list[Any]:
+            return [await m.acall(msgs), await m.acall(msgs)]
+
+        a, b = asyncio.run(two())
+        assert a.usage is not None and a.usage.prompt == len(json.dumps(msgs)) // 4
+        assert a.usage.completion == len(a.text) // 4 and a.usage.calls == 1
+        assert m.usage.calls == 2 and m.usage.total == a.usage.total + b.usage.total  # type: ignore[union-attr]
+    finally:
+        fake.stop()
+    # a refusal not worth retrying (a wrong key): at once, one line, naming the config
+    seen: list[str] = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            seen.append(self.path)
+            raw = b'{"error": {"message": "Incorrect API key\\nprovided"}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        refusing = OpenAIChatModel(ModelConfig.model_validate(
+            {"config_name": "g", "model_type": "vllm", "base_url": f"http://127.0.0.1:{port}/v1",
+             "api_key": "wrong"}))
+        with pytest.raises(ModelError, match=r"HTTP 401.*'g'") as e:
+            refusing(msgs)
+        assert "\n" not in str(e.value)
+        assert seen == ["/v1/chat/completions"]  # not retried
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rows_that_keep_failing_are_retried_then_reported_and_resumable(
+        tmp_path: Path, workers: Workers) -> None:
+    import busagent
+
+    workers.start("w1", "busagent.population")
+    down = FakeLLM(fail_every=1).start()  # every request answers 503
+    try:
+        busagent.load_model_configs(down.config("down", max_retries=0))
+        cfg = population.load_config(CONFIG, count=10)
+        out = tmp_path / "p.jsonl"
+        with pytest.raises(ModelError, match=r"10 background\(s\) failed after 4 tries") as e:
+            population.build(cfg, out, model_config_name="down", writers=2, batch=4,
+                             progress=False)
+        assert "\n" not in str(e.value) and "run the build again" in str(e.value)
+        assert down.requests == 10 * 4  # each row sent once and retried three times
+        assert out.read_text() == ""
+    finally:
+        down.stop()
+    # another endpoint: the same build finishes the rows (each row's provenance names the
+    # model that wrote it)
+    up = FakeLLM().start()
+    try:
+        busagent.load_model_configs(up.config("up"))
+        report = population.build(cfg, out, model_config_name="up", writers=2, batch=4,
+                                  progress=False)
+        assert (report.written, report.kept, report.failed) == (10, 0, [])
+        assert sorted(r["id"] for r in rows_of(out)) == list(range(10))
+        assert up.requests == 10
+    finally:
+        up.stop()
+    # the worker is still serving
+    assert any(s["name"] == "w1" for s in busagent.servers(include_dead=False))
