@@ -32,6 +32,7 @@ from .errors import (
     RemoteError,
     UnknownAgent,
     UnknownClass,
+    UnknownName,
     UsageError,
 )
 from .hub import Broadcast, Direct, Function, Hub, HubMessage, Member, Random, RoundRobin
@@ -83,6 +84,7 @@ __all__ = [
     "TaskCenter",
     "UnknownAgent",
     "UnknownClass",
+    "UnknownName",
     "UsageError",
     "agather",
     "agents",
