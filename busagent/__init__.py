@@ -32,7 +32,6 @@ from .errors import (
     RemoteError,
     UnknownAgent,
     UnknownClass,
-    UnknownName,
     UsageError,
 )
 from .hub import Broadcast, Direct, Function, Hub, HubMessage, Member, Random, RoundRobin
@@ -84,7 +83,6 @@ __all__ = [
     "TaskCenter",
     "UnknownAgent",
     "UnknownClass",
-    "UnknownName",
     "UsageError",
     "agather",
     "agents",
