@@ -130,7 +130,7 @@ def main() -> None:
             page = client.get("/api/agents", params={"q": want, "cursor": cursor}).json()
             pages += 1
             cursor = page["cursor"]
-            if page["items"] or cursor == 0:
+            if page["items"] or cursor == "0":
                 break
         walk = time.perf_counter() - t
         print(f"\n| request ({args.agents:,} agents, {args.servers} servers) | median | worst |")

@@ -269,13 +269,16 @@ _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 def deadletters(count: int = 100) -> list[dict[str, Any]]:
     """The newest ``count`` dead-lettered calls, newest first: ``{id, call, agent, kind,
-    caller, reason, tries, server}`` (fields the entry lacks are left out)."""
+    caller, reason, tries (int), server}`` (fields the entry lacks are left out)."""
     b = _bus.current()
     with b.errors():
         raw: Any = b.redis.xrevrange(b.keys.deadletter, count=count)
     out = []
     for entry_id, fields in raw:
-        out.append({"id": entry_id.decode(), **describe(fields)})
+        row: dict[str, Any] = {"id": entry_id.decode(), **describe(fields)}
+        if row.get("tries", "").isdigit():
+            row["tries"] = int(row["tries"])
+        out.append(row)
     return out
 
 

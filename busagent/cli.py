@@ -312,7 +312,8 @@ def models(
         names = _models.load_model_configs(load, server=server)
         print(f"stored {len(names)} model config(s): {', '.join(names)}")
         return
-    rows = [{**c.model_dump(), "api_key": "***" if c.api_key else None}
+    # Secrets masked at any depth (api keys, tokens, headers, passwords in URLs), as the studio.
+    rows = [_models.masked(c.model_dump(mode="json"))
             for c in _models.list_model_configs(server).values()]
     if as_json:
         _print_json(rows)
@@ -453,16 +454,18 @@ def studio(
     url: RedisOpt = None, prefix: PrefixOpt = None,
 ) -> None:
     """Serve the web page: servers, agents, calls, dead letters, hubs, charts, logs, models."""
-    from busagent.studio import check_bind, serve
+    from busagent.studio import check_bind, listen, serve
 
     tok = check_bind(host, token)
     if interval <= 0:
         raise ConfigError(f"--interval must be positive (got {interval})")
     _connect(url, prefix)
-    shown = "[::1]" if host == "::1" else host
+    sock = listen(host, port)  # a bad or busy port: one line, before the URL is printed
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
+    shown = f"[{host}]" if ":" in host else host
     print(f"busagent studio on http://{shown}:{port}/?token={tok}", flush=True)
     print(f"token for changing requests: {tok}", flush=True)
-    serve(host, port, tok, interval)
+    serve(sock, tok, interval)
 
 
 @app.command()

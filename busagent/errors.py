@@ -6,6 +6,7 @@
     │   ├── NotSerializable    a value cannot travel on the bus (also a TypeError)
     │   ├── MessageTooLarge    an encoded call or reply exceeds ``max_message_bytes``
     │   ├── UnknownClass       a worker was asked for a class from a module it did not load
+    │   ├── UnknownName        no hub or server by that name (the studio's 404)
     │   └── CallCycle          a call to an agent up its own call chain (itself, A -> B -> A)
     ├── BusError               the bus itself failed: fix Redis or the deployment, then retry
     │   ├── RedisUnavailable   Redis cannot be reached or refused us (also a ConnectionError)
@@ -66,6 +67,11 @@ class MessageTooLarge(UsageError):
 
 class UnknownClass(UsageError):
     pass
+
+
+class UnknownName(UsageError, LookupError):
+    """No hub, server (nor its log lines) by that name: check the name (``busagent servers``,
+    ``GET /api/hubs``). The studio answers it with 404."""
 
 
 class CallCycle(UsageError):

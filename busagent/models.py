@@ -20,12 +20,14 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -371,6 +373,65 @@ def clear_model_configs(server: str | None = None) -> None:
     b = _bus.current()
     with b.errors():
         b.redis.delete(b.keys.models(server))
+
+
+MASK = "***"
+#: words that make a field a secret wherever it is (split on _, -, . and camelCase; whole words
+#: only, so ``max_tokens`` and ``top_k`` stay visible).
+SECRET_WORDS = frozenset({"key", "apikey", "token", "password", "passwd", "pwd", "secret",
+                          "authorization", "auth", "credential", "credentials", "cookie",
+                          "signature", "bearer", "passphrase"})
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a field called ``name`` holds a secret (``api_key``, ``X-Api-Key``,
+    ``accessToken``, ``Authorization``, ``client_secret``, ``password``...)."""
+    return any(w.lower() in SECRET_WORDS for w in _WORD.findall(name))
+
+
+def masked(value: Any) -> Any:
+    """``value`` (plain JSON-like data: a model config's dump) with every secret replaced by
+    ``"***"``, at any depth: the values of fields whose name says secret (:func:`is_secret_name`,
+    a non-empty one only, so a missing key still reads as missing), the password in a URL
+    (``http://user:pw@host`` -> ``http://user:***@host``), secret query parameters of a URL
+    (``?api_key=...``) and ``Bearer ...``/``Basic ...`` strings. What the studio, ``busagent
+    models`` and ``busagent models --json`` show."""
+    if isinstance(value, dict):
+        return {k: (MASK if isinstance(k, str) and is_secret_name(k) and value_set(v)
+                    else masked(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [masked(v) for v in value]
+    if isinstance(value, str):
+        return _masked_text(value)
+    return value
+
+
+def value_set(v: Any) -> bool:
+    return v is not None and v != "" and v != {} and v != []
+
+
+def _masked_text(text: str) -> str:
+    low = text.lower()
+    if low.startswith(("bearer ", "basic ", "token ")):
+        return text.split(" ", 1)[0] + " " + MASK
+    if "://" not in text:
+        return text
+    try:
+        u = urlsplit(text)
+        netloc, query = u.netloc, u.query
+        if u.password is not None:
+            netloc = f"{u.username or ''}:{MASK}@{netloc.rpartition('@')[2]}"
+        elif "@" in netloc:  # a token as the user part: https://TOKEN@host
+            netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(is_secret_name(k) for k, _ in pairs):
+                query = urlencode([(k, MASK if is_secret_name(k) else v) for k, v in pairs],
+                                  safe="*")
+    except ValueError:  # not a URL after all (a bad port, brackets): hide it rather than leak
+        return MASK
+    return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
 
 
 def list_model_configs(server: str | None = None) -> dict[str, ModelConfig]:

@@ -86,7 +86,7 @@ def test_api_reads_servers_agents_memory_calls_and_metrics(workers: Workers,
         page = studio.get("/api/agents", params={"cursor": cursor, "count": 7}).json()
         seen += [a["id"] for a in page["items"]]
         cursor = page["cursor"]
-        if cursor == 0:
+        if cursor == "0":
             break
     assert sorted(seen) == sorted([a.agent_id for a in ags] + [boom.agent_id])
     assert pages > 10

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import socket
 
 from busagent.errors import ConfigError
 
@@ -37,15 +38,42 @@ def check_bind(host: str, token: str | None) -> str:
     return token
 
 
-def serve(host: str, port: int, token: str, interval: float = 1.0) -> None:
-    """Serve the studio on the process-wide bus until interrupted (blocking)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port`` (0: any free port), made before anything is
+    printed so that a bad port or one in use is one line, not uvicorn's traceback or its
+    ERROR line and exit code 3; the studio then serves on this very socket (no window in which
+    another process takes the port). Raises ConfigError."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0 to 65535 (got {port})")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"cannot listen on {host!r}: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a studio restarted at once is not refused its port for TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = "already in use" if e.errno in (98, 48, 10048) else (e.strerror or str(e))
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(sock: socket.socket, token: str, interval: float = 1.0) -> None:
+    """Serve the studio on the process-wide bus, on ``sock`` (:func:`listen`), until
+    interrupted (blocking)."""
     import uvicorn
 
     from .app import create_app
 
-    config = uvicorn.Config(create_app(token, interval), host=host, port=port,
-                            log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(create_app(token, interval), log_level="warning",
+                            timeout_graceful_shutdown=1, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["check_bind", "is_loopback", "serve"]
+__all__ = ["check_bind", "is_loopback", "listen", "serve"]

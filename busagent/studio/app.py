@@ -41,6 +41,7 @@ from busagent.errors import (
     CallTimeout,
     PlacementError,
     UnknownAgent,
+    UnknownName,
     UsageError,
 )
 
@@ -56,8 +57,15 @@ STATIC = resources.files("busagent.studio") / "static"
 
 class Sampler:
     """Reads every server each ``interval`` seconds and keeps the last ``HISTORY`` samples:
-    ``{t, rate, err (errors/s), p50, p99, servers: {name: {rate, err, p50, p99, cpu, mem}}}``
-    (p50/p99 in seconds over the last ``WINDOW`` seconds, from the workers' histograms)."""
+    ``{t, rate (calls/s), err (errors/s), p50, p99, servers: {name: {rate, err, p50, p99, cpu,
+    mem, state}}}`` (p50/p99 in seconds, of the calls answered in the last ``WINDOW`` seconds,
+    from the workers' histograms).
+
+    Rates come from heartbeat to heartbeat: the counters of a server's newest heartbeat minus
+    those of the one before, over the time between the two (their own Redis-clock stamps). The
+    studio samples more often than workers beat, so a diff between two samples would be the
+    whole heartbeat's count over one sample's time, then 0, alternating. Between heartbeats a
+    server keeps its last rate; a dead server's is 0."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -66,7 +74,28 @@ class Sampler:
         self.error: str | None = None
         self._raw: collections.deque[tuple[float, dict[str, dict[str, Any]]]] = (
             collections.deque(maxlen=HISTORY))
+        #: per server: (heartbeat, calls, errors) of its newest heartbeat seen, and the
+        #: (calls/s, errors/s) between it and the one before.
+        self._beats: dict[str, tuple[float, int, int]] = {}
+        self._rates: dict[str, tuple[float, float]] = {}
         self.tick = 0
+
+    def _rate(self, s: dict[str, Any]) -> tuple[float, float]:
+        name, beat = s["name"], float(s["heartbeat"])
+        prev = self._beats.get(name)
+        if prev is None or beat < prev[0]:
+            # First sight (or a record rewritten by a new worker under the name): nothing to
+            # diff with yet; the worker's own calls/s over its last interval is the best guess.
+            self._rates[name] = (float(s["rate"]), 0.0)
+        elif beat > prev[0]:
+            dt = beat - prev[0]
+            # A worker restarted under the name starts its counters at 0 again: no negative rate.
+            self._rates[name] = (max(0, s["calls"] - prev[1]) / dt,
+                                 max(0, s["errors"] - prev[2]) / dt)
+        self._beats[name] = (beat, s["calls"], s["errors"])
+        if s["state"] == "dead":
+            return 0.0, 0.0
+        return self._rates[name]
 
     def sample(self) -> None:
         """One sample (blocking: run it on a thread)."""
@@ -78,25 +107,25 @@ class Sampler:
         self.error = None
         now = time.time()
         cur = {s["name"]: s for s in summ["rows"]}
-        prev = self._raw[-1] if self._raw else None
         old = next((r for r in self._raw if now - r[0] <= WINDOW), None)
         per: dict[str, Any] = {}
-        tot_err, tot_buckets = 0.0, list[int]()
+        tot_rate, tot_err, tot_buckets = 0.0, 0.0, list[int]()
         for name, s in cur.items():
-            err = 0.0
-            if prev and name in prev[1] and now > prev[0]:
-                err = max(0, s["errors"] - prev[1][name]["errors"]) / (now - prev[0])
+            rate, err = self._rate(s)
             base = old[1].get(name) if old else None
             window = _diff(s["latency"], base["latency"] if base else [])
             tot_buckets = _add(tot_buckets, window)
+            tot_rate += rate
             tot_err += err
-            per[name] = {"rate": s["rate"], "err": round(err, 2), "cpu": s["cpu"], "mem": s["mem"],
-                         "p50": data.quantile(window, 0.5), "p99": data.quantile(window, 0.99),
-                         "state": s["state"]}
-        self._raw.append((now, {k: {"errors": v["errors"], "latency": v["latency"]}
-                                for k, v in cur.items()}))
-        self.samples.append({"t": round(now, 3), "rate": summ["rate"], "err": round(tot_err, 2),
-                             "p50": data.quantile(tot_buckets, 0.5),
+            per[name] = {"rate": round(rate, 2), "err": round(err, 2), "cpu": s["cpu"],
+                         "mem": s["mem"], "p50": data.quantile(window, 0.5),
+                         "p99": data.quantile(window, 0.99), "state": s["state"]}
+        for gone in set(self._beats) - set(cur):  # forgotten records
+            self._beats.pop(gone)
+            self._rates.pop(gone, None)
+        self._raw.append((now, {k: {"latency": v["latency"]} for k, v in cur.items()}))
+        self.samples.append({"t": round(now, 3), "rate": round(tot_rate, 2),
+                             "err": round(tot_err, 2), "p50": data.quantile(tot_buckets, 0.5),
                              "p99": data.quantile(tot_buckets, 0.99), "servers": per})
         self.summary = summ
         self.tick += 1
@@ -117,7 +146,7 @@ def _add(a: list[int], b: list[int]) -> list[int]:
 
 
 def _status(err: BusagentError) -> int:
-    if isinstance(err, UnknownAgent | PlacementError):
+    if isinstance(err, UnknownAgent | PlacementError | UnknownName):
         return 404
     if isinstance(err, UsageError | AgentError):
         return 400
@@ -188,7 +217,7 @@ def create_app(token: str, interval: float = 1.0) -> Starlette:
 
     def api_agents(r: Request) -> Response:
         q = r.query_params
-        return JSONResponse(data.agents_page(_int(r, "cursor", 0), _int(r, "count", 50),
+        return JSONResponse(data.agents_page(q.get("cursor", "0"), _int(r, "count", 50),
                                              q.get("q", ""), q.get("server", ""),
                                              q.get("cls", "")))
 
@@ -200,7 +229,7 @@ def create_app(token: str, interval: float = 1.0) -> Starlette:
         return JSONResponse(data.calls_now())
 
     def api_deadletters(r: Request) -> Response:
-        return JSONResponse(admin.deadletters(_int(r, "count", 100)))
+        return JSONResponse(admin.deadletters(data.page_size(_int(r, "count", 100))))
 
     def api_hubs(_: Request) -> Response:
         return JSONResponse(data.hubs())
@@ -264,14 +293,26 @@ def create_app(token: str, interval: float = 1.0) -> Starlette:
     async def api_hub_events(r: Request) -> Response:
         name = r.path_params["name"]
         after = r.query_params.get("after", "")
+        # Bad input is answered once, before the stream starts (400/404), not retried forever.
+        if after:
+            data.stream_id(after)
+        await anyio.to_thread.run_sync(data.hub_exists, name)
 
         async def gen() -> AsyncIterator[str]:
-            last = after
+            last, failing = after, ""
             while not await r.is_disconnected():
                 try:
                     got = await anyio.to_thread.run_sync(data.hub_messages, name, last, 100)
-                except BusagentError as e:
+                    failing = ""
+                except UsageError as e:  # the hub was removed meanwhile: say so once, end
                     yield f"event: failure\ndata: {json.dumps({'error': str(e)})}\n\n"
+                    return
+                except BusagentError as e:
+                    # Redis failing: keep trying (it may come back), but say it once per
+                    # outage, not once per poll.
+                    if str(e) != failing:
+                        failing = str(e)
+                        yield f"event: failure\ndata: {json.dumps({'error': failing})}\n\n"
                     got = []
                 for m in got:
                     last = m["seq"]
@@ -310,7 +351,10 @@ def create_app(token: str, interval: float = 1.0) -> Starlette:
         Route("/api/hubs/{name}/events", api_hub_events),
         Route("/api/logs/{server}", api_logs),
         Route("/api/models", api_models),
-        Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+        # follow_symlink: a strict editable install (the README's) ships the files as symlinks
+        # into the checkout, which StaticFiles refuses by default (every asset a 404).
+        Mount("/static", StaticFiles(directory=str(STATIC), follow_symlink=True),
+              name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(TokenGate, token=token)],

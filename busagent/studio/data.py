@@ -9,12 +9,19 @@ HSCAN (:func:`agents_page`), memory a slice at a time, hubs with a bounded SCAN.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 from busagent import admin
 from busagent import bus as _bus
-from busagent.errors import BusagentError, PlacementError, UnknownAgent, UsageError
+from busagent.errors import (
+    BusagentError,
+    PlacementError,
+    UnknownAgent,
+    UnknownName,
+    UsageError,
+)
 from busagent.protocol import CreateBody, unpack
 from busagent.records import LATENCY_BOUNDS, LIVE, AgentInfo, read_servers
 
@@ -59,14 +66,17 @@ def servers() -> list[dict[str, Any]]:
     """Every server record with ``state``, ``alive``, ``age`` (s), ``uptime`` (s) and
     ``p50``/``p99`` (s, from its latency histogram, None before any call)."""
     b = _bus.current()
-    now = time.time()
     with b.errors():
         found = read_servers(b.redis, b.keys.servers)
     out = []
     for s in found:
         state = s.state(b.settings.dead_after)  # by the Redis clock (ServerInfo.age)
+        # A dead server ran until its last heartbeat; a live one until the Redis "now" it was
+        # read at. Both ends by the Redis clock (``started`` is the worker's own, ``heartbeat``
+        # Redis's: a skewed worker clock shifts uptime by the skew, never makes it grow).
+        end = s.heartbeat if state == "dead" else s.heartbeat + s.age()
         out.append({**s.model_dump(), "state": state, "alive": state in LIVE,
-                    "age": round(s.age(), 1), "uptime": round(now - s.started, 1),
+                    "age": round(s.age(), 1), "uptime": round(max(0.0, end - s.started), 1),
                     "p50": quantile(s.latency, 0.5), "p99": quantile(s.latency, 0.99)})
     return out
 
@@ -98,43 +108,99 @@ def summary(rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     }
 
 
-def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
+def page_size(count: int, most: int = PAGE_MAX, what: str = "count") -> int:
+    """``count`` as a page size: at most ``most`` (a larger one is lowered to it, as GitHub's
+    ``per_page`` is). Raises UsageError for one below 1: "no items" is not a page."""
+    if count < 1:
+        raise UsageError(f"{what} must be a positive number of items (got {count})")
+    return min(count, most)
+
+
+_STREAM_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+_CURSOR = re.compile(r"(\d{1,20})(?:\.(.+))?", re.DOTALL)
+
+
+def stream_id(raw: str, what: str = "after") -> str:
+    """``raw`` if it is a Redis stream id (``1764561234567-0`` or ``1764561234567``), else
+    UsageError: an id Redis would refuse is the caller's mistake, not a Redis failure."""
+    m = _STREAM_ID.fullmatch(raw)
+    if m is None or any(int(x) >= 2**64 for x in m.groups() if x is not None):
+        raise UsageError(f"{what} must be a stream id such as 1764561234567-0 (got {raw!r})")
+    return raw
+
+
+def _parse_cursor(raw: str) -> tuple[int, bytes | None]:
+    m = _CURSOR.fullmatch(raw)
+    if m is None or int(m.group(1)) >= 2**64:
+        raise UsageError(f"cursor must be one that /api/agents answered, or 0 to start "
+                         f"(got {raw!r})")
+    return int(m.group(1)), (m.group(2).encode() if m.group(2) else None)
+
+
+def agents_page(cursor: str = "0", count: int = 50, q: str = "", server: str = "",
                 cls: str = "") -> dict[str, Any]:
-    """One page of the registry, read with HSCAN from ``cursor`` (0: the start): ``{items,
-    cursor, scanned}``; ``cursor`` 0 in the answer means the end. A page holds about ``count``
-    items (HSCAN's COUNT is a hint: a small hash comes whole). ``q`` matches a substring of
-    the name or id, ``server`` the server exactly, ``cls`` a substring of the class. A page
-    stops at ``count`` matches or after ``SCAN_BUDGET`` records looked at, whichever is first,
-    so a rare match costs several pages, never one unbounded request. Order is HSCAN's (the
-    hash's), not sorted: sorting would need the whole registry."""
+    """One page of the registry: ``{items, cursor, scanned}``, at most ``count`` items (1 to
+    ``PAGE_MAX``; more is lowered to ``PAGE_MAX``, fewer raises UsageError). ``cursor``: "0" (or
+    "") to start, else the ``cursor`` of the previous answer, which goes on exactly after that
+    page's last item; "0" in the answer means the end. ``q`` matches a substring of the name or
+    id, ``server`` the server exactly, ``cls`` a substring of the class. A page stops at
+    ``count`` matches or after about ``SCAN_BUDGET`` records looked at, whichever is first, so
+    a rare match costs several pages, never one unbounded request. Order is HSCAN's (the
+    hash's), not sorted: sorting would need the whole registry.
+
+    The cursor is an opaque string: HSCAN's cursor, then (when a page ended inside the batch
+    HSCAN returned) ``.`` and the last agent id looked at. Going on re-reads that batch and
+    skips up to that id, so nothing is repeated or skipped; if that agent was deleted
+    meanwhile, the batch is read from its start (repeats, never gaps: HSCAN's own guarantee).
+    Raises UsageError for a malformed cursor or count."""
     b = _bus.current()
-    count = max(1, min(count, PAGE_MAX))
+    count = page_size(count)
+    scan_at, skip_to = _parse_cursor(cursor or "0")
     items: list[dict[str, Any]] = []
     scanned = 0
     needles = [x.encode() for x in (q, server, cls) if x]
+    # COUNT is a hint: about `count` records a batch without a filter, bigger steps while
+    # searching. Each page re-reads its batch with the same step, so one given the same
+    # query gets the same batch back.
+    step = 1000 if needles else count
     with b.errors():
         while True:
-            # COUNT is a hint: about `count` records without a filter (a small hash comes
-            # whole), bigger steps while searching.
-            page: Any = b.redis.hscan(b.keys.agents, cursor,
-                                      count=1000 if needles else count)
-            cursor, got = page
-            for k, raw in got.items():
+            page: Any = b.redis.hscan(b.keys.agents, scan_at, count=step)
+            next_at, got = page
+            batch = list(got.items())
+            first = 0
+            if skip_to is not None:
+                keys = [k for k, _ in batch]
+                first = keys.index(skip_to) + 1 if skip_to in keys else 0
+                skip_to = None
+            for i in range(first, len(batch)):
+                k, raw = batch[i]
                 scanned += 1
-                # A cheap bytes test first: a search over a million records parses only hits.
-                if needles and not all(n in raw or n in k for n in needles):
-                    continue
-                try:
-                    a = AgentInfo.model_validate_json(raw)
-                except ValueError:
-                    continue
-                if ((q and q not in a.name and q not in a.id)
-                        or (server and a.server != server) or (cls and cls not in a.cls)):
-                    continue
-                items.append(a.model_dump())
-            if cursor == 0 or len(items) >= count or scanned >= SCAN_BUDGET:
-                break
-    return {"items": items, "cursor": int(cursor), "scanned": scanned}
+                if _matches(raw, k, needles, q, server, cls, items) and len(items) == count:
+                    if i + 1 < len(batch):
+                        return {"items": items, "cursor": f"{scan_at}.{k.decode()}",
+                                "scanned": scanned}
+                    return {"items": items, "cursor": str(int(next_at)), "scanned": scanned}
+            scan_at = int(next_at)
+            if scan_at == 0 or scanned >= SCAN_BUDGET:
+                return {"items": items, "cursor": str(scan_at), "scanned": scanned}
+
+
+def _matches(raw: bytes, key: bytes, needles: list[bytes], q: str, server: str, cls: str,
+             into: list[dict[str, Any]]) -> bool:
+    """Whether record ``raw`` matches the search; appends it to ``into`` if so."""
+    # A cheap bytes test first: a search over a million records parses only hits.
+    if needles and not all(n in raw or n in key for n in needles):
+        return False
+    try:
+        a = AgentInfo.model_validate_json(raw)
+    except ValueError:
+        return False
+    if ((q and q not in a.name and q not in a.id)
+            or (server and a.server != server) or (cls and cls not in a.cls)):
+        return False
+    into.append(a.model_dump())
+    return True
 
 
 def agent(agent_id: str, mem_start: int = 0, mem_count: int = 50) -> dict[str, Any]:
@@ -142,8 +208,8 @@ def agent(agent_id: str, mem_start: int = 0, mem_count: int = 50) -> dict[str, A
     ``{items, start, total}`` (a slice of ``mem_count`` from ``mem_start``; negative counts from
     the end) and ``running`` (its calls running now). Raises UnknownAgent."""
     b = _bus.current()
+    mem_count = page_size(mem_count, what="mem_count")
     info = admin.agent_info(agent_id)
-    mem_count = max(1, min(mem_count, PAGE_MAX))
     with b.errors():
         pipe = b.redis.pipeline(transaction=False)
         pipe.hget(b.keys.specs, agent_id)
@@ -216,19 +282,35 @@ def hubs() -> list[str]:
     return sorted(found)
 
 
+def hub_exists(name: str) -> None:
+    """Raises UnknownName unless hub ``name`` has messages or members (a hub nobody joined and
+    nobody spoke in leaves nothing in Redis, and is not listed by :func:`hubs` either)."""
+    b = _bus.current()
+    with b.errors():
+        found = b.redis.exists(b.keys.hub(name), b.keys.members(name))
+    if not found:
+        raise UnknownName(f"no hub named {name!r} (no messages, no members); see GET /api/hubs")
+
+
 def hub_members(name: str) -> list[dict[str, Any]]:
-    """The hub's members in the order they joined: ``{id, name, role, watcher, ...}``."""
+    """The hub's members in the order they joined: ``{id, name, role, watcher, since, joined,
+    until}``. Raises UnknownName for a hub that does not exist."""
     from busagent.hub import Hub
 
+    hub_exists(name)
     return [m.model_dump() for m in Hub(name).members()]
 
 
 def hub_messages(name: str, after: str = "", count: int = 100) -> list[dict[str, Any]]:
     """Up to ``count`` messages after seq ``after`` (exclusive; "": the newest ``count``), in
-    order: ``{seq, sent_from, send_to, name, role, content}``."""
+    order: ``{seq, sent_from, send_to, name, role, content}``. Raises UsageError for a malformed
+    ``after`` or ``count``, UnknownName for a hub that does not exist."""
     b = _bus.current()
     key = b.keys.hub(name)
-    count = max(1, min(count, PAGE_MAX))
+    count = page_size(count)
+    if after:
+        stream_id(after)
+    hub_exists(name)
     with b.errors():
         if after:
             got: Any = b.redis.xrange(key, f"({after}", "+", count=count)
@@ -251,11 +333,21 @@ def hub_messages(name: str, after: str = "", count: int = 100) -> list[dict[str,
 
 def logs(server: str, after: str = "", count: int = 200) -> list[dict[str, Any]]:
     """A worker's log lines: the newest ``count``, or those after id ``after`` (exclusive),
-    oldest first: ``{id, t (epoch s), level, logger, msg}``."""
+    oldest first: ``{id, t (epoch s), level, logger, msg}``. Raises UsageError for a malformed
+    ``after`` or ``count`` (at most 5000), UnknownName for a server with neither a record nor
+    log lines."""
     b = _bus.current()
     key = b.keys.logs(server)
-    count = max(1, min(count, 5000))
+    count = page_size(count, 5000)
+    if after:
+        stream_id(after)
     with b.errors():
+        pipe = b.redis.pipeline(transaction=False)
+        pipe.exists(key)
+        pipe.hexists(b.keys.servers, server)
+        if not any(pipe.execute()):
+            raise UnknownName(f"no server named {server!r} and no log lines for it; see "
+                              "GET /api/servers")
         if after:
             got: Any = b.redis.xrange(key, f"({after}", "+", count=count)
         else:
@@ -267,23 +359,10 @@ def logs(server: str, after: str = "", count: int = 200) -> list[dict[str, Any]]
 
 
 def models() -> list[dict[str, Any]]:
-    """The global model configs, secrets masked (``api_key`` and anything in ``client_args``
-    or ``generate_args`` whose name says key, token, secret or password)."""
+    """The global model configs, every secret masked at any depth
+    (:func:`busagent.models.masked`: api keys, tokens, passwords, authorization headers,
+    passwords inside URLs)."""
     from busagent import models as _models
 
-    out = []
-    for c in _models.list_model_configs().values():
-        d = c.model_dump()
-        if d.get("api_key"):
-            d["api_key"] = "***"
-        for section in ("client_args", "generate_args"):
-            sub = d.get(section)
-            if isinstance(sub, dict):
-                d[section] = {k: "***" if _secret(k) else v for k, v in sub.items()}
-        out.append(jsonable(d))
-    return out
-
-
-def _secret(name: str) -> bool:
-    n = name.lower()
-    return any(w in n for w in ("key", "token", "secret", "password", "auth"))
+    return [_models.masked(jsonable(c.model_dump()))
+            for c in _models.list_model_configs().values()]

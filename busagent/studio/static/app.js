@@ -123,9 +123,9 @@ views.agents = () => {
     <span class="muted" id="agent-count"></span></div>
     <table id="agents-table"><thead><tr><th>name</th><th>id</th><th>class</th><th>server</th><th>created</th></tr></thead><tbody></tbody></table>
     <div class="toolbar"><button id="agent-more" hidden>More</button><span class="muted" id="agent-scan"></span></div>`;
-  let cursor = 0, shown = 0, scanned = 0, generation = 0;
+  let cursor = "0", shown = 0, scanned = 0, generation = 0;
   const load = async (fresh) => {
-    if (fresh) { cursor = 0; shown = 0; scanned = 0; generation++; $("#agents-table tbody").innerHTML = ""; }
+    if (fresh) { cursor = "0"; shown = 0; scanned = 0; generation++; $("#agents-table tbody").innerHTML = ""; }
     const mine = generation;
     const qs = new URLSearchParams({cursor, count: 50, q: $("#agent-q").value, cls: $("#agent-cls").value, server: $("#agent-server").value});
     try {
@@ -135,9 +135,9 @@ views.agents = () => {
         <td><a href="#agent/${encodeURIComponent(a.id)}">${esc(a.name)}</a></td><td><code>${esc(a.id)}</code></td><td>${esc(a.cls)}</td>
         <td>${esc(a.server)}</td><td>${fmtTime(a.created)}</td></tr>`).join(""));
       cursor = page.cursor; shown += page.items.length; scanned += page.scanned;
-      $("#agent-more").hidden = cursor === 0;
+      $("#agent-more").hidden = cursor === "0";
       $("#agent-count").textContent = `${shown} shown` + (live.summary ? ` of ${live.summary.agents.toLocaleString()} registered` : "");
-      $("#agent-scan").textContent = cursor === 0 ? "end of registry" : `${scanned.toLocaleString()} records looked at so far`;
+      $("#agent-scan").textContent = cursor === "0" ? "end of registry" : `${scanned.toLocaleString()} records looked at so far`;
     } catch (e) { flash(e.message); }
   };
   $("#agent-search").onclick = () => load(true);
