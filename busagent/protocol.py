@@ -293,6 +293,9 @@ class CreateBody(Body):
     #: memory to start with (``agent.to_dist()`` carries the local agent's memory over), in
     #: memory's own exact encoding (:func:`busagent.memory.to_json`), one JSON text an item.
     memory: list[str] = Field(default_factory=list)
+    #: declared state to load after the constructor (``to_dist()``), as
+    #: :func:`busagent.memory.to_json` encodes ``Agent.state_dict()``.
+    state: str | None = None
 
 
 class CreateBatch(Body):
