@@ -79,7 +79,8 @@ class Registered(Agent):
     @busagent.remote
     def peek(self) -> dict[str, Any]:
         # repr: the reply's own encoding would turn tuples and sets into lists
-        return {"notes": repr(self.notes), "last": self.last.content if self.last else None, "tags": repr(sorted(self.tags)),
+        return {"notes": repr(self.notes), "last": self.last.content if self.last else None,
+                "tags": repr(sorted(self.tags)),
                 "types": [type(v).__name__ for v in (self.notes, self.tags, self.raw)],
                 "raw": self.raw, "pid": os.getpid()}
 
@@ -131,8 +132,14 @@ class Slow(Agent):
         return "finished"
 
     @busagent.remote
-    def ignoring(self, seconds: float) -> str:
-        time.sleep(seconds)  # never looks at busagent.cancelled()
+    def ignoring(self, folder: str) -> str:
+        """Runs until ``folder/release`` exists whether cancelled or not; it only reports (in
+        ``folder/seen``) that its flag turned, so a test knows the cancel reached it."""
+        seen, release = os.path.join(folder, "seen"), os.path.join(folder, "release")
+        while not os.path.exists(release):
+            if busagent.cancelled() and not os.path.exists(seen):
+                open(seen, "w").close()
+            time.sleep(0.01)
         self.done.append("ignoring finished")
         return "finished"
 
