@@ -169,3 +169,21 @@ def test_ctrl_c_in_gather_cancels_what_it_sent(slow: Any, redis_url: str, prefix
         with pytest.raises(Cancelled):
             q.result(timeout=30)
     assert slow.history().result(timeout=30) == ["stopped a"]
+
+
+def test_a_cancel_that_comes_before_its_call_starts_is_applied_when_it_starts() -> None:
+    """Unit: the call was between its mailbox and the executor when its cancel was read."""
+    import asyncio
+
+    from busagent.worker.cancels import Cancels
+
+    c, loop = Cancels(), asyncio.new_event_loop()
+    try:
+        c.cancel(["c1"], loop)
+        assert c.begin("c1").cancelled  # cancelled as it starts
+        c.end("c1")
+        assert not c.begin("c1").cancelled  # used once: a second run is not cancelled
+        c.end("c1")
+        assert not c.begin("c2").cancelled and c.running.keys() == {"c2"}
+    finally:
+        loop.close()
