@@ -13,6 +13,7 @@ from . import models
 from .admin import ServerClient, agents, servers
 from .agent import Agent, DistConf, remote
 from .bus import init, shutdown
+from .cancel import cancel, cancelled
 from .center import StepEvent, TaskCenter
 from .config import Settings
 from .errors import (
@@ -20,6 +21,7 @@ from .errors import (
     BusagentError,
     BusError,
     CallTimeout,
+    Cancelled,
     ConfigError,
     ConstructorError,
     DeadLettered,
@@ -52,6 +54,7 @@ __all__ = [
     "BusError",
     "BusagentError",
     "CallTimeout",
+    "Cancelled",
     "ConfigError",
     "ConstructorError",
     "DeadLettered",
@@ -86,6 +89,8 @@ __all__ = [
     "UsageError",
     "agather",
     "agents",
+    "cancel",
+    "cancelled",
     "create_many",
     "fanout",
     "gather",

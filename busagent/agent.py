@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
 from .ids import new_id
-from .memory import Memory
+from .memory import Memory, to_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,10 +112,58 @@ class Agent(metaclass=AgentMeta):
     #: the proxy ``to_dist()`` returned (the agent now lives on a worker under its id).
     _dist: Any = None
 
+    #: The attribute names that are this agent's declared state (AgentScope 1.0's registered
+    #: state): saved with every committed call, in the same atomic step as its memory, and
+    #: restored when the agent is rebuilt (recovery after a crash, ``stop --drain``,
+    #: ``to_dist()``). Every other attribute is rebuilt by the constructor. Declare here,
+    #: with :meth:`register_state` in ``__init__``, or override :meth:`state_dict` and
+    #: :meth:`load_state_dict` together.
+    state_attrs: ClassVar[tuple[str, ...]] = ()
+    #: names added by :meth:`register_state` (per instance).
+    _state_names: tuple[str, ...] = ()
+    #: the state's JSON as last saved (None: never), so an unchanged state is not rewritten.
+    _state_saved: str | None = None
+
     def __init__(self, name: str, **kwargs: Any) -> None:
         self.name = name
         self.memory = Memory()
         self.agent_id = assigning_id.get() or new_id()
+
+    def register_state(self, *names: str) -> None:
+        """Declare attributes as this agent's state (see :attr:`state_attrs`), as AgentScope
+        1.0's ``register_state`` does. Raises ConfigError for a name that is not an attribute
+        name."""
+        for n in names:
+            if not (isinstance(n, str) and n.isidentifier()):
+                raise ConfigError(f"register_state({n!r}): a state is named by an attribute "
+                                  "name (a string such as 'inc')")
+        self._state_names = tuple(dict.fromkeys((*self._state_names, *names)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The declared state, ``{attribute name: value}``. Values are data as memory stores
+        it (msgpack-like values, Msgs, pydantic models, distributed agents); anything else
+        fails the call that changed it with NotSerializable."""
+        return {n: getattr(self, n) for n in _unique((*self.state_attrs, *self._state_names))
+                if hasattr(self, n)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Set the attributes of a saved :meth:`state_dict` (called after the constructor
+        when the agent is rebuilt)."""
+        for n, v in state.items():
+            setattr(self, n, v)
+
+    def _take_state(self) -> str | None:
+        """The state's JSON if it changed since the last save (then marked saved), else None.
+        Raises NotSerializable naming the attribute. Cheap for an agent without declared
+        state: one empty dict per call."""
+        state = self.state_dict()
+        if not state and self._state_saved is None:
+            return None
+        text = to_json(state, "state")
+        if text == self._state_saved:
+            return None
+        self._state_saved = text
+        return text
 
     def reply(self, x: Any = None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement reply(x)")
@@ -130,11 +178,11 @@ class Agent(metaclass=AgentMeta):
     def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
                 ) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
-        memory and its ``agent_id`` (as AgentScope does: hubs and records that name it keep
-        working), and return the proxy. ``server``: a worker's name; ``to_dist``: as the
-        constructor's. AgentScope's ``host=``, ``port=`` ... raise ConfigError saying what to
-        use instead; so does a second call (two distributed agents cannot share one id; use
-        the proxy the first call returned)."""
+        memory, its declared state (:attr:`state_attrs`) and its ``agent_id`` (as AgentScope
+        does: hubs and records that name it keep working), and return the proxy. ``server``:
+        a worker's name; ``to_dist``: as the constructor's. AgentScope's ``host=``,
+        ``port=`` ... raise ConfigError saying what to use instead; so does a second call (two
+        distributed agents cannot share one id; use the proxy the first call returned)."""
         if agentscope:
             DistConf(**agentscope)  # raises, naming the AgentScope arguments
         if self._dist is not None:
@@ -142,8 +190,10 @@ class Agent(metaclass=AgentMeta):
                               f"to_dist(); use the proxy it returned: {self._dist!r}")
         conf = DistConf.of(to_dist) if to_dist is not None else DistConf(server=server)
         args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
+        state = self.state_dict()
         proxy = _create(type(self), args, kwargs, conf, memory=self.memory.get(),
-                        agent_id=self.agent_id)
+                        agent_id=self.agent_id,
+                        state=to_json(state, "state") if state else None)
         self._dist = proxy
         return proxy
 
@@ -151,8 +201,13 @@ class Agent(metaclass=AgentMeta):
         return f"{type(self).__name__}(name={self.name!r}, agent_id={self.agent_id!r})"
 
 
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
 def _create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
-            memory: list[Any] | None = None, agent_id: str | None = None) -> Any:
+            memory: list[Any] | None = None, agent_id: str | None = None,
+            state: str | None = None) -> Any:
     """Build an agent on a worker and return its proxy (:func:`busagent.proxy.create`).
 
     The one link from the base agent to distribution, and a lazy import on purpose: the proxy
@@ -162,4 +217,4 @@ def _create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: Dist
     know hubs."""
     from .proxy import create
 
-    return create(cls, args, kwargs, conf, memory=memory, agent_id=agent_id)
+    return create(cls, args, kwargs, conf, memory=memory, agent_id=agent_id, state=state)

@@ -17,6 +17,7 @@
     │   ├── ConstructorError   the agent's constructor raised on its worker
     │   └── DeadLettered       every worker that took the call died; it is in the dead letters
     ├── CallTimeout            a deadline passed; the call may still run (also a TimeoutError)
+    ├── Cancelled              ``busagent.cancel`` cancelled the call; nothing to fix
     ├── ModelError             a model endpoint failed after its retries
     └── RemoteError            the agent's own code raised: ``type``, ``message``, ``traceback``
 
@@ -115,6 +116,11 @@ class DeadLettered(AgentError):
 
 class CallTimeout(BusagentError, TimeoutError):
     pass
+
+
+class Cancelled(BusagentError):
+    """The call was cancelled with ``busagent.cancel`` (or by Ctrl-C in ``gather``): before
+    it started, or while it ran (its reply, if it still produced one, was discarded)."""
 
 
 class ModelError(BusagentError):

@@ -11,6 +11,7 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:reply:{call}``              | list   | one msgpack Reply; expires after ``reply_ttl``     |
 | ``{p}:sent:{call}``               | string | marks a routed call for 30 s (sends are retried)   |
 | ``{p}:memory:{agent}``            | list   | the agent's memory, one JSON Msg per element       |
+| ``{p}:state:{agent}``             | string | the agent's declared state (JSON, last call)       |
 | ``{p}:specs``                     | hash   | agent id -> msgpack constructor call (to rebuild)  |
 | ``{p}:deadletter``                | stream | calls given up on, with the reason (capped)        |
 | ``{p}:lock:{server}``             | string | held by whoever moves a dead server's agents       |
@@ -72,6 +73,11 @@ class Keys:
 
     def memory(self, agent_id: str) -> str:
         return f"{self.memory_prefix}{agent_id}"
+
+    def state(self, agent_id: str) -> str:
+        """String: the agent's declared state (``Agent.state_dict``) as one JSON object,
+        written with its memory by every committed call that changed it."""
+        return f"{self.prefix}:state:{agent_id}"
 
     def ready(self, server: str) -> str:
         return f"{self.prefix}:ready:{server}"

@@ -9,6 +9,7 @@ the receiving worker reads the value from Redis itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -217,10 +218,14 @@ def _finish(placeholders: Sequence[Placeholder], got: dict[str, bytes],
 
 
 def gather(placeholders: Iterable[Placeholder], timeout: float | object | None = replies.DEFAULT,
-           return_exceptions: bool = False, release: bool = False) -> list[Any]:
+           return_exceptions: bool = False, release: bool = False,
+           cancel_on_interrupt: bool = True) -> list[Any]:
     """Wait for many placeholders with batched reads; values in the given order. The first error
     is raised unless ``return_exceptions``, which puts exceptions in the list instead.
-    ``release``: delete each reply from Redis as it is read (see :func:`release`)."""
+    ``release``: delete each reply from Redis as it is read (see :func:`release`).
+    ``cancel_on_interrupt``: on Ctrl-C (KeyboardInterrupt) while waiting, cancel the calls not
+    answered yet (:func:`busagent.cancel`) before the interrupt goes on: nobody is left to read
+    their replies, so the workers should not go on running them."""
     ps = list(placeholders)
     got: dict[str, bytes] = {}
     if not all(p.done() for p in ps):
@@ -230,14 +235,22 @@ def gather(placeholders: Iterable[Placeholder], timeout: float | object | None =
         timeout = replies.flush(b, timeout)
         pending, errors = _collect(ps)
         if pending:
-            got = replies.fetch(b, pending, timeout, errors, take=release, agents=_agents(ps))
+            try:
+                got = replies.fetch(b, pending, timeout, errors, take=release,
+                                    agents=_agents(ps))
+            except KeyboardInterrupt:
+                if cancel_on_interrupt:
+                    _cancel_unanswered(ps)
+                raise
     return _finish(ps, got, return_exceptions, release)
 
 
 async def agather(placeholders: Iterable[Placeholder],
                   timeout: float | object | None = replies.DEFAULT,
-                  return_exceptions: bool = False, release: bool = False) -> list[Any]:
-    """:func:`gather` for asyncio code."""
+                  return_exceptions: bool = False, release: bool = False,
+                  cancel_on_interrupt: bool = True) -> list[Any]:
+    """:func:`gather` for asyncio code; ``cancel_on_interrupt`` also covers the awaiting task
+    being cancelled (``asyncio.run`` cancels it on Ctrl-C)."""
     ps = list(placeholders)
     got: dict[str, bytes] = {}
     if not all(p.done() for p in ps):
@@ -247,9 +260,25 @@ async def agather(placeholders: Iterable[Placeholder],
                 None, replies.flush, b, timeout)
         pending, errors = _collect(ps)
         if pending:
-            got = await replies.afetch(b, pending, timeout, errors, take=release,
-                                       agents=_agents(ps))
+            try:
+                got = await replies.afetch(b, pending, timeout, errors, take=release,
+                                           agents=_agents(ps))
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                if cancel_on_interrupt:
+                    # Sending blocks briefly; the loop is being torn down anyway.
+                    _cancel_unanswered(ps)
+                raise
     return _finish(ps, got, return_exceptions, release)
+
+
+def _cancel_unanswered(ps: Sequence[Placeholder]) -> None:
+    """Cancel what an interrupted gather sent, quietly: the interrupt is what the user sees
+    (issue 10's excepthook prints it as one line and stops child workers after this)."""
+    from .cancel import cancel
+
+    # Redis away: the interrupt matters more than the cancel.
+    with contextlib.suppress(BusagentError):
+        cancel([p for p in ps if p.agent_id and not p.done()])
 
 
 def release(placeholders: Iterable[Placeholder]) -> None:

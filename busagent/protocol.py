@@ -63,12 +63,17 @@ EXT_VALUE = -1
 #: create_many: build the agents a :class:`CreateBatch` names (their specs are in ``{p}:specs``);
 #: restore: rebuild an agent from its spec and stored memory (recovery, nobody waits);
 #: control: a server operation (:class:`ControlBody`); deliver: a hub's notice or turn, a
-#: worker built-in (:class:`DeliverBody`).
+#: worker built-in (:class:`DeliverBody`); cancel: ``busagent.cancel`` of some of the agent's
+#: calls (:class:`CancelBody`), routed like a call so it lands behind them in the same inbox,
+#: and handled as soon as it is read, never queued behind the calls it cancels.
 Kind = Literal["call", "method", "observe", "create", "create_many", "restore", "control",
-               "deliver"]
+               "deliver", "cancel"]
 ControlOp = Literal["stop", "drain", "delete", "delete_all", "list", "ping", "wake", "state"]
 #: kinds addressed to one agent (``agent`` must be set).
-AGENT_KINDS = frozenset({"call", "method", "observe", "create", "restore", "deliver"})
+AGENT_KINDS = frozenset({"call", "method", "observe", "create", "restore", "deliver",
+                         "cancel"})
+#: kinds ``busagent.cancel`` can cancel (a hub's deliver is the hub's, not a caller's).
+CANCELLABLE_KINDS = frozenset({"call", "method", "observe"})
 #: kinds whose sender never waits: they carry no call id and are never answered.
 UNANSWERED_KINDS = frozenset({"restore"})
 
@@ -299,6 +304,9 @@ class CreateBody(Body):
     #: memory to start with (``agent.to_dist()`` carries the local agent's memory over), in
     #: memory's own exact encoding (:func:`busagent.memory.to_json`), one JSON text an item.
     memory: list[str] = Field(default_factory=list)
+    #: declared state to load after the constructor (``to_dist()``), as
+    #: :func:`busagent.memory.to_json` encodes ``Agent.state_dict()``.
+    state: str | None = None
 
 
 class CreateBatch(Body):
@@ -315,6 +323,13 @@ class DeliverBody(Body):
 
     hub: str
     speak: bool = False
+
+
+class CancelBody(Body):
+    """Kind ``cancel``: the call ids of the addressed agent's calls to cancel. Its own call id
+    is fresh (nobody waits on it; routing needs one for its sent mark)."""
+
+    calls: list[str]
 
 
 class ControlBody(Body):

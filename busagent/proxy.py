@@ -238,7 +238,7 @@ def deliver(agent_ids: Sequence[str], hub: str, speak: bool = False) -> list[Pla
 
 
 def _spec(b: _bus.Bus, cls: type, path: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-          memory: list[Any] | None = None) -> tuple[str, bytes]:
+          memory: list[Any] | None = None, state: str | None = None) -> tuple[str, bytes]:
     """(name, encoded constructor call) of one agent."""
     name = args[0] if args else kwargs.get("name", cls.__name__)
     if not isinstance(name, str):
@@ -247,7 +247,7 @@ def _spec(b: _bus.Bus, cls: type, path: str, args: tuple[Any, ...], kwargs: dict
     stored = [to_json(x, f"memory item {i}") for i, x in enumerate(memory or ())]
     try:
         body = CreateBody(cls=path, name=name, args=list(args), kwargs=kwargs,
-                          memory=stored).pack()
+                          memory=stored, state=state).pack()
     except NotSerializable as e:
         raise NotSerializable(
             f"constructor arguments of {cls.__name__}: {e}; pass data and build objects in "
@@ -322,14 +322,17 @@ def _arguments(item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistConf,
-           memory: list[Any] | None = None, agent_id: str | None = None) -> RemoteAgent:
+           memory: list[Any] | None = None, agent_id: str | None = None,
+           state: str | None = None) -> RemoteAgent:
     """Build an agent on a worker: the class travels by name, the arguments as data.
-    ``agent_id``: keep this id (``agent.to_dist()``: the agent keeps its identity)."""
+    ``agent_id``: keep this id (``agent.to_dist()``: the agent keeps its identity);
+    ``state``: its declared state as JSON (``Agent.state_dict``), loaded after the
+    constructor."""
     if _bus.loading_script.get():
         raise SkipStatement("creating a distributed agent while a worker loads a script")
     b = _bus.current()
     path, load = class_path(cls)
-    name, body = _spec(b, cls, path, args, kwargs, memory)
+    name, body = _spec(b, cls, path, args, kwargs, memory, state)
     server = placement.place(b, path.split(":")[0], load, conf.server)
     agent_id, call_id = agent_id or _bus.new_id(), _bus.new_id()
     info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())

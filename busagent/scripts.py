@@ -5,7 +5,7 @@ ARGV order (each ``.lua`` file beside this one documents the same order on top).
 |-------------------|---------------------------|--------------------------------------------|
 | ``route.lua``     | :mod:`busagent.sender`    | routes calls to their agents' inboxes      |
 | ``collect.lua``   | :mod:`busagent.replies`   | reads (or takes) many replies in one step  |
-| ``commit.lua``    | the worker's group commit | reply + memory + XACK/XDEL, fenced         |
+| ``commit.lua``    | the worker's group commit | reply + memory + state + XACK/XDEL, fenced |
 | ``heartbeat.lua`` | the worker's heartbeat    | writes its record unless fenced            |
 | ``move.lua``      | recovery                  | moves agents and their calls off a server  |
 
@@ -130,6 +130,7 @@ class Finished(Protocol):
     agent_id: str | None
     mem_cleared: bool
     mem_new: list[str] | None
+    state: str | None
     drop: bool
 
 
@@ -152,7 +153,10 @@ def commit(s: Scripts, keys: Keys, inbox: str, reply_ttl: int, batch: Sequence[F
         # Only a memory that changes is a key the script touches (most calls change none).
         changed = d.drop or d.mem_cleared or d.mem_new
         mk = at(keys.memory(d.agent_id)) if d.agent_id and changed else 0
-        rec: list[Any] = [d.entry_id, rk, d.reply, d.agent_id or "", mk, op]
+        # The declared state: only when it changed (or the agent is dropped with it).
+        sk = at(keys.state(d.agent_id)) if d.agent_id and (d.drop or d.state is not None) else 0
+        rec: list[Any] = [d.entry_id, rk, d.reply, d.agent_id or "", mk, op, sk,
+                          d.state or ""]
         if d.mem_new and not d.drop:
             rec.extend(d.mem_new)
         recs.append(rec)

@@ -52,9 +52,11 @@ def test_route_commit_and_collect(bus: busagent.bus.Bus) -> None:
         replies.decode(replies.peek(b, ["c2"])["c2"])
 
     done = SimpleNamespace(entry_id=entry_id, call_id="c1", reply=Reply.ok(2), agent_id="a1",
-                           mem_cleared=False, mem_new=['"x"'], drop=False)
+                           mem_cleared=False, mem_new=['"x"'], state='{"n": 1}', drop=False)
     assert scripts.commit(b.scripts, k, k.inbox("s1"), 60, [done]) == 0
+    done.state = '{"n": 2}'
     assert scripts.commit(b.scripts, k, k.inbox("s1"), 60, [done]) == 1  # fenced: not pending
+    assert b.redis.get(k.state("a1")) == b'{"n": 1}'  # the fenced commit wrote no state
     assert b.redis.lrange(k.memory("a1"), 0, -1) == [b'"x"'] and b.redis.xlen(k.inbox("s1")) == 0
     assert replies.decode(replies.fetch(b, ["c1"], timeout=5)["c1"]) == 2
     assert asyncio.run(replies.afetch(b, ["c1", "c2"], timeout=5)).keys() == {"c1", "c2"}

@@ -45,6 +45,8 @@ def test_public_api_is_frozen() -> None:
         "StepEvent", "Event", "Human", "fanout", "create_many", "release",
         # the error groups (errors.py draws the tree)
         "AgentError", "BusError", "UsageError", "ConstructorError", "DeadLettered",
+        # cancellation
+        "cancel", "cancelled", "Cancelled",
     ])
 
 

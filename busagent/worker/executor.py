@@ -9,6 +9,7 @@ the outcome. What it needs from Redis and hubs comes through :class:`CallIO` (on
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import time
@@ -19,8 +20,10 @@ from pydantic import BaseModel
 
 from busagent import callchain, tracing
 from busagent.agent import Agent, is_remote
-from busagent.errors import BusagentError, CallTimeout, ProtocolError, RemoteError
+from busagent.cancel import CallFlag, _current
+from busagent.errors import BusagentError, CallTimeout, Cancelled, ProtocolError, RemoteError
 from busagent.protocol import (
+    CANCELLABLE_KINDS,
     VERSION,
     CallBody,
     DeliverBody,
@@ -32,6 +35,7 @@ from busagent.protocol import (
 )
 from busagent.stream import Emitter, Event
 
+from .cancels import Cancels
 from .jobs import Done, Job, Replies
 
 #: what a call becomes: finished, or waiting. A waiting call ends as a Done, or as its Job with
@@ -64,10 +68,12 @@ class CallIO(Protocol):
 
 class Executor:
     """``agent(id)`` returns the hosted agent or raises UnknownAgent; ``secret`` is the bus's
-    shared secret (None: calls are not signed)."""
+    shared secret (None: calls are not signed); ``cancels``: where running calls register so
+    ``busagent.cancel`` finds them (None: calls cannot be cancelled while they run)."""
 
     def __init__(self, io: CallIO, replies: Replies, agent: Callable[[str], Agent],
-                 secret: str | None, clock: Callable[[], float] = time.time) -> None:
+                 secret: str | None, clock: Callable[[], float] = time.time,
+                 cancels: Cancels | None = None) -> None:
         self.io = io
         self.replies = replies
         self.agent = agent
@@ -75,6 +81,7 @@ class Executor:
         #: Redis's time now, as this host estimates it (epoch seconds): what the callers'
         #: relative deadlines are measured against (see CallBody.timeout).
         self.clock = clock
+        self.cancels = cancels
 
     def verify(self, e: Entry) -> None:
         """Raise ProtocolError for another protocol version or a bad signature, MessageTooLarge
@@ -91,11 +98,72 @@ class Executor:
     def run(self, job: Job) -> Outcome:
         """Run a call: its Done, or an awaitable to run on the loop thread (see
         :data:`Outcome`). Errors, the agent's or a refusal's (ProtocolError, MessageTooLarge,
-        UnknownAgent, CallTimeout for a passed deadline), become the Done's error reply."""
+        UnknownAgent, CallTimeout for a passed deadline), become the Done's error reply. A call
+        cancelled while it ran is answered Cancelled (see :mod:`busagent.cancel`)."""
+        cancels = self.cancels
+        if cancels is None or job.entry.kind not in CANCELLABLE_KINDS:
+            return self._run_safe(job)
+        call = job.entry.call
+        flag = cancels.begin(call)
+        if flag.cancelled:
+            cancels.end(call)
+            return self.replies.failed(job, Cancelled(f"call {call} was cancelled before it "
+                                                      "started"))
+        token = _current.set(flag)  # busagent.cancelled() in a plain reply reads it
+        try:
+            out = self._run_safe(job)
+        finally:
+            _current.reset(token)
+        if isinstance(out, Done):
+            cancels.end(call)
+            return self._cancelled(job, out) if flag.cancelled else out
+        return self._cancellable(job, out, flag, cancels)
+
+    def _run_safe(self, job: Job) -> Outcome:
         try:
             return self._run(job)
         except Exception as err:  # noqa: BLE001 - a worker survives whatever it runs
             return self.replies.failed(job, err)
+
+    async def _cancellable(self, job: Job, aw: Awaitable[Done | Job], flag: CallFlag,
+                           cancels: Cancels) -> Done | Job:
+        """Await a waiting call in a task ``busagent.cancel`` can cancel (its flag names the
+        task; both are touched only on the loop thread)."""
+        call = job.entry.call
+        flag.task = task = asyncio.current_task()
+        _current.set(flag)  # this task's own context: busagent.cancelled() in async code
+        try:
+            if flag.cancelled:  # cancelled before the loop started it
+                _close(aw)
+                return self._cancelled(job, None)
+            out = await aw
+        except asyncio.CancelledError:
+            if not flag.cancelled:
+                raise  # not ours (the loop is shutting down)
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            return self._cancelled(job, None)
+        finally:
+            flag.task = None
+            cancels.end(call)
+        if flag.cancelled:  # it caught CancelledError, or it was cancelled as it finished
+            return self._cancelled(job, out if isinstance(out, Done) else None)
+        return out
+
+    def _cancelled(self, job: Job, done: Done | None) -> Done:
+        """The call answered Cancelled, keeping the memory and state changes of ``done`` (or
+        the agent's changes so far): the agent in this process has them either way."""
+        err = Cancelled(f"call {job.entry.call} was cancelled while it ran; its reply was "
+                        "discarded")
+        if done is None:
+            try:
+                done = self.replies.done(job, self.agent(job.entry.agent), None)
+            except Exception:  # noqa: BLE001 - the agent is gone: nothing of it to keep
+                return self.replies.failed(job, err)
+        done.reply = self.replies.error(err)
+        done.failed = True
+        return done
 
     def _run(self, job: Job) -> Outcome:
         e = job.entry
@@ -255,6 +323,13 @@ async def _aevents(em: Emitter, agent: Agent, pieces: AsyncIterator[Any]
 
 async def _once(value: Any) -> AsyncIterator[Any]:
     yield value
+
+
+def _close(aw: Awaitable[Any]) -> None:
+    """Drop an awaitable that will never run, without a "never awaited" warning."""
+    close = getattr(aw, "close", None)
+    if close is not None:
+        close()
 
 
 def _decode_inputs(raw: Iterable[tuple[str, bytes]], body: CallBody) -> dict[str, Any]:

@@ -90,15 +90,20 @@ class Hosting:
         return agent
 
     def restore(self, agent_id: str) -> Agent:
-        """Rebuild an agent from its stored spec, with its memory as stored in Redis."""
-        pipe = self.r.pipeline(transaction=False)  # one round trip for the spec and the memory
+        """Rebuild an agent from its stored spec, with its memory and declared state as stored
+        in Redis (the constructor rebuilds every other attribute)."""
+        pipe = self.r.pipeline(transaction=False)  # one round trip for spec, memory and state
         pipe.hget(self.keys.specs, agent_id)
         pipe.lrange(self.keys.memory(agent_id), 0, -1)
-        spec, items = pipe.execute()
+        pipe.get(self.keys.state(agent_id))
+        spec, items, state = pipe.execute()
         if spec is None:
             raise UnknownAgent(f"agent {agent_id} has no stored spec to rebuild it from")
         agent = self.build(agent_id, CreateBody.unpack(spec))
         agent.memory = Memory(from_json(x) for x in items)  # already saved: nothing to rewrite
+        if state is not None:
+            agent.load_state_dict(from_json(state))
+            agent._state_saved = state.decode()
         return agent
 
     def rebuild(self, records: Iterable[AgentInfo]) -> None:
@@ -154,6 +159,8 @@ class Hosting:
             if body.memory:
                 agent.memory = Memory(from_json(x) for x in body.memory)
                 agent.memory._saved = 0  # persist the carried-over memory with this reply
+            if body.state is not None:  # to_dist(): the local agent's declared state
+                agent.load_state_dict(from_json(body.state))
         except Exception as err:  # noqa: BLE001 - the constructor's error goes to the caller
             self._remember_failure(e.agent, err)
             if not isinstance(err, BusagentError):  # the constructor itself raised
@@ -226,9 +233,9 @@ class Hosting:
 
 
 def forget(pipe: Any, keys: Keys, ids: list[str]) -> None:
-    """Queue on ``pipe`` the removal of agents' records, specs and memory."""
+    """Queue on ``pipe`` the removal of agents' records, specs, memory and state."""
     for i in range(0, len(ids), 1000):
         chunk = ids[i : i + 1000]
         pipe.hdel(keys.agents, *chunk)
         pipe.hdel(keys.specs, *chunk)
-        pipe.delete(*[keys.memory(a) for a in chunk])
+        pipe.delete(*[keys.memory(a) for a in chunk], *[keys.state(a) for a in chunk])

@@ -14,6 +14,7 @@ from typing import Any
 
 from busagent.agent import Agent
 from busagent.errors import BusagentError, MessageTooLarge, NotSerializable, ProtocolError
+from busagent.memory import from_json
 from busagent.protocol import Entry, Reply, safe_text
 
 
@@ -59,7 +60,9 @@ class Done:
     mem_cleared: bool = False
     #: JSON memory items to append.
     mem_new: list[str] | None = None
-    #: the agent was deleted: drop its memory, registry record and spec.
+    #: the agent's declared state as JSON, when it changed (None: unchanged).
+    state: str | None = None
+    #: the agent was deleted: drop its memory, state, registry record and spec.
     drop: bool = False
     #: copied from :attr:`Job.started`: counted as a call in the worker's stats when non-zero.
     started: float = 0.0
@@ -118,18 +121,30 @@ class Replies:
                     failed=True)
 
     def done(self, job: Job, agent: Agent, value: Any) -> Done:
-        """``value`` as the reply, with the agent's memory changes since its last call. If
-        the memory changes cannot be stored the call fails with NotSerializable naming the
-        item, and they are undone in the agent too (its memory stays as Redis has it)."""
+        """``value`` as the reply, with the agent's memory changes since its last call and
+        its declared state if it changed. If either cannot be stored the call fails with
+        NotSerializable naming the item, and the agent goes back to what Redis has (memory
+        changes undone, declared state reloaded as last saved) so its next call is not stuck
+        on the same value."""
+        saved = agent._state_saved
+        try:
+            state = agent._take_state()
+        except NotSerializable as e:
+            if saved is not None:
+                agent.load_state_dict(from_json(saved))
+            return self.failed(job, NotSerializable(
+                f"the agent's declared state cannot be stored, so the call's reply, memory "
+                f"and state changes are dropped: {e}"))
         try:
             cleared, new = agent.memory.take_changes()
         except NotSerializable as e:
             agent.memory.undo_changes()
+            agent._state_saved = saved  # not written: the next commit writes it
             return self.failed(job, NotSerializable(
                 f"the agent's memory changes cannot be stored, so the call's reply and memory "
                 f"changes are dropped: {e}"))
         data, failed = self._ok(value)
-        return Done(job.entry_id, job.entry.call, data, job.entry.agent, cleared, new,
+        return Done(job.entry_id, job.entry.call, data, job.entry.agent, cleared, new, state,
                     started=job.started, failed=failed)
 
 

@@ -113,6 +113,26 @@ class Mailboxes:
             self.cond.notify()
         return mine, fresh
 
+    def admit(self, jobs: Iterable[Job]) -> list[Job]:
+        """Count entries that are handled at once, not queued (``cancel``), in flight; those
+        already held (a re-read) are left out."""
+        with self.cond:
+            return [j for j in jobs if self._admit(j.entry_id)]
+
+    def remove(self, agent: str, calls: Iterable[str]) -> list[Job]:
+        """Take the jobs of ``calls`` out of ``agent``'s mailbox (``busagent.cancel``); they
+        stay in flight until the caller answers them. A job already taken is not here."""
+        wanted = set(calls)
+        with self.cond:
+            box = self.boxes.get(agent)
+            if not box:
+                return []
+            gone = [j for j in box if j.entry.call in wanted and j.held is None]
+            if gone:
+                out = {id(j) for j in gone}
+                self.boxes[agent] = deque(j for j in box if id(j) not in out)
+            return gone
+
     def read_failed(self) -> None:
         """End a read that raised, so another thread can lead."""
         with self.cond:

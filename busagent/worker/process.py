@@ -41,12 +41,13 @@ import redis
 from busagent import bus as _bus
 from busagent import tracing
 from busagent.config import Settings
-from busagent.errors import ConfigError
-from busagent.protocol import ControlBody
+from busagent.errors import Cancelled, ConfigError
+from busagent.protocol import CancelBody, ControlBody
 from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS
 
 from . import recovery
 from .busio import BusIO
+from .cancels import Cancels
 from .committer import Committer
 from .executor import Executor, Outcome
 from .heartbeat import Heartbeat
@@ -84,6 +85,7 @@ class Worker:
         self.started = time.time()
         self.mailboxes = Mailboxes(threads=self.settings.threads)
         self.stats = Stats()
+        self.cancels = Cancels()
         self.replies = Replies(name, self.settings.max_message_bytes)
         self.stopping = threading.Event()
         #: set by :meth:`shutdown` once the grace is over: the heartbeat goes on until then,
@@ -123,7 +125,7 @@ class Worker:
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
         self.executor = Executor(BusIO(bus), self.replies, self.hosting.agent, s.secret,
-                                 clock=lambda: self.heartbeat.clock.now())
+                                 clock=lambda: self.heartbeat.clock.now(), cancels=self.cancels)
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
                                    self.started, self.stats.snapshot)
@@ -297,10 +299,15 @@ class Worker:
             except BaseException:
                 mb.read_failed()
                 raise
+            cancels = [j for j in jobs if j.entry.kind == "cancel"]
+            if cancels:  # handled now, not queued behind the calls they cancel
+                jobs = [j for j in jobs if j.entry.kind != "cancel"]
             mine, rejected = mb.deliver(jobs, rejected)
             for bad in rejected:
                 self.inbox.deadletter(bad)
                 self.committer.add(Done(bad.entry_id, bad.call, self.replies.error(bad.error)))
+            if cancels:
+                self._cancel(cancels)
             if mine is not None:
                 self._drain(mine)
 
@@ -374,6 +381,26 @@ class Worker:
         else:  # delete_all
             value = self.hosting.delete_all()
         return Done(job.entry_id, job.entry.call, self.replies.ok(value))
+
+    def _cancel(self, jobs: list[Job]) -> None:
+        """``cancel`` entries (:mod:`busagent.cancel`): running calls are flagged (an async one
+        cancelled on the loop), queued ones answered Cancelled and removed, unknown ones
+        remembered until they start. Read after the calls they name (same inbox, routed after
+        them), so those are in a mailbox or running by now, or already answered."""
+        mb, committer = self.mailboxes, self.committer
+        for job in mb.admit(jobs):
+            try:
+                self.executor.verify(job.entry)
+                calls = CancelBody.unpack(job.entry.body).calls
+                self.cancels.cancel(calls, self.loop)
+                for queued in mb.remove(job.entry.agent, calls):
+                    self.cancels.forget(queued.entry.call)
+                    committer.add(self.replies.failed(queued, Cancelled(
+                        f"call {queued.entry.call} was cancelled before it started")), False)
+            except Exception as err:  # noqa: BLE001 - a bad cancel entry costs only itself
+                log.warning("cancel entry %r refused: %s", job.entry_id, err)
+            committer.add(silent(job.entry_id), False)
+        committer.flush()
 
     # --- the loop thread ---------------------------------------------------------------------
 
