@@ -97,11 +97,25 @@ def agent_info(agent_id: str) -> AgentInfo:
 
 
 def agent_memory(agent_id: str) -> list[Any]:
-    """The agent's memory as of its last completed call, oldest first ([] if it has none)."""
+    """The agent's memory as of its last completed call, oldest first ([] if it has none).
+    Raises ProtocolError if an item holds a pydantic model whose class this process has not
+    imported (see :func:`stored_memory`)."""
+    return [from_json(x) for x in _memory_texts(agent_id)]
+
+
+def stored_memory(agent_id: str) -> list[Any]:
+    """The agent's memory as stored, oldest first: each item's JSON (a Msg as its plain fields,
+    anything else in memory's tagged encoding, :mod:`busagent.memory`), decoded as JSON only.
+    For readers that may not have the agent's classes (the CLI, the studio): it never fails on
+    a class this process lacks, and stays exact."""
+    return [json.loads(x) for x in _memory_texts(agent_id)]
+
+
+def _memory_texts(agent_id: str) -> list[bytes]:
     b = _bus.current()
     with b.errors():
         items: Any = b.redis.lrange(b.keys.memory(agent_id), 0, -1)
-    return [from_json(x) for x in items]
+    return list(items)
 
 
 class ServerClient:
@@ -313,4 +327,4 @@ def replay(entry_id: str) -> str:
 
 
 __all__ = ["ServerClient", "agent_info", "agent_memory", "agent_page", "agents", "deadletters",
-           "iter_agents", "replay", "servers"]
+           "iter_agents", "replay", "servers", "stored_memory"]

@@ -192,16 +192,28 @@ def agents(
 @app.command()
 def memory(agent: str, url: RedisOpt = None, prefix: PrefixOpt = None,
            as_json: JsonOpt = False) -> None:
-    """Show an agent's memory as of its last completed call."""
+    """Show an agent's memory as of its last completed call, exactly as stored (--json: each
+    item's JSON, a Msg as its fields, other values in memory's tagged encoding; the table
+    shows them as Python-like text). Needs none of the agent's classes."""
+    from busagent.memory import is_msg, render
+
     _connect(url, prefix)
     admin.agent_info(agent)
-    items = [m.model_dump() if hasattr(m, "model_dump") else m
-             for m in admin.agent_memory(agent)]
+    # As stored, never decoded into objects: this process may lack the user's classes (a
+    # pydantic model from their script), and JSON text would change a dict's int keys and
+    # tuples; memory's own encoding is exact, so it is what is shown.
+    items = admin.stored_memory(agent)
     if as_json:
         _print_json(items)
-    else:
-        _table([m if isinstance(m, dict) else {"content": m} for m in items],
-               ["timestamp", "name", "role", "content"])
+        return
+    rows = []
+    for m in items:
+        if is_msg(m):
+            c = m.get("content")
+            rows.append({**m, "content": c if isinstance(c, str) else render(c)})
+        else:  # not a Msg: the whole item is the content
+            rows.append({"content": m if isinstance(m, str) else render(m)})
+    _table(rows, ["timestamp", "name", "role", "content"])
 
 
 @app.command()

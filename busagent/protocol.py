@@ -48,7 +48,9 @@ from .message import Msg
 #: Version 3 (was 2): a call's deadline is a relative ``timeout`` counted by the Redis clock
 #: (a v2 worker would ignore it, a v3 worker a v2 absolute ``deadline``), a create's memory is
 #: a list of exact-JSON items, and calls may carry ``chain`` and ``trace``.
-VERSION = 3
+#: Version 4 (was 3): tuples, sets and frozensets travel as extension types 5-7 (a v3 reader
+#: would refuse them as unknown extensions, and a v4 reader take a v3 tuple for a list).
+VERSION = 4
 
 EXT_MSG = 1
 EXT_REF = 2
@@ -56,6 +58,12 @@ EXT_MODEL = 3
 #: a distributed agent's handle (:class:`~busagent.proxy.RemoteAgent`): ``[id, name, class,
 #: server]``, so an agent built with a list of other agents gets usable handles.
 EXT_AGENT = 4
+#: a tuple, a set, a frozenset: their items as a msgpack array. msgpack alone writes all three
+#: as arrays, read back as lists, which changes the value and, as a dict key (``{(1, 2): x}``)
+#: or an item of a frozenset, cannot be read back at all (a list is unhashable).
+EXT_TUPLE = 5
+EXT_SET = 6
+EXT_FROZENSET = 7
 #: not on the wire: what ``__busagent_wire__`` returns for an object that travels as a value.
 EXT_VALUE = -1
 
@@ -435,11 +443,29 @@ def class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-#: what msgpack encodes itself (``default`` is not called for these).
+#: what msgpack encodes itself (``default`` is not called for these exact types: the packer
+#: runs with ``strict_types``, so that a tuple reaches ``default`` instead of becoming a list).
 _NATIVE = (type(None), bool, int, float, str, bytes, list, dict)
+
+#: a subclass of a built-in type travels as its base type (an IntEnum as its int, an
+#: OrderedDict or defaultdict as a dict, a namedtuple as a tuple), as JSON would: the receiver
+#: may not have the subclass, and a pydantic model is the way to send a type.
+_BASES: tuple[tuple[type, Any], ...] = (
+    (str, str.__str__), (int, int.__int__), (float, float.__float__), (bytes, bytes),
+    (bytearray, bytes), (memoryview, bytes), (list, list), (dict, dict))
+
+
+def _items(code: int, obj: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(code, pack(list(obj)))
 
 
 def _default(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return _items(EXT_TUPLE, obj)
+    if isinstance(obj, frozenset):
+        return _items(EXT_FROZENSET, obj)
+    if isinstance(obj, set):
+        return _items(EXT_SET, obj)
     if isinstance(obj, Msg):
         return msgpack.ExtType(EXT_MSG, pack(obj.to_wire()))
     wire = getattr(obj, "__busagent_wire__", None)
@@ -447,15 +473,16 @@ def _default(obj: Any) -> Any:
         code, payload = wire()
         if code == EXT_VALUE:  # a resolved placeholder travels as its value (see Placeholder)
             # msgpack applies ``default`` once per object: convert the value here if need be.
-            return payload if isinstance(payload, _NATIVE) else _default(payload)
+            return payload if type(payload) in _NATIVE else _default(payload)
         return msgpack.ExtType(code, pack(payload) if code == EXT_AGENT else payload.encode())
     if isinstance(obj, Ref):
         return msgpack.ExtType(EXT_REF, obj.call_id.encode())
     if isinstance(obj, BaseModel):
         return msgpack.ExtType(EXT_MODEL, pack([class_name(type(obj)),
                                                 obj.model_dump(mode="python")]))
-    if isinstance(obj, tuple | set | frozenset):
-        return list(obj)
+    for base, convert in _BASES:
+        if isinstance(obj, base):
+            return convert(obj)
     raise NotSerializable(
         f"a value of type {type(obj).__name__} cannot travel on the bus; use msgpack-able "
         "values (None, bool, int, float, str, bytes, list, dict), Msg, a pydantic model, a "
@@ -467,7 +494,8 @@ def pack(obj: Any) -> bytes:
     """Encode a value for the bus. Raises NotSerializable naming where in ``obj`` the first
     value that cannot travel is (``[2].content['k']``) and why."""
     try:
-        return msgpack.packb(obj, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(obj, default=_default, use_bin_type=True,  # type: ignore[no-any-return]
+                             strict_types=True)
     except Exception as e:  # noqa: BLE001 - whatever a value's own code raises, it cannot travel
         # Only on failure: walk the value again to say where (no cost on the hot path).
         where, why = _locate(obj, "", e)
@@ -489,7 +517,7 @@ def _locate(obj: Any, where: str, err: BaseException) -> tuple[str, str]:
         parts = []
     for sub, value in parts:
         try:
-            msgpack.packb(value, default=_default, use_bin_type=True)
+            msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
         except Exception as e:  # noqa: BLE001 - any failure is the one we are looking for
             return _locate(value, where + sub, e)
     if isinstance(err, UnicodeEncodeError):
@@ -536,6 +564,11 @@ def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
             return _model_class(path).model_validate(fields)
         if code == EXT_AGENT:
             return _agent(unpack(payload))
+        if code in _COLLECTIONS:
+            items = unpack(payload, refs)
+            if not isinstance(items, list):
+                raise ProtocolError(f"extension type {code} on the bus must be an array")
+            return _COLLECTIONS[code](items)
         raise ProtocolError(f"unknown msgpack extension type {code}")
 
     try:
@@ -545,6 +578,9 @@ def unpack(data: bytes, refs: list[Ref] | None = None) -> Any:
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError, ValidationError) as e:
         raise ProtocolError(f"malformed data on the bus: {e}") from None
+
+
+_COLLECTIONS: dict[int, type] = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}
 
 
 def _placeholder(call_id: str) -> Any:
@@ -563,16 +599,32 @@ def _agent(fields: Any) -> Any:
     return RemoteAgent.from_wire(*fields)
 
 
+def _rebuilt(kind: type, items: list[Any]) -> Any:
+    # A placeholder can be a set's item or a dict's key (it hashes by identity); its value
+    # may not hash at all, and the agent must get a clear error rather than a TypeError.
+    try:
+        return kind(items)
+    except TypeError:
+        raise NotSerializable(
+            f"a placeholder inside a {kind.__name__} (an item of a set or a key of a dict) "
+            "resolved to a value that cannot be one (it is unhashable); pass its value instead"
+        ) from None
+
+
 def substitute(obj: Any, values: dict[str, Any]) -> Any:
     """``obj`` with every Ref replaced by its resolved value (Msgs and containers walked)."""
     if isinstance(obj, Ref):
         return values[obj.call_id]
-    if isinstance(obj, list):
+    if isinstance(obj, list | tuple | set | frozenset):
         out = [substitute(x, values) for x in obj]
-        return obj if all(a is b for a, b in zip(out, obj, strict=True)) else out
+        if all(a is b for a, b in zip(out, obj, strict=False)):
+            return obj
+        return out if isinstance(obj, list) else _rebuilt(type(obj), out)
     if isinstance(obj, dict):
-        new = {k: substitute(v, values) for k, v in obj.items()}
-        return obj if all(new[k] is v for k, v in obj.items()) else new
+        pairs = [(substitute(k, values), substitute(v, values)) for k, v in obj.items()]
+        if all(k2 is k and v2 is v for (k2, v2), (k, v) in zip(pairs, obj.items(), strict=True)):
+            return obj
+        return _rebuilt(dict, pairs)
     if isinstance(obj, Msg):
         content = substitute(obj.content, values)
         if content is not obj.content:

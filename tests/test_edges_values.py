@@ -31,9 +31,14 @@ from tests.values_agents import (
     Echo,
     Faulty,
     Helper,
+    Holder,
     Keeper,
     Manager,
+    Mirror,
     Streamer,
+    exotic,
+    placeholders_in,
+    shape,
     tricky,
 )
 
@@ -275,13 +280,21 @@ def test_memory_refuses_what_it_cannot_store_naming_where() -> None:
     m = Memory()
     m.add(Msg("a", {"ok": 1}))
     m.take_changes()
-    m.add([Msg("a", 2), Msg("b", {"f": [1, object()]})])
+    # Refused at add (F6), nothing of the list added.
     with pytest.raises(NotSerializable, match=r"memory item 2\.content\['f'\]\[1\]"):
+        m.add([Msg("a", 2), Msg("b", {"f": [1, object()]})])
+    assert [x.content for x in m.get()] == [{"ok": 1}]
+    # Changed in place after add so that it no longer encodes: refused at the commit.
+    changed = Msg("a", {"f": []})
+    m.add(changed)
+    changed.content["f"].append(object())
+    with pytest.raises(NotSerializable, match=r"memory item 1\.content\['f'\]\[0\]"):
         m.take_changes()
     m.undo_changes()
     assert [x.content for x in m.get()] == [{"ok": 1}]
     m.clear()
-    m.add(lambda: 1)
+    m.add(Msg("a", 3))
+    m.get()[0].content = lambda: 1
     with pytest.raises(NotSerializable, match="memory item 0"):
         m.take_changes()
     m.undo_changes()  # a clear is undone too: memory is as last saved
@@ -410,3 +423,157 @@ def test_agent_handles_round_trip_in_memory_and_on_the_bus_without_their_class()
     assert "Gone" in repr(gone)
     with pytest.raises(AttributeError, match="not callable remotely"):
         gone.anything  # noqa: B018
+
+
+# --- review of issue 10: F4 memory shown as stored, F5 values that travel exactly, F6 local memory
+
+
+T3 = '''
+import sys
+
+import busagent
+from pydantic import BaseModel
+from busagent import Agent, DistConf, Msg
+
+
+class P(BaseModel):
+    x: int
+    t: tuple[int, int] = (1, 2)
+
+
+class Storer(Agent):
+    def reply(self, x=None):
+        self.memory.add([{"plain": 1}, {1: "one", (2, 3): "pair"}, (4, frozenset({5})), P(x=6),
+                         Msg("m", P(x=7)), "text", Msg("n", {"$b64": "aGk="})])
+        return Msg(self.name, self.memory.size())
+
+
+if __name__ == "__main__":
+    busagent.init(sys.argv[1], prefix=sys.argv[2])
+    s = Storer("s", to_dist=DistConf(server=sys.argv[3]))
+    assert s(None).result(timeout=30).content == 7
+    print(s.agent_id)
+'''
+
+
+def test_busagent_memory_shows_every_item_as_stored_without_the_users_classes(
+        workers: Workers, redis_url: str, prefix: str, raw: redis.Redis,
+        tmp_path: Path) -> None:
+    """F4: a plain dict item, int and tuple keys, tuples, a pydantic model from the user's
+    script (which neither the CLI nor this process imported): shown exactly, never dropped,
+    never an error; the studio's agent page reads the same."""
+    from busagent.studio import data
+
+    script = tmp_path / "t3.py"
+    script.write_text(textwrap.dedent(T3))
+    workers.start("w1", str(script))
+    env = {**os.environ, **FAST, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script), redis_url, prefix, "w1"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    agent_id = done.stdout.strip()
+    stored = [json.loads(x) for x in raw.lrange(f"{prefix}:memory:{agent_id}", 0, -1)]
+    assert len(stored) == 7
+
+    cmd = [sys.executable, "-m", "busagent.cli", "memory", agent_id]
+    env = {**os.environ, "BUSAGENT_REDIS_URL": redis_url, "BUSAGENT_PREFIX": prefix,
+           "PYTHONPATH": str(ROOT)}
+    as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60,
+                             env=env, cwd=ROOT)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == stored  # exactly as stored, tagged encoding and all
+    table = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()[1:]
+    assert len(rows) == 7, table.stdout
+    for row, shown in zip(rows, ["{'plain': 1}", "{1: 'one', (2, 3): 'pair'}",
+                                 "(4, frozenset({5}))", "t3:P(x=6, t=(1, 2))",
+                                 "t3:P(x=7, t=(1, 2))", "text", "{'$b64': 'aGk='}"],
+                          strict=True):
+        assert row.rstrip().endswith(shown), (row, shown)
+    assert " m " in rows[4] and " n " in rows[6]  # a Msg keeps its name column
+
+    page = data.agent(agent_id)["memory"]
+    assert page["total"] == 7 and len(page["items"]) == 7
+    assert page["items"][0] == {"content": {"$dict": {"plain": 1}}}
+    assert page["items"][3]["content"]["$model"] == "t3:P"
+    assert page["items"][4]["name"] == "m" and page["items"][4]["content"]["$model"] == "t3:P"
+
+
+def test_tuples_sets_and_their_use_as_keys_travel_exactly_both_ways(workers: Workers) -> None:
+    """F5: tuple and frozenset keys, frozensets of tuples, tuples and sets at any depth, as a
+    call's argument, keyword argument and reply: exactly what was sent, never a
+    ProtocolError; a placeholder inside a tuple is resolved before the call runs."""
+    workers.start("w1", *MODS)
+    mirror = Mirror("mirror", to_dist=DistConf(server="w1"))
+    helper = Helper("h", to_dist=DistConf(server="w1"))
+    out = mirror(exotic(), k=exotic()).result(timeout=WAIT).content
+    assert out["shape"] == shape(exotic()) and out["kw_shape"] == shape({"k": exotic()})
+    assert shape(out["got"]) == shape(exotic()) and shape(out["kw"]["k"]) == shape(exotic())
+    assert out["got"] == exotic()
+    # In a Msg's content, and a placeholder inside a tuple (resolved on the worker).
+    out = mirror(Msg("u", {(1, "a"): (frozenset({2}),)})).result(timeout=WAIT).content
+    assert out["shape"] == shape(Msg("u", {(1, "a"): (frozenset({2}),)}))
+    out = mirror((helper(Msg("u", 1)), frozenset({1}))).result(timeout=WAIT).content
+    assert out["shape"].startswith("tuple[Msg(str:'h<1>'),frozenset{int:1}]")
+
+
+def test_subclasses_of_built_in_types_travel_as_their_base_type() -> None:
+    """F5, as the README says: an IntEnum as its int, a str Enum as its str, a namedtuple as a
+    tuple, an OrderedDict as a dict (the receiver may lack the subclass)."""
+    import collections
+    import enum
+
+    from busagent.protocol import pack, unpack
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    pair = collections.namedtuple("pair", "a b")
+    got = unpack(pack({pair(1, 2): [Level.HIGH, Role.USER, collections.OrderedDict(z=1)]}))
+    assert shape(got) == shape({(1, 2): [2, "user", {"z": 1}]})
+
+
+def test_a_local_agents_memory_stores_values_and_refuses_at_add_naming_where(
+        workers: Workers) -> None:
+    """F6: a local agent's memory keeps a placeholder's value (at any depth, pending or
+    resolved), never the placeholder; what cannot be stored is refused at add, naming where;
+    the same as a distributed agent's."""
+    workers.start("w1", *MODS)
+    h = Helper("h", to_dist=DistConf(server="w1"))
+    local = Keeper("local")
+    local.memory.add(h(Msg("u", 1)))                       # pending
+    done = h(Msg("u", 2))
+    done.result(timeout=WAIT)
+    local.memory.add([done, Msg("a", {"deep": [h(Msg("u", 3))], "t": (done,)})])
+    items = local.memory.get()
+    assert placeholders_in(items) == 0
+    assert [type(x).__name__ for x in items] == ["Msg", "Msg", "Msg"]
+    assert items[0].content == "h<1>" and items[2].content["deep"][0].content == "h<3>"
+    assert items[2].content["t"][0].content == "h<2>"
+    with pytest.raises(NotSerializable, match=r"memory item 3\.content\['q'\]\[0\]"):
+        local.memory.add(Msg("a", {"q": [object()]}))
+    assert local.memory.get() == items
+    moved = local.to_dist(server="w1")
+    moved.exact().result(timeout=WAIT)  # built, its memory written
+    assert moved.memory.get() == items
+
+    # The same on a worker: the agent's own memory holds values, and add refuses at once.
+    holder = Holder("holder", h, to_dist=DistConf(server="w1"))
+    out = holder(Msg("u", 4)).result(timeout=WAIT).content
+    assert out["placeholders"] == 0 and out["size"] == 2
+    assert "memory item 2.content['q'][0]" in out["refused"]
+    first, second = holder.memory.get()
+    assert first.content == "h<4>" and second.content["t"][0].content == "h<4>"
+
+
+def test_memory_keeps_frozensets_and_tuples_exactly_even_as_keys() -> None:
+    """A frozenset came back from memory as a set, and as a dict key (or inside a frozenset)
+    could not come back at all."""
+    from busagent.memory import from_json, to_json
+
+    for item in (exotic(), Msg("a", exotic()), frozenset({(1, 2), frozenset({3})})):
+        assert shape(from_json(to_json(item))) == shape(item)

@@ -127,3 +127,67 @@ class Boom(Agent):
 class Echo(Agent):
     def reply(self, *xs: Any) -> Msg:
         return Msg(self.name, [x.content if isinstance(x, Msg) else x for x in xs])
+
+
+# --- F5, F6: values msgpack alone would change, memory that resolves and refuses at add --------
+
+
+def exotic() -> dict[Any, Any]:
+    """Values msgpack alone writes as arrays and cannot bring back: tuple and frozenset keys,
+    frozensets holding tuples, tuples and sets at depth, a namedless empty tuple as a key."""
+    return {(1, 2): "t", frozenset({(3, "a"), 4}): {5, 6}, "tuple": (1, (2, [3])),
+            "frozen": frozenset({frozenset({7})}), ((1,), b"k"): [(), set()], None: {(): 0}}
+
+
+def shape(v: Any) -> str:
+    """``v`` as text that shows every container's exact type, the same in every process (a
+    set's order is not: its items are sorted here)."""
+    if isinstance(v, dict):
+        return "dict{" + ",".join(sorted(f"{shape(k)}:{shape(x)}" for k, x in v.items())) + "}"
+    if isinstance(v, set | frozenset):
+        return type(v).__name__ + "{" + ",".join(sorted(shape(x) for x in v)) + "}"
+    if isinstance(v, list | tuple):
+        return type(v).__name__ + "[" + ",".join(shape(x) for x in v) + "]"
+    if isinstance(v, Msg):
+        return f"Msg({shape(v.content)})"
+    return f"{type(v).__name__}:{v!r}"
+
+
+def placeholders_in(v: Any) -> int:
+    """How many placeholder objects ``v`` holds, at any depth."""
+    if isinstance(v, busagent.Placeholder):
+        return 1
+    if isinstance(v, dict):
+        return sum(placeholders_in(k) + placeholders_in(x) for k, x in v.items())
+    if isinstance(v, list | tuple | set | frozenset):
+        return sum(placeholders_in(x) for x in v)
+    if isinstance(v, Msg):
+        return placeholders_in(v.content) + placeholders_in(v.metadata)
+    return 0
+
+
+class Mirror(Agent):
+    """Replies with what it was given and the shape it saw."""
+
+    def reply(self, x: Any = None, **kw: Any) -> Msg:
+        return Msg(self.name, {"got": x, "kw": kw, "shape": shape(x), "kw_shape": shape(kw)})
+
+
+class Holder(Agent):
+    """Adds a helper's placeholders (at depth) and an unencodable value to its memory."""
+
+    def __init__(self, name: str, helper: Any = None) -> None:
+        super().__init__(name)
+        self.helper = helper
+
+    def reply(self, x: Msg | None = None) -> Msg:
+        p = self.helper(x)
+        self.memory.add(p)
+        self.memory.add(Msg(self.name, {"deep": [self.helper(x)], "t": (p,)}))
+        try:
+            self.memory.add(Msg(self.name, {"q": [object()]}))
+            refused = ""
+        except busagent.errors.NotSerializable as e:
+            refused = str(e)
+        return Msg(self.name, {"refused": refused, "size": self.memory.size(),
+                               "placeholders": placeholders_in(self.memory.get())})

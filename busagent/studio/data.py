@@ -22,6 +22,7 @@ from busagent.errors import (
     UnknownName,
     UsageError,
 )
+from busagent.memory import is_msg
 from busagent.protocol import CreateBody, unpack
 from busagent.records import LATENCY_BOUNDS, LIVE, AgentInfo, read_servers
 
@@ -226,7 +227,11 @@ def agent(agent_id: str, mem_start: int = 0, mem_count: int = 50) -> dict[str, A
             out["args"], out["kwargs"] = jsonable(body.args), jsonable(body.kwargs)
         except BusagentError as e:  # a model class this process has not imported
             out["args_error"] = str(e)
-    out["memory"] = {"items": [json.loads(x) for x in raw], "start": mem_start, "total": total}
+    # As stored (exact, and no class of the user's is needed); an item that is not a Msg is
+    # shown as the content of a row, never dropped.
+    items = [json.loads(x) for x in raw]
+    out["memory"] = {"items": [m if is_msg(m) else {"content": m} for m in items],
+                     "start": mem_start, "total": total}
     out["running"] = [c for c in calls_now() if c["agent"] == agent_id]
     return out
 
