@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from . import bus as _bus
 from . import records, replies
-from .errors import BusagentError, PlacementError, UnknownAgent, UsageError
+from .errors import BusagentError, CallTimeout, PlacementError, UnknownAgent, UsageError
 from .memory import from_json
 from .placeholder import Placeholder
 from .protocol import ControlBody, ControlOp, Entry, describe
@@ -169,7 +169,42 @@ class ServerClient:
         p = Placeholder(call_id, agent or "")
         key = b.keys.inbox(self.server)
         b.sender.send(lambda pipe: pipe.xadd(key, fields), 1, p._fail)
-        return p.result(timeout)
+        return self._answer(p, op, timeout)
+
+    def _answer(self, p: Placeholder, op: str, timeout: float | None) -> Any:
+        """The control call's answer, waited for one heartbeat interval at a time: between
+        slices the server's record is read again, so a server that died after the call was
+        sent (killed, its record not yet dead) is reported as soon as its heartbeat is older
+        than a live worker's ever is, instead of after the whole ``timeout`` as a CallTimeout
+        that blames a busy agent. Costs one HGET per heartbeat interval of waiting."""
+        b = _bus.current()
+        beat, dead_after = b.settings.heartbeat, b.settings.dead_after
+        # A live worker beats every `beat` s; three missed beats (or the registry's own
+        # "late", whichever comes first) means it is not coming back soon.
+        silent = min(3 * beat, dead_after / 2)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return p.result(beat if left is None else max(min(beat, left), 0.01))
+            except CallTimeout:
+                if left is not None and left <= beat:
+                    raise CallTimeout(
+                        f"server {self.server} did not answer {op!r} within {timeout:g} s "
+                        "though its heartbeat is fresh: it is busy (see `busagent info "
+                        f"{self.server}`); pass a longer timeout") from None
+            info = self._info()
+            if info is None:
+                raise PlacementError(f"server {self.server} left the registry without "
+                                     f"answering {op!r} (it stopped)") from None
+            age = info.age()
+            if info.status == "dead" or age > silent:
+                raise PlacementError(
+                    f"server {self.server} did not answer {op!r}: its last heartbeat was "
+                    f"{age:.0f} s ago (it beats every {beat:g} s), so it may have died; it "
+                    f"will be recovered by a live worker or declared dead {dead_after:g} s "
+                    f"after its last heartbeat, then `busagent stop {self.server}` "
+                    "(ServerClient.forget()) removes it") from None
 
     def stop(self, timeout: float | None = 30.0, drain: bool = False) -> bool:
         """Ask the server to stop gracefully (in-flight calls finish); True once acknowledged.
@@ -219,7 +254,8 @@ class ServerClient:
                 ids = [a.id for a in recovery.agents_of(b, self.server)]
                 pipe = b.redis.pipeline(transaction=True)
                 hosting.forget(pipe, b.keys, ids)
-                pipe.delete(inbox)
+                # Its log lines and start-up flag too: nothing of a removed server stays.
+                pipe.delete(inbox, b.keys.logs(self.server), b.keys.ready(self.server))
                 pipe.hdel(b.keys.servers, self.server)
                 pipe.execute()
             finally:

@@ -175,19 +175,25 @@ class Agent(metaclass=AgentMeta):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.reply(*args, **kwargs)
 
-    def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
-                ) -> Any:
+    def to_dist(self, server: str | DistConf | dict[str, Any] | None = None, to_dist: Any = None,
+                **agentscope: Any) -> Any:
         """Rebuild this agent on a worker from its constructor arguments, with its current
         memory, its declared state (:attr:`state_attrs`) and its ``agent_id`` (as AgentScope
-        does: hubs and records that name it keep working), and return the proxy. ``server``:
-        a worker's name; ``to_dist``: as the constructor's. AgentScope's ``host=``,
-        ``port=`` ... raise ConfigError saying what to use instead; so does a second call (two
-        distributed agents cannot share one id; use the proxy the first call returned)."""
+        does: hubs and records that name it keep working), and return the proxy.
+        ``server``: a worker's name, or (given first, as ``to_dist(DistConf(server="w"))``
+        reads) a DistConf or a dict of its fields; ``to_dist``: as the constructor's.
+        AgentScope's ``host=``, ``port=`` ... raise ConfigError saying what to use instead; so
+        does a second call (two distributed agents cannot share one id; use the proxy the
+        first call returned)."""
         if agentscope:
             DistConf(**agentscope)  # raises, naming the AgentScope arguments
         if self._dist is not None:
             raise ConfigError(f"{self.name} ({self.agent_id}) was already moved to a worker by "
                               f"to_dist(); use the proxy it returned: {self._dist!r}")
+        if isinstance(server, DistConf | dict):
+            if to_dist is not None:
+                raise ConfigError("to_dist: give a DistConf once, first or as to_dist=")
+            server, to_dist = None, server
         conf = DistConf.of(to_dist) if to_dist is not None else DistConf(server=server)
         args, kwargs = getattr(self, "_init_args", ((self.name,), {}))
         state = self.state_dict()

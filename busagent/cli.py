@@ -118,11 +118,11 @@ def worker(
     url: RedisOpt = None,
     prefix: PrefixOpt = None,
     capacity: Annotated[int | None, typer.Option(
-        help="most agents this server hosts (BUSAGENT_CAPACITY, default 1000000)")] = None,
+        min=1, help="most agents this server hosts (BUSAGENT_CAPACITY, default 1000000)")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="threads for sync replies (BUSAGENT_THREADS, default 32)")] = None,
+        min=1, help="threads for sync replies (BUSAGENT_THREADS, default 32)")] = None,
     grace: Annotated[float | None, typer.Option(
-        help="seconds in-flight calls get on stop (BUSAGENT_GRACE, default 30)")] = None,
+        min=0, help="seconds in-flight calls get on stop (BUSAGENT_GRACE, default 30)")] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
@@ -257,7 +257,7 @@ def stop(
 @app.command()
 def deadletter(
     replay: Annotated[str | None, typer.Option(help="send this entry's call again")] = None,
-    count: Annotated[int, typer.Option(help="newest entries to show")] = 100,
+    count: Annotated[int, typer.Option(min=1, help="newest entries to show")] = 100,
     url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """List calls given up on (their workers kept dying, or they were malformed), or replay one."""
@@ -297,7 +297,8 @@ def delete(
 @app.command(name="redis")
 def redis_cmd(
     stop_: Annotated[bool, typer.Option("--stop", help="stop the shared embedded Redis")] = False,
-    port: Annotated[int | None, typer.Option(help="TCP port (default 6390)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535,
+                                             help="TCP port (default 6390)")] = None,
     bind: Annotated[str | None, typer.Option(
         help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")] = None,
     password: Annotated[str | None, typer.Option(help="require this password")] = None,
@@ -335,15 +336,20 @@ def models(
 
 @app.command(name="fake-llm")
 def fake_llm(
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one)")
+                    ] = 8000,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    latency: Annotated[float, typer.Option(help="seconds each answer takes")] = 0.0,
-    fail_every: Annotated[int, typer.Option(help="answer every Nth request with 503")] = 0,
+    latency: Annotated[float, typer.Option(min=0, help="seconds each answer takes")] = 0.0,
+    fail_every: Annotated[int, typer.Option(
+        min=0, help="answer every Nth request with 503 (0: never)")] = 0,
 ) -> None:
     """Serve a fake OpenAI-compatible chat endpoint (for trying LLM agents without a model)."""
     from busagent.fakellm import FakeLLM
 
-    fake = FakeLLM(host, port, latency=latency, fail_every=fail_every)
+    try:
+        fake = FakeLLM(host, port, latency=latency, fail_every=fail_every)
+    except OSError as e:  # port in use, address not of this host, name not found
+        raise ConfigError(f"fake-llm cannot listen on {host}:{port}: {e.strerror or e}") from None
     print(f"fake OpenAI-compatible endpoint on {fake.url} (Ctrl-C stops it)", flush=True)
     try:
         fake.server.serve_forever()
@@ -366,12 +372,13 @@ def population_build(
     config_name: Annotated[str | None, typer.Option(
         help="model config that writes the backgrounds; without it, the config's template")
     ] = None,
-    count: Annotated[int | None, typer.Option(help="people to build (default: the config's)")
-                     ] = None,
+    count: Annotated[int | None, typer.Option(
+        min=1, help="people to build (default: the config's)")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed (default: the config's)")
                     ] = None,
-    writers: Annotated[int, typer.Option(help="writer agents on workers (model builds)")] = 4,
-    batch: Annotated[int, typer.Option(help="rows per message to a writer")] = 32,
+    writers: Annotated[int, typer.Option(
+        min=1, help="writer agents on workers (model builds)")] = 4,
+    batch: Annotated[int, typer.Option(min=1, help="rows per message to a writer")] = 32,
     url: RedisOpt = None, prefix: PrefixOpt = None,
 ) -> None:
     """Sample a population's attributes and write each person's background (by an LLM on the

@@ -7,11 +7,15 @@ intervals) are named in :mod:`busagent.tuning`.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+
+#: what a key prefix may be (see ``Settings._prefix``)
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class Settings(BaseModel):
@@ -57,8 +61,12 @@ class Settings(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not v or any(c in v for c in " {}"):
-            raise ValueError("prefix must be non-empty, without spaces or braces")
+        # Letters, digits, "_", "-", "." only: ":" separates a key's parts (a prefix "a:b"
+        # would share keys with prefix "a"'s keys named "b..."), "*", "?" and "[" are SCAN
+        # patterns (listing "bad*:..." would match other applications' keys), and spaces or
+        # braces break redis-cli use and cluster hash tags.
+        if not _PREFIX.fullmatch(v):
+            raise ValueError("prefix must be 1-64 letters, digits, '_', '-' or '.'")
         return v
 
     @property
@@ -73,7 +81,9 @@ class Settings(BaseModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             env = os.environ.get(f"BUSAGENT_{name.upper()}")
-            if env is not None and env != "":
+            # An empty variable counts as unset, except the prefix: BUSAGENT_PREFIX='' reads as
+            # "no prefix", which busagent cannot do, so it is refused rather than defaulted.
+            if env is not None and (env != "" or name == "prefix"):
                 values[name] = None if env.lower() == "none" else env
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - set(cls.model_fields)

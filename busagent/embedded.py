@@ -20,7 +20,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ def _die_with_parent() -> None:
     os.setpgrp()
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: kept in a WeakSet
 class Server:
     url: str
     process: subprocess.Popen[bytes]
@@ -78,6 +80,7 @@ class Server:
     temporary: bool = False
 
     def stop(self) -> None:
+        _private.discard(self)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -105,7 +108,12 @@ def start(
     owned: bool = True,
     timeout: float = 10.0,
 ) -> Server:
-    """Start a redis-server and wait until it answers PING. ``owned`` ties its life to ours."""
+    """Start a redis-server and wait until it answers PING. ``owned`` ties its life to ours.
+    Raises ConfigError for a port out of 1-65535 or one another program holds (another Redis
+    included: its URL is never handed back as if it were the server asked for), and
+    RedisUnavailable if the server does not start."""
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"Redis port {port} is out of range (1-65535)")
     d = directory or tempfile.mkdtemp(prefix="busagent-redis-")
     args = [
         binary(),
@@ -131,6 +139,8 @@ def start(
         url = f"redis://{auth}{host}:{port}/0"
     if password:
         args += ["--requirepass", password]
+    log = Path(d, "redis.log")
+    logged = log.stat().st_size if log.exists() else 0  # a kept folder's log has older runs
     proc = subprocess.Popen(
         args,
         stdout=subprocess.DEVNULL,
@@ -139,9 +149,13 @@ def start(
         preexec_fn=_die_with_parent if owned else os.setsid,
     )
     server = Server(url, proc, d, temporary=directory is None)
+    if owned and server.temporary:
+        _exit_cleanly_on_signals(server)
     deadline = time.monotonic() + timeout
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        # A read timeout too: a port held by a program that accepts and never answers would
+        # block the PING forever.
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     except BaseException:
         server.stop()  # never leave a server running that nobody was told about
         raise
@@ -149,12 +163,18 @@ def start(
         while True:
             try:
                 client.ping()
+                # The answer may come from another Redis on that port (ours then failed to
+                # bind): with no password set, it even accepts ours. Only our own process will do.
+                if int(client.info("server")["process_id"]) != proc.pid:
+                    raise _held(port, server, "another Redis (not started by busagent)")
                 return server
             except redis.exceptions.RedisError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     server.stop()
-                    log = Path(d, "redis.log")
-                    tail = " ".join(log.read_text()[-500:].split()) if log.exists() else ""
+                    text = log.read_text()[logged:] if log.exists() else ""
+                    if port is not None and "Address already in use" in text:
+                        raise _held(port, server, "another program") from None
+                    tail = " ".join(text[-500:].split())
                     raise RedisUnavailable(
                         f"embedded redis-server failed to start: {tail}"
                     ) from None
@@ -164,6 +184,49 @@ def start(
                 raise
     finally:
         client.close()
+
+
+#: running private servers (owned, in a temporary folder) of this process.
+_private: weakref.WeakSet[Server] = weakref.WeakSet()
+_owner_pid = 0
+
+
+def _exit_cleanly_on_signals(server: Server) -> None:
+    """SIGTERM and SIGHUP become ``SystemExit(128 + signal)`` while a private server runs, so
+    the exit's cleanup (``busagent.shutdown`` at exit: child workers, then the server and its
+    temporary folder) runs as it does for Ctrl-C; by default they would end the process with
+    no cleanup at all, and the dying server's folder would stay in /tmp. The exit status is the
+    same 143 (129 for SIGHUP) a shell shows for the default. A handler the program installed
+    itself is left alone (it decides, and an exit it makes runs the cleanup); one installed
+    later replaces this one. Only the main thread may install handlers: from another thread
+    nothing changes."""
+    global _owner_pid
+    _private.add(server)
+    _owner_pid = os.getpid()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    del frame
+    # A second signal, a forked child (its parent owns the server) or no private server left:
+    # the default (the process ends by the signal).
+    signal.signal(signum, signal.SIG_DFL)
+    if os.getpid() != _owner_pid or not any(s.process.poll() is None for s in _private):
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
+
+
+def _held(port: int | None, server: Server, who: str) -> ConfigError:
+    """The refusal when another program holds the port (after stopping ours)."""
+    server.stop()
+    return ConfigError(
+        f"{who} holds port {port}, so busagent cannot start a Redis there with the options "
+        "asked for; choose another --port, or pass that server's URL with --redis")
 
 
 def _state() -> dict[str, Any] | None:
@@ -207,7 +270,8 @@ def start_shared(
                  "--password": password}
         differ = [k for k, v in asked.items() if v is not None and v != have[k]]
         if differ:
-            shown = ", ".join(f"{k} {'***' if k == '--password' else have[k] or 'none'}"
+            # A password is never printed, but whether there is one is.
+            shown = ", ".join(f"{k} {'***' if k == '--password' and have[k] else have[k] or 'none'}"
                               for k in ("--port", "--bind", "--password"))
             raise ConfigError(
                 f"the shared embedded Redis already runs with other {'/'.join(differ)} ({shown});"

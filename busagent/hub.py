@@ -438,7 +438,10 @@ class Hub:
                 if hm.sender == me.id:
                     kept = _kept_itself(agent) if kept is None else kept
                     if hm.msg.id in kept:
-                        continue  # an agent that put its reply in its memory itself has it
+                        # An agent that put its reply in its memory itself has it, but where
+                        # it replied: before the lines of others published ahead of it.
+                        _place_own_line(agent, hm.msg.id)
+                        continue
                 meta = {**(hm.msg.metadata or {}), "hub": self.name, "seq": hm.seq,
                         "sent_from": hm.sent_from, "send_to": hm.send_to}
                 agent.observe(hm.msg.model_copy(update={"metadata": meta}))
@@ -522,6 +525,24 @@ def _kept_itself(agent: Any) -> set[str]:
         return set()
     return {item.id for item in memory.get(recent_n=OWN_LINE_LOOKBACK)
             if isinstance(item, Msg) and "seq" not in (item.metadata or {})}
+
+
+def _place_own_line(agent: Any, msg_id: str) -> None:
+    """Move the Msg ``msg_id`` that the agent put in its memory itself to the end of its memory
+    now that its line is delivered: deliveries run in hub order, so the lines observed after
+    it (of others, published before it, while it was replying) go back before it. Nothing
+    changes when it is already last (the usual case); a move rewrites the memory through its
+    public ``get``/``clear``/``add`` (one list rewrite in Redis at the commit, so it costs the
+    memory's length, only for the agents that keep their own replies)."""
+    memory = agent.memory
+    items = memory.get()
+    first = max(len(items) - OWN_LINE_LOOKBACK, 0)
+    at = next((i for i in range(len(items) - 1, first - 1, -1)
+               if isinstance(items[i], Msg) and items[i].id == msg_id), None)
+    if at is None or at == len(items) - 1:
+        return
+    memory.clear()
+    memory.add([*items[:at], *items[at + 1:], items[at]])
 
 
 def _cursor_in_memory(agent: Any, hub: str) -> str | None:

@@ -37,8 +37,7 @@ class Human(Agent):
         self._answers: queue.Queue[str] = queue.Queue()
         self._shown = 0
 
-    def to_dist(self, server: str | None = None, to_dist: Any = None, **agentscope: Any
-                ) -> Any:
+    def to_dist(self, server: Any = None, to_dist: Any = None, **agentscope: Any) -> Any:
         raise ConfigError("a Human lives where its terminal or UI is; keep it local")
 
     def respond(self, text: str) -> None:

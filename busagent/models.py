@@ -348,10 +348,21 @@ def parse_configs(configs: Any) -> list[ModelConfig]:
         try:
             cfg = c if isinstance(c, ModelConfig) else ModelConfig.model_validate(c)
         except ValidationError as e:
-            raise ConfigError(f"bad model config {c!r}: {e}") from e
+            # One line, "field: what is wrong", never pydantic's multi-line dump.
+            bad = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'config'}: {x['msg']}"
+                            for x in e.errors())
+            raise ConfigError(f"bad model config {c!r}: {bad}") from None
         if cfg.model_type not in MODEL_TYPES:
             raise ConfigError(f"model config {cfg.config_name!r}: unknown model_type "
                               f"{cfg.model_type!r}; use one of {sorted(MODEL_TYPES)}")
+        if (MODEL_TYPES[cfg.model_type] is OpenAIChatModel and cfg.model_type not in VENDOR_TYPES
+                and not (cfg.base_url or cfg.client_args.get("base_url"))):
+            # Refused when stored, not only when a worker first uses it: the same words
+            # OpenAIChatModel would say, before any agent depends on the config.
+            raise ConfigError(
+                f"model config {cfg.config_name!r} ({cfg.model_type}) has no base_url: set "
+                "\"base_url\" (or client_args.base_url) to the endpoint, e.g. "
+                "http://localhost:8000/v1")
         out.append(cfg)
     return out
 

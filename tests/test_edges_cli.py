@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,192 @@ def test_the_chat_rooms_log_is_outside_the_working_tree_by_default() -> None:
     default = re.search(r"--log LOG\s+.*\(default: (\S+)\)", p.stdout)
     assert default is not None, p.stdout
     assert not Path(default.group(1)).resolve().is_relative_to(ROOT)
+
+
+# --- review of issue 10 (a new user's second pass) ------------------------------------------
+
+
+def test_an_agent_module_that_fails_at_import_is_one_line(redis_url: str, prefix: str,
+                                                           tmp_path: Path) -> None:
+    """Any exception at a module's import, whatever its type: one line naming the module, the
+    file and line where it failed and the exception (not importlib's 57-line traceback)."""
+    mods = {
+        "raiser_rt": ("import json\nX = 1\nraise RuntimeError('boom at import')\n", 3,
+                      "RuntimeError: boom at import"),
+        "raiser_json": ("import json\nCFG = json.loads('{bad')\n", 2, "JSONDecodeError"),
+        "raiser_exit": ("import sys\nsys.exit(3)\n", 2, "SystemExit: 3"),
+        "raiser_deep": ("import raiser_helper\n", 2, "ZeroDivisionError"),
+    }
+    (tmp_path / "raiser_helper.py").write_text("def f():\n    return 1 / 0\nf()\n")
+    for name, (text, _, _) in mods.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    for name, (_, line, says) in mods.items():
+        out = one_line_error(cli(redis_url, prefix, "worker", "--agents", name, env=env))
+        where = "raiser_helper.py" if name == "raiser_deep" else f"{name}.py"
+        assert f"'{name}'" in out and f"{where}:{line}" in out and says in out, out
+
+
+def test_numbers_and_ports_out_of_range_or_taken_are_one_line(redis_url: str, prefix: str,
+                                                               tmp_path: Path) -> None:
+    """Every option that takes a port or a number checks it (click's range: a usage error,
+    exit 2), and a port that cannot be listened on is one line (exit 1), not a traceback."""
+    cache = tmp_path / "cache"
+    cases: list[tuple[str, ...]] = [
+        ("redis", "--port", "99999"), ("redis", "--port", "0"),
+        ("fake-llm", "--port", "99999"), ("fake-llm", "--port", "0", "--latency", "-1"),
+        ("deadletter", "--count", "0"),
+        ("worker", "--agents", "tests.agents", "--threads", "0"),
+        ("population", "build", "x.json", "--writers", "0"),
+    ]
+    for args in cases:
+        p = cli(redis_url, prefix, *args, env={"XDG_CACHE_HOME": str(cache)})
+        line = one_line_error(p)
+        assert p.returncode == 2 and args[-2] in line, (args, line)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        p = cli(redis_url, prefix, "fake-llm", "--port", port)
+        assert p.returncode == 1 and "in use" in one_line_error(p) and port in p.stderr
+        p = redis_cli(cache, "--port", port)
+        assert p.returncode == 1 and "another program holds port " + port in one_line_error(p)
+    line = one_line_error(cli(redis_url, prefix, "fake-llm", "--host", "no.such.host.invalid",
+                              "--port", "0"))
+    assert "no.such.host.invalid" in line, line
+
+
+def test_stop_on_a_worker_killed_a_moment_ago_says_it_may_have_died(
+    workers: Workers, redis_url: str, prefix: str
+) -> None:
+    """A worker killed by kill -9 whose record still looks alive (dead_after not reached): a
+    control op does not wait out its 30 s timeout to blame a busy agent; it watches the
+    record's age and says the server did not answer, when it last beat, and what happens next."""
+    slow = {"BUSAGENT_HEARTBEAT": "0.5", "BUSAGENT_DEAD_AFTER": "120"}
+    p = workers.start("w1", env=slow)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for args in (("stop", "w1"), ("stop", "w1", "--drain")):
+        out = cli(redis_url, prefix, *args, env=slow)
+        line = one_line_error(out)
+        assert "did not answer" in line and "last heartbeat was" in line, line
+        assert "may have died" in line and "busagent stop w1" in line and "busy" not in line
+
+
+def test_stop_on_a_dead_worker_leaves_no_key_of_it(workers: Workers, redis_url: str,
+                                                    prefix: str, raw: redis.Redis) -> None:
+    p = workers.start("w1")
+    raw.xadd(f"{prefix}:logs:w1", {"line": "something it said"})
+    raw.rpush(f"{prefix}:ready:w1", "1")
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    wait_for(lambda: json.loads(cli(redis_url, prefix, "servers", "--json").stdout)[0]["state"]
+             == "dead", timeout=20, what="the worker shown dead")
+    out = cli(redis_url, prefix, "stop", "w1")
+    assert out.returncode == 0 and "was dead" in out.stdout, out.stderr
+    assert [k for k in raw.scan_iter(f"{prefix}:*") if "w1" in k] == []
+
+
+def test_the_embedded_redis_refuses_a_port_another_redis_holds(tmp_path: Path) -> None:
+    """A passwordless Redis that `busagent redis` did not start holds the port: asked for a
+    password or another bind there, it never hands back a URL for that server (it would even
+    work: that Redis accepts any password)."""
+    foreign = busagent.embedded.start(port=busagent.embedded.free_port(), unix=False)
+    port = str(foreign.url.rsplit(":", 1)[1].split("/")[0])
+    cache = tmp_path / "cache"
+    try:
+        for args in (["--password", "s3cret"], ["--bind", "0.0.0.0"], []):
+            out = redis_cli(cache, "--port", port, *args)
+            line = one_line_error(out)
+            assert out.stdout == "" and "another Redis (not started by busagent)" in line, line
+            assert f"port {port}" in line and "s3cret" not in line
+        with redis.Redis.from_url(foreign.url) as r:
+            assert r.ping()  # left alone
+    finally:
+        foreign.stop()
+        _kill_servers_in(tmp_path)
+
+
+def test_the_redis_refusal_says_whether_the_running_one_has_a_password(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    port = str(busagent.embedded.free_port())
+    try:
+        assert redis_cli(cache, "--port", port).returncode == 0
+        line = one_line_error(redis_cli(cache, "--password", "s3cret"))
+        assert "--password none" in line and "***" not in line and "s3cret" not in line, line
+    finally:
+        redis_cli(cache, "--stop")
+        _kill_servers_in(tmp_path)
+
+
+def _private_program(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "prog.py"
+    script.write_text("import os, signal, sys, time\nimport busagent\n" + body)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("BUSAGENT_REDIS_URL", None)
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+
+
+def test_a_private_redis_folder_is_removed_on_sigterm_and_sighup(tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        p = _private_program(tmp_path, f"busagent.init()\nos.kill(os.getpid(), {int(sig)})\n"
+                                       "time.sleep(30)\n")
+        # The exit status a shell shows for the default (143, 129), and nothing left in /tmp.
+        assert p.returncode == 128 + sig, (p.returncode, p.stderr)
+        assert "Traceback" not in p.stderr, p.stderr
+        assert not list(tmp_path.glob("busagent-redis-*")), sig
+
+
+def test_a_programs_own_signal_handler_is_left_alone(tmp_path: Path) -> None:
+    p = _private_program(tmp_path, (
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+        "busagent.init()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('handled' if got else 'not handled', flush=True)\n"))
+    assert p.returncode == 0 and p.stdout.strip() == "handled", (p.stdout, p.stderr)
+    assert not list(tmp_path.glob("busagent-redis-*"))
+
+
+def test_prefixes_are_checked_and_an_empty_one_is_refused(redis_url: str) -> None:
+    for env in ({"BUSAGENT_PREFIX": ""}, {"BUSAGENT_PREFIX": "bad*"},
+                {"BUSAGENT_PREFIX": "a:b"}, {"BUSAGENT_PREFIX": "a?"}):
+        line = one_line_error(cli(redis_url, env["BUSAGENT_PREFIX"], "servers", env=env))
+        assert "prefix" in line and repr(env["BUSAGENT_PREFIX"]) in line, line
+    ok = cli(redis_url, "app-1.v2_x", "servers", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout) == [], ok.stderr
+
+
+def test_model_configs_are_refused_in_one_line_when_stored(redis_url: str, prefix: str,
+                                                           tmp_path: Path) -> None:
+    bad = {"no-name.json": ([{"model_type": "openai_chat"}], "config_name"),
+           "vllm.json": ([{"config_name": "v", "model_type": "vllm"}], "base_url")}
+    for file, (configs, says) in bad.items():
+        (tmp_path / file).write_text(json.dumps(configs))
+        line = one_line_error(cli(redis_url, prefix, "models", "--load", str(tmp_path / file)))
+        assert says in line and "errors.pydantic" not in line, line
+    listed = cli(redis_url, prefix, "models", "--json")
+    assert json.loads(listed.stdout) == [], listed.stdout
+
+
+def test_to_dist_takes_a_distconf_first(workers: Workers) -> None:
+    workers.start("w1")
+    a = Adder("a")
+    proxy = a.to_dist(DistConf(server="w1"))
+    assert proxy.server == "w1" and proxy.agent_id == a.agent_id
+    assert proxy(Msg("user", 2)).result(30) is not None
+
+
+def test_the_worker_logs_a_malformed_entry_as_text(workers: Workers, prefix: str,
+                                                   raw: redis.Redis) -> None:
+    workers.start("w1")
+    entry = raw.xadd(f"{prefix}:inbox:w1", {"v": "not-a-number", "kind": "call"})
+
+    def logged() -> list[str]:
+        return [f["msg"] for _, f in raw.xrange(f"{prefix}:logs:w1")
+                if "malformed entry" in f.get("msg", "")]
+
+    [line] = wait_for(logged, what="the worker's log line")
+    assert f"malformed entry {entry}:" in line and "b'" not in line, line

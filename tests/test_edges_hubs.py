@@ -11,7 +11,7 @@ import pytest
 import busagent
 from busagent import DistConf, Hub, Human, Msg, TaskCenter
 from busagent.errors import BusagentError, ConfigError
-from busagent.hub import HubMessage, Member
+from busagent.hub import HubMessage, Member, seq_key
 
 from .agents import Adder
 from .conftest import Workers, wait_for
@@ -358,3 +358,28 @@ def test_kept_by_covers_own_lines() -> None:
     own = HubMessage(hub="h", seq="1-0", sent_from="a", sender="a1", send_to=["*"],
                      msg=Msg("a", "x"))
     assert own.kept_by(m) and not own.to(m)
+
+
+def test_an_agent_that_keeps_its_own_reply_has_it_in_hub_order(workers: Workers) -> None:
+    """AgentScope's habit (``self.memory.add(m); return m``) with parallel speakers: another's
+    line published before the keeper's own reaches it after it replied; once its own line is
+    delivered, its memory holds the lines in hub order (its reply after the earlier line)."""
+    workers.start("w1", AGENTS)
+    keeper = Keeper("kim", to_dist=DistConf(server="w1")).ready()
+    other = Speaker("sam")
+    hub = Hub(f"order-{keeper.agent_id}")
+    hub.join(keeper)
+    hub.join(other)
+    task = hub.publish(Msg("user", "topic"))
+    wait_for(lambda: [c for _, _, c in kept(keeper)] == ["topic"], what="the task observed")
+    reply = keeper(Msg("user", "go")).result(30)  # kept in its memory by the keeper itself
+    earlier = hub.publish(Msg("sam", "sam line 1"), sent_from=other)
+    wait_for(lambda: len(kept(keeper)) == 3, what="sam's line observed")
+    own = hub.publish(reply, sent_from=keeper)
+    assert [s for s in (task, earlier, own)] == sorted((task, earlier, own), key=seq_key)
+    want = ["topic", "sam line 1", "kim kept line 1"]
+    wait_for(lambda: [c for _, _, c in kept(keeper)] == want, timeout=20,
+             what=f"the keeper's memory in hub order ({kept(keeper)})")
+    # still given once, and its rebuilt memory (what Redis holds) agrees
+    assert [c for _, _, c in kept(keeper)] == want
+    assert [m.content for m in keeper.memory.get() if isinstance(m, Msg)] == want

@@ -174,7 +174,7 @@ def parse(entry_id: bytes, fields: dict[bytes, bytes]) -> Job | Rejected:
         entry = Entry.from_fields(fields)
     except ProtocolError as e:
         call = Entry.reply_to(fields)
-        log.warning("malformed entry %s: %s", entry_id, e)
+        log.warning("malformed entry %s: %s", entry_id.decode(), e)  # text, never b'...'
         return Rejected(entry_id, call, e, None if call else fields)
     job = Job(entry_id, entry)
     if entry.kind == "create_many":

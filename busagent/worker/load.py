@@ -7,6 +7,8 @@ import importlib
 import logging
 import os
 import sys
+import sysconfig
+import traceback
 import types
 from pathlib import Path
 
@@ -35,6 +37,23 @@ def load(spec: str) -> tuple[str, types.ModuleType]:
                           "PYTHONPATH") from None
     except SyntaxError as e:
         raise ConfigError(f"agent module {spec!r} does not compile: {e}") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure at import: one line
+        # Whatever the module's top level raises (RuntimeError, json.loads on a bad file, a
+        # sys.exit): one line naming the module, where it failed and the error, never a
+        # traceback through importlib.
+        raise ConfigError(f"agent module {spec!r} failed to load at {_where(e)}: "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def _where(e: BaseException) -> str:
+    """``file:line`` of the deepest traceback frame in the user's code (not in importlib, the
+    standard library or installed packages), else the deepest frame."""
+    frames = traceback.extract_tb(e.__traceback__)
+    lib = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    own = [f for f in frames if not f.filename.startswith("<")
+           and not any(f.filename.startswith(d + os.sep) for d in lib if d)]
+    where = own or frames
+    return f"{where[-1].filename}:{where[-1].lineno}" if where else "?"
 
 
 def load_script(path: Path) -> tuple[str, types.ModuleType]:
