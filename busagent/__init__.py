@@ -25,6 +25,7 @@ from .errors import (
     DeadLettered,
     MessageTooLarge,
     ModelError,
+    NameTaken,
     NotSerializable,
     PlacementError,
     ProtocolError,
@@ -40,6 +41,7 @@ from .memory import Memory
 from .message import Msg
 from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather, release
+from .programs import get_agent
 from .proxy import RemoteAgent, create_many, fanout
 from .stream import Event
 
@@ -68,6 +70,7 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "Msg",
+    "NameTaken",
     "NotSerializable",
     "Placeholder",
     "PlacementError",
@@ -89,6 +92,7 @@ __all__ = [
     "create_many",
     "fanout",
     "gather",
+    "get_agent",
     "init",
     "load_model_configs",
     "models",

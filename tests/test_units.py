@@ -45,6 +45,8 @@ def test_public_api_is_frozen() -> None:
         "StepEvent", "Event", "Human", "fanout", "create_many", "release",
         # the error groups (errors.py draws the tree)
         "AgentError", "BusError", "UsageError", "ConstructorError", "DeadLettered",
+        # namespaces, names and lifetimes
+        "get_agent", "NameTaken",
     ])
 
 
@@ -147,7 +149,7 @@ def _fake_bus() -> Any:
     s = Settings.load(dead_after=10)
     return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s,
                            placement=Placement(), errors=contextlib.nullcontext,
-                           where=lambda: "")
+                           where=lambda: "", private_to="this-program")
 
 
 def _server(name: str, **kw: Any) -> str:
