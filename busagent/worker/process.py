@@ -42,9 +42,9 @@ from busagent import bus as _bus
 from busagent import tracing
 from busagent.config import Settings
 from busagent.protocol import ControlBody
-from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS
+from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS, SWEEP_PROGRAMS_EVERY
 
-from . import recovery
+from . import owners, recovery
 from .busio import BusIO
 from .committer import Committer
 from .executor import Executor, Outcome
@@ -113,6 +113,7 @@ class Worker:
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
                                    self.started, self.stats.snapshot)
+        self.heartbeat.private_to = os.environ.get(_bus.PRIVATE_TO) or None
         self.loop = asyncio.new_event_loop()
         loop_ready = threading.Event()
 
@@ -191,11 +192,15 @@ class Worker:
         self.bus.close()
 
     def _beat(self) -> None:
+        beats = 0
         while not self.stopping.wait(self.settings.heartbeat):
+            beats += 1
             try:
                 if not self.heartbeat.beat():
                     self.stop()
                 self.heartbeat.sweep()
+                if beats % SWEEP_PROGRAMS_EVERY == 0 and not self.stopping.is_set():
+                    owners.sweep(self.bus, self.name)
             except redis.exceptions.RedisError as e:
                 log.warning("heartbeat failed: %s", e)
 
