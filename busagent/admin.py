@@ -8,8 +8,10 @@ redis-py exception.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import bus as _bus
@@ -39,18 +41,51 @@ def servers(include_dead: bool = True) -> list[dict[str, Any]]:
     return out
 
 
-def agents(server: str | None = None) -> list[dict[str, Any]]:
+def agents(server: str | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
     """Every registered agent (``HGETALL {prefix}:agents``) as ``{id, name, cls, server,
-    created}``, optionally only ``server``'s, sorted by server then name."""
+    created, namespace, registered, owner}``, optionally only ``server``'s and only those of
+    ``namespace``, sorted by server then name."""
     b = _bus.current()
     with b.errors():
         raw = b.redis.hvals(b.keys.agents)
     out = []
     for item in raw:
         info = AgentInfo.model_validate_json(item)
-        if server is None or info.server == server:
+        if ((server is None or info.server == server)
+                and (namespace is None or info.namespace == namespace)):
             out.append(info.model_dump())
     return sorted(out, key=lambda a: (a["server"], a["name"]))
+
+
+def delete_namespace(namespace: str, timeout: float | None = 30.0) -> dict[str, int]:
+    """Delete every agent of ``namespace`` on the live servers, each after the calls already
+    sent to it (a ``delete`` control entry per agent, all sent at once, then waited for).
+    Agents on dead servers are counted in ``left``: they move with recovery, or ``busagent
+    stop SERVER`` removes them. Returns ``{"deleted": n, "left": m}``."""
+    b = _bus.current()
+    live = {s["name"] for s in servers(include_dead=False)}
+    found = agents(namespace=namespace)
+    ps: list[Placeholder] = []
+    left = 0
+    for a in found:
+        if a["server"] not in live:
+            left += 1
+            continue
+        call_id = _bus.new_id()
+        fields = b.sender.entry("control", ControlBody(op="delete", agent=a["id"]).pack(),
+                                call=call_id, agent=a["id"]).fields()
+        p = Placeholder(call_id, a["id"])
+        b.sender.send(_xadd(b.keys.inbox(a["server"]), fields), 1, p._fail)
+        ps.append(p)
+    deleted = 0
+    for p in ps:
+        with contextlib.suppress(UnknownAgent):  # deleted meanwhile
+            deleted += bool(p.result(timeout))
+    return {"deleted": deleted, "left": left}
+
+
+def _xadd(key: str, fields: dict[Any, Any]) -> Callable[[Any], None]:
+    return lambda pipe: pipe.xadd(key, fields)
 
 
 def agent_info(agent_id: str) -> AgentInfo:
@@ -256,5 +291,5 @@ def replay(entry_id: str) -> str:
     return call
 
 
-__all__ = ["ServerClient", "agent_info", "agent_memory", "agents", "deadletters", "replay",
-           "servers"]
+__all__ = ["ServerClient", "agent_info", "agent_memory", "agents", "deadletters",
+           "delete_namespace", "replay", "servers"]

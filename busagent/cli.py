@@ -159,15 +159,18 @@ def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = F
 @app.command()
 def agents(
     server: Annotated[str | None, typer.Option(help="only this server's agents")] = None,
+    namespace: Annotated[str | None, typer.Option(help="only this namespace's agents")] = None,
     url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """List registered agents."""
+    """List registered agents (with their namespace, registered name and lifetime)."""
     _connect(url, prefix)
-    rows = admin.agents(server)
+    rows = admin.agents(server, namespace)
     if as_json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "name", "cls", "server"])
+        _table([{**r, "registered": r["registered"] or "",
+                 "lifetime": "owned" if r["owner"] else "detached"} for r in rows],
+               ["id", "name", "cls", "server", "namespace", "registered", "lifetime"])
 
 
 @app.command()
@@ -244,15 +247,26 @@ def deadletter(
 @app.command()
 def delete(
     agent: Annotated[str | None, typer.Argument(help="agent id")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every agent of --server")] = False,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="every agent of --server or of --namespace")] = False,
     server: Annotated[str | None, typer.Option(help="with --all: the server")] = None,
+    namespace: Annotated[str | None, typer.Option(help="with --all: the namespace")] = None,
     url: RedisOpt = None, prefix: PrefixOpt = None,
 ) -> None:
-    """Delete one agent, or every agent of a server with --all --server S."""
+    """Delete one agent, every agent of a server with --all --server S, or every agent of a
+    namespace with --all --namespace N."""
     _connect(url, prefix)
+    if all_ and namespace:
+        if server:
+            raise ConfigError("--all takes --server or --namespace, not both")
+        got = admin.delete_namespace(namespace)
+        tail = (f"; {got['left']} on dead servers left (`busagent stop SERVER` removes them)"
+                if got["left"] else "")
+        print(f"deleted {got['deleted']} agent(s) of namespace {namespace}{tail}")
+        return
     if all_:
         if not server:
-            raise ConfigError("--all needs --server NAME")
+            raise ConfigError("--all needs --server NAME or --namespace NAME")
         n = admin.ServerClient(server).delete_all_agent()
         print(f"deleted {n} agent(s) on {server}")
         return
