@@ -367,6 +367,10 @@ def test_listing_and_deleting_by_namespace(workers: Workers, bus: Any, redis_url
         a.ready()
     assert {a["id"] for a in busagent.agents(namespace="shop")} == {a.agent_id for a in shop}
     assert [a["id"] for a in busagent.agents(namespace=bus.namespace)] == [mine.agent_id]
+    from busagent.studio import data  # the studio's Agents view, scoped the same way
+
+    page = data.agents_page(namespace="shop", count=50)
+    assert {a["id"] for a in page["items"]} == {a.agent_id for a in shop}
     base = [sys.executable, "-m", "busagent.cli"]
     opts = ["--redis", redis_url, "--prefix", prefix]
     out = subprocess.run([*base, "agents", "--namespace", "shop", "--json", *opts],

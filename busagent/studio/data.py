@@ -99,11 +99,12 @@ def summary(rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
 
 
 def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
-                cls: str = "") -> dict[str, Any]:
+                cls: str = "", namespace: str = "") -> dict[str, Any]:
     """One page of the registry, read with HSCAN from ``cursor`` (0: the start): ``{items,
     cursor, scanned}``; ``cursor`` 0 in the answer means the end. A page holds about ``count``
     items (HSCAN's COUNT is a hint: a small hash comes whole). ``q`` matches a substring of
-    the name or id, ``server`` the server exactly, ``cls`` a substring of the class. A page
+    the name or id, ``server`` the server exactly, ``cls`` a substring of the class,
+    ``namespace`` the namespace exactly (issue 11: the studio's views are scoped by it). A page
     stops at ``count`` matches or after ``SCAN_BUDGET`` records looked at, whichever is first,
     so a rare match costs several pages, never one unbounded request. Order is HSCAN's (the
     hash's), not sorted: sorting would need the whole registry."""
@@ -111,7 +112,7 @@ def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
     count = max(1, min(count, PAGE_MAX))
     items: list[dict[str, Any]] = []
     scanned = 0
-    needles = [x.encode() for x in (q, server, cls) if x]
+    needles = [x.encode() for x in (q, server, cls, namespace) if x]
     with b.errors():
         while True:
             # COUNT is a hint: about `count` records without a filter (a small hash comes
@@ -129,7 +130,8 @@ def agents_page(cursor: int = 0, count: int = 50, q: str = "", server: str = "",
                 except ValueError:
                     continue
                 if ((q and q not in a.name and q not in a.id)
-                        or (server and a.server != server) or (cls and cls not in a.cls)):
+                        or (server and a.server != server) or (cls and cls not in a.cls)
+                        or (namespace and a.namespace != namespace)):
                     continue
                 items.append(a.model_dump())
             if cursor == 0 or len(items) >= count or scanned >= SCAN_BUDGET:
