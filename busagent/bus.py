@@ -286,6 +286,8 @@ class Bus:
             # Before the Redis they use, and waited for: none may outlive it and print.
             self.children.stop(announce=not _told_interrupt)
             self.children = None
+            if owner is not None:
+                owner.tidy()
         if hasattr(self, "redis"):
             self.redis.close()
         if self._embedded is not None:

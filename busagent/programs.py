@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UnknownAgent
 from .records import AgentInfo, ProgramInfo
-from .tuning import PROGRAM_TTL_BEATS
+from .tuning import PROGRAM_TTL_BEATS, SWEEP_BATCH
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -41,6 +41,8 @@ class Owner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: set by end(): the program had owned agents and has ended.
+        self._ended = False
 
     @property
     def ttl_ms(self) -> int:
@@ -88,6 +90,7 @@ class Owner:
         t = self._thread
         if t is None:
             return
+        self._ended = True
         self._stop.set()
         t.join(timeout=2)
         self._thread = None
@@ -95,6 +98,29 @@ class Owner:
             self.bus.redis.delete(self.bus.keys.program(self.bus.program))
         except Exception as e:  # noqa: BLE001 - Redis away: the key expires by itself
             log.debug("could not end program record: %s", e)
+
+
+    def tidy(self) -> None:
+        """After the program's own child workers stopped (deleting the agents they hosted):
+        when nothing it owned is left, remove its entry and owned set now, as nobody else may
+        sweep them (a program alone on a Redis with its child workers). Otherwise the
+        workers' sweep does it. At most two round trips, at exit only."""
+        b = self.bus
+        if not self._ended:
+            return
+        owned = b.keys.owned(b.program)
+        try:
+            ids = b.redis.srandmember(owned, SWEEP_BATCH) or []
+            if b.redis.scard(owned) > len(ids):
+                return
+            if ids and any(r is not None for r in b.redis.hmget(b.keys.agents, ids)):
+                return
+            pipe = b.redis.pipeline(transaction=True)
+            pipe.hdel(b.keys.programs, b.program)
+            pipe.delete(owned)
+            pipe.execute()
+        except Exception as e:  # noqa: BLE001 - Redis away: the workers' sweep does it
+            log.debug("could not tidy program record: %s", e)
 
 
 def named(b: Bus, namespace: str, name: str) -> AgentInfo | None:

@@ -152,6 +152,9 @@ def test_two_programs_each_use_their_own_child_workers(programs: Any, bus: Any,
     assert second.read() == {"value": 11}
     second.send("exit")
     assert second.p.wait(timeout=30) == 0
+    # No worker outlives them to sweep: each program tidied its own ownership records at exit.
+    assert raw.hlen(f"{prefix}:programs") == 0
+    assert not list(raw.scan_iter(f"{prefix}:owned:*"))
 
 
 def test_a_program_never_places_on_another_programs_child_worker(
