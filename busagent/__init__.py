@@ -27,6 +27,7 @@ from .errors import (
     DeadLettered,
     MessageTooLarge,
     ModelError,
+    NameTaken,
     NotSerializable,
     PlacementError,
     ProtocolError,
@@ -42,6 +43,7 @@ from .memory import Memory
 from .message import Msg
 from .models import ModelConfig, load_model_configs
 from .placeholder import Placeholder, agather, gather, release
+from .programs import get_agent
 from .proxy import RemoteAgent, create_many, fanout
 from .stream import Event
 
@@ -71,6 +73,7 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "Msg",
+    "NameTaken",
     "NotSerializable",
     "Placeholder",
     "PlacementError",
@@ -94,6 +97,7 @@ __all__ = [
     "create_many",
     "fanout",
     "gather",
+    "get_agent",
     "init",
     "load_model_configs",
     "models",

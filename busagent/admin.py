@@ -8,10 +8,11 @@ redis-py exception.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from . import bus as _bus
@@ -45,10 +46,11 @@ def servers(include_dead: bool = True) -> list[dict[str, Any]]:
 PAGE = 1000
 
 
-def agent_page(cursor: int = 0, count: int = PAGE,
-               server: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+def agent_page(cursor: int = 0, count: int = PAGE, server: str | None = None,
+               namespace: str | None = None) -> tuple[int, list[dict[str, Any]]]:
     """One page of the registry: ``(next cursor, rows)``, rows as ``{id, name, cls, server,
-    created}`` (only ``server``'s if given, so a page may hold fewer than ``count`` or none).
+    created, namespace, registered, owner}`` (only ``server``'s and ``namespace``'s if given, so
+    a page may hold fewer than ``count`` or none).
     Start at cursor 0; a next cursor of 0 means the listing is complete. One ``HSCAN`` of about
     ``count`` records: Redis's work per call is bounded whatever the registry's size, so listing
     a million agents never stalls other clients. HSCAN's guarantee: a record present for the
@@ -62,28 +64,63 @@ def agent_page(cursor: int = 0, count: int = PAGE,
     rows = []
     for item in cast("dict[bytes, bytes]", raw).values():
         rec = json.loads(item)
-        if isinstance(rec, dict) and (server is None or rec.get("server") == server):
+        if isinstance(rec, dict) and (server is None or rec.get("server") == server) and (
+                namespace is None or rec.get("namespace") == namespace):
             rows.append(rec)
     return int(nxt), rows
 
 
-def iter_agents(server: str | None = None, count: int = PAGE) -> Iterator[dict[str, Any]]:
-    """Every registered agent (only ``server``'s if given), page by page as
+def iter_agents(server: str | None = None, count: int = PAGE,
+                namespace: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every registered agent (only ``server``'s and ``namespace``'s if given), page by page as
     :func:`agent_page` reads them, in Redis's scan order: for streaming a large registry."""
     cursor = 0
     while True:
-        cursor, rows = agent_page(cursor, count, server)
+        cursor, rows = agent_page(cursor, count, server, namespace)
         yield from rows
         if cursor == 0:
             return
 
 
-def agents(server: str | None = None) -> list[dict[str, Any]]:
-    """Every registered agent as ``{id, name, cls, server, created}``, optionally only
-    ``server``'s, sorted by server then name. Read in pages (:func:`iter_agents`), never in
+def agents(server: str | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
+    """Every registered agent as ``{id, name, cls, server, created, namespace, registered,
+    owner}``, optionally only ``server``'s and only those of ``namespace``, sorted by server
+    then name. Read in pages (:func:`iter_agents`), never in
     one command; the list itself is held here, so stream large registries with
     :func:`iter_agents` instead."""
-    return sorted(iter_agents(server), key=lambda a: (a["server"], a["name"]))
+    return sorted(iter_agents(server, namespace=namespace),
+                  key=lambda a: (a["server"], a["name"]))
+
+
+def delete_namespace(namespace: str, timeout: float | None = 30.0) -> dict[str, int]:
+    """Delete every agent of ``namespace`` on the live servers, each after the calls already
+    sent to it (a ``delete`` control entry per agent, all sent at once, then waited for).
+    Agents on dead servers are counted in ``left``: they move with recovery, or ``busagent
+    stop SERVER`` removes them. Returns ``{"deleted": n, "left": m}``."""
+    b = _bus.current()
+    live = {s["name"] for s in servers(include_dead=False)}
+    found = agents(namespace=namespace)
+    ps: list[Placeholder] = []
+    left = 0
+    for a in found:
+        if a["server"] not in live:
+            left += 1
+            continue
+        call_id = _bus.new_id()
+        fields = b.sender.entry("control", ControlBody(op="delete", agent=a["id"]).pack(),
+                                call=call_id, agent=a["id"]).fields()
+        p = Placeholder(call_id, a["id"])
+        b.sender.send(_xadd(b.keys.inbox(a["server"]), fields), 1, p._fail)
+        ps.append(p)
+    deleted = 0
+    for p in ps:
+        with contextlib.suppress(UnknownAgent):  # deleted meanwhile
+            deleted += bool(p.result(timeout))
+    return {"deleted": deleted, "left": left}
+
+
+def _xadd(key: str, fields: dict[Any, Any]) -> Callable[[Any], None]:
+    return lambda pipe: pipe.xadd(key, fields)
 
 
 def agent_info(agent_id: str) -> AgentInfo:
@@ -363,4 +400,4 @@ def replay(entry_id: str) -> str:
 
 
 __all__ = ["ServerClient", "agent_info", "agent_memory", "agent_page", "agents", "deadletters",
-           "iter_agents", "replay", "servers", "stored_memory"]
+           "delete_namespace", "iter_agents", "replay", "servers", "stored_memory"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .config import NAMESPACE_RULE, namespace_ok
 from .errors import ConfigError
 from .ids import new_id
 from .memory import Memory, to_json
@@ -44,8 +45,16 @@ def _bad_to_dist(what: str) -> ConfigError:
 
 
 class DistConf(BaseModel):
-    """Where a distributed agent goes. ``server=None``: the least loaded live worker that loaded
-    the agent's module, else worker processes started for this program.
+    """Where a distributed agent goes and who owns it. ``server=None``: the least loaded live
+    worker that loaded the agent's module, else worker processes started for this program.
+
+    ``name``: register the agent under this name in ``namespace`` (default: the program's,
+    ``busagent.init(namespace=...)``), unique there (enforced atomically in Redis);
+    ``busagent.get_agent(name)`` finds it from any process. Taken already: NameTaken, unless
+    ``get_if_exists=True``, which returns the existing agent instead (its constructor arguments
+    and placement are not compared; Ray's rule). ``lifetime``: ``"owned"`` (the default, also
+    ``None``) deletes the agent when the creating program exits or dies; ``"detached"`` keeps
+    it until it is deleted.
 
     Raises ConfigError (never pydantic's ValidationError) for anything else, naming what to use
     instead: AgentScope's ``{"host": ..., "port": ...}`` addresses an agent server, and busagent
@@ -54,6 +63,10 @@ class DistConf(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     server: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+    lifetime: Literal["owned", "detached"] = "owned"
+    get_if_exists: bool = False
 
     def __init__(self, **data: Any) -> None:
         agentscope = sorted(_AGENTSCOPE_KEYS & data.keys())
@@ -61,12 +74,24 @@ class DistConf(BaseModel):
             raise _bad_to_dist(f"{', '.join(agentscope)}: busagent places agents on workers "
                                "by name, not by host and port (a worker on that host "
                                "registers itself in Redis)")
-        unknown = sorted(set(data) - {"server"})
+        unknown = sorted(set(data) - set(type(self).model_fields))
         if unknown:
             raise _bad_to_dist(f"has unknown field(s) {', '.join(map(repr, unknown))}")
-        server = data.get("server")
-        if server is not None and (not isinstance(server, str) or not server.strip()):
-            raise _bad_to_dist(f"server {server!r}: a worker name is a non-empty string")
+        for field in ("server", "name", "namespace"):
+            v = data.get(field)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise _bad_to_dist(f"{field} {v!r}: a non-empty string")
+        if data.get("lifetime", "owned") is None:
+            data = {**data, "lifetime": "owned"}  # Ray spells the default None
+        if data.get("lifetime", "owned") not in ("owned", "detached"):
+            raise _bad_to_dist(f"lifetime {data['lifetime']!r}: 'owned' (the default: deleted "
+                               "when this program exits) or 'detached'")
+        if data.get("get_if_exists") and data.get("name") is None:
+            raise _bad_to_dist("get_if_exists=True needs a name")
+        if "get_if_exists" in data and not isinstance(data["get_if_exists"], bool):
+            raise _bad_to_dist(f"get_if_exists {data['get_if_exists']!r}: True or False")
+        if data.get("namespace") is not None and not namespace_ok(data["namespace"]):
+            raise _bad_to_dist(f"namespace {data['namespace']!r}: {NAMESPACE_RULE}")
         try:
             super().__init__(**data)
         except ValidationError as e:  # unreachable after the checks; kept one line all the same

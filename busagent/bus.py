@@ -36,11 +36,16 @@ from .errors import BusagentError, BusError, ConfigError, RedisUnavailable, Skip
 from .ids import new_id
 from .keys import Keys
 from .placement import Placement  # a leaf: it imports bus.py only for type checking
+from .programs import Owner  # imports bus.py only for type checking
 from .scripts import Scripts
 from .sender import REDIS_DOWN, Sender
 
 if TYPE_CHECKING:
     from .spawn import Children  # spawn imports bus.py at run time
+
+#: set by a program in the environment of the child workers it starts (busagent.spawn): the
+#: program id they are private to.
+PRIVATE_TO = "BUSAGENT_PRIVATE_TO"
 
 #: set while a worker loads a user's script (see :func:`busagent.worker.load.load_script`): a
 #: context variable, so it holds for the loading thread only, never for the worker's others.
@@ -131,6 +136,7 @@ class Bus:
                 "BUSAGENT_REDIS_URL, or unset it to use the embedded Redis"
             ) from None
         self.caller = f"{socket.gethostname()}:{os.getpid()}"
+        self._own_program()
         try:
             #: Redis's maxmemory-policy ("" if it does not say): see :meth:`eviction_problem`.
             self.eviction_policy = ""
@@ -158,6 +164,16 @@ class Bus:
                 "silently evicts busagent's data (registry, inboxes, replies, memories); set "
                 "`maxmemory-policy noeviction` (CONFIG SET maxmemory-policy noeviction, and in "
                 "redis.conf); see the README's 'Redis settings'")
+
+    def _own_program(self) -> None:
+        #: this program's id: it owns the agents it creates (busagent.programs).
+        self.program = new_id()
+        #: names, listings and deletion are scoped by it; anonymous: this program's own.
+        self.namespace = self.settings.namespace or f"anon-{self.program}"
+        #: which private child workers this process may place agents on: its own, or, in a
+        #: child worker, its program's (so agents creating agents stay in that program).
+        self.private_to = os.environ.get(PRIVATE_TO) or self.program
+        self.owner = Owner(self)
 
     @property
     def private(self) -> bool:
@@ -286,6 +302,10 @@ class Bus:
         returns (:meth:`Sender.after_fork`). redis-py's pool opens new connections by itself."""
         self.children = None
         self._embedded = None
+        # A program of its own (its exit must not end the parent's agents), in the parent's
+        # namespace and placing on the parent's child workers, like the rest of the parent.
+        self.program = new_id()
+        self.owner = Owner(self)
         # The parent's loops' clients are not used here; kept referenced (never collected), so
         # their closing generators are not finalized here through the parent's loops.
         self._forked_from = list(self._async.values())
@@ -296,10 +316,15 @@ class Bus:
         sender = getattr(self, "sender", None)
         if sender is not None:
             sender.close()
+        owner = getattr(self, "owner", None)
+        if owner is not None and hasattr(self, "redis"):
+            owner.end()  # before the child workers stop: their agents are ours too
         if self.children is not None:
             # Before the Redis they use, and waited for: none may outlive it and print.
             self.children.stop(announce=not _told_interrupt)
             self.children = None
+            if owner is not None:
+                owner.tidy()
         if hasattr(self, "redis"):
             self.redis.close()
         if self._embedded is not None:
@@ -342,7 +367,8 @@ def _connect(s: Settings) -> Bus:
     _bus = Bus(s)
     os.environ[_INHERIT] = json.dumps({
         "pid": os.getpid(),
-        "settings": s.model_copy(update={"redis_url": _bus.url}).model_dump(mode="json")})
+        "settings": s.model_copy(update={"redis_url": _bus.url, "namespace": _bus.namespace}
+                                 ).model_dump(mode="json")})
     # A calling program's Ctrl-C gets one line (workers handle SIGINT themselves and call
     # install(), not this). Only over Python's own hook: IPython's or the user's stay.
     if sys.excepthook is sys.__excepthook__:

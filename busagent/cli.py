@@ -159,22 +159,29 @@ def servers(url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = F
 @app.command()
 def agents(
     server: Annotated[str | None, typer.Option(help="only this server's agents")] = None,
+    namespace: Annotated[str | None, typer.Option(help="only this namespace's agents")] = None,
     url: RedisOpt = None, prefix: PrefixOpt = None, as_json: JsonOpt = False,
     limit: Annotated[int | None, typer.Option(
         min=1, help="one page of about this many registry records (then see --cursor)")] = None,
     cursor: Annotated[int, typer.Option(
         min=0, help="where the page starts: 0, or the cursor the last page printed")] = 0,
 ) -> None:
-    """List registered agents, streamed page by page (in Redis's scan order). With --limit,
-    one page from --cursor; the next cursor goes to stderr (0: the end)."""
+    """List registered agents (with their namespace, registered name and lifetime), streamed
+    page by page (in Redis's scan order). With --limit, one page from --cursor; the next cursor
+    goes to stderr (0: the end)."""
     _connect(url, prefix)
     if limit is None:
-        rows = admin.iter_agents(server)
+        rows = admin.iter_agents(server, namespace=namespace)
         nxt = None
     else:
-        nxt, page = admin.agent_page(cursor, limit, server)
+        nxt, page = admin.agent_page(cursor, limit, server, namespace)
         rows = iter(page)
-    cols = ["id", "name", "cls", "server"]
+    cols = ["id", "name", "cls", "server", "namespace", "registered", "lifetime"]
+
+    def shown(r: dict[str, Any]) -> dict[str, Any]:
+        return {**r, "registered": r.get("registered") or "",
+                "lifetime": "owned" if r.get("owner") else "detached"}
+
     # Printed as read, never collected first: a million rows start at once and cost no memory.
     if as_json:
         sys.stdout.write("[")
@@ -184,7 +191,8 @@ def agents(
     else:
         sys.stdout.write("\t".join(cols) + "\n")
         for r in rows:
-            sys.stdout.write("\t".join(str(r[c]) for c in cols) + "\n")
+            s = shown(r)
+            sys.stdout.write("\t".join(_cell(s.get(c)) for c in cols) + "\n")
     if nxt is not None:
         print(f"next cursor: {nxt}", file=sys.stderr)
 
@@ -275,15 +283,26 @@ def deadletter(
 @app.command()
 def delete(
     agent: Annotated[str | None, typer.Argument(help="agent id")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every agent of --server")] = False,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="every agent of --server or of --namespace")] = False,
     server: Annotated[str | None, typer.Option(help="with --all: the server")] = None,
+    namespace: Annotated[str | None, typer.Option(help="with --all: the namespace")] = None,
     url: RedisOpt = None, prefix: PrefixOpt = None,
 ) -> None:
-    """Delete one agent, or every agent of a server with --all --server S."""
+    """Delete one agent, every agent of a server with --all --server S, or every agent of a
+    namespace with --all --namespace N."""
     _connect(url, prefix)
+    if all_ and namespace:
+        if server:
+            raise ConfigError("--all takes --server or --namespace, not both")
+        got = admin.delete_namespace(namespace)
+        tail = (f"; {got['left']} on dead servers left (`busagent stop SERVER` removes them)"
+                if got["left"] else "")
+        print(f"deleted {got['deleted']} agent(s) of namespace {namespace}{tail}")
+        return
     if all_:
         if not server:
-            raise ConfigError("--all needs --server NAME")
+            raise ConfigError("--all needs --server NAME or --namespace NAME")
         n = admin.ServerClient(server).delete_all_agent()
         print(f"deleted {n} agent(s) on {server}")
         return

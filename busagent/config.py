@@ -17,6 +17,15 @@ from .errors import ConfigError
 #: what a key prefix may be (see ``Settings._prefix``)
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
+NAMESPACE_RULE = ("a namespace is 1-200 printable characters, without spaces, braces or glob "
+                  "characters")
+
+
+def namespace_ok(v: str) -> bool:
+    """A namespace goes into key names (``{p}:names:{namespace}``) and SCAN patterns."""
+    return (0 < len(v) <= 200 and v.isprintable()
+            and not any(c.isspace() or c in "{}*?[]" for c in v))
+
 
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -25,6 +34,10 @@ class Settings(BaseModel):
     redis_url: str | None = None
     #: every key starts with this, so several applications can share one Redis.
     prefix: str = "busagent"
+    #: scopes registered names, listings and deletion (Ray's namespace). None: an anonymous one
+    #: of this program's own (``anon-<program id>``), so two programs never see each other's
+    #: names unless they choose the same namespace.
+    namespace: str | None = None
     #: seconds between a worker's registry updates.
     heartbeat: float = Field(2.0, gt=0)
     #: a server whose last heartbeat is older than this is shown dead.
@@ -67,6 +80,13 @@ class Settings(BaseModel):
         # braces break redis-cli use and cluster hash tags.
         if not _PREFIX.fullmatch(v):
             raise ValueError("prefix must be 1-64 letters, digits, '_', '-' or '.'")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and not namespace_ok(v):
+            raise ValueError(NAMESPACE_RULE)
         return v
 
     @property

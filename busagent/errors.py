@@ -7,7 +7,8 @@
     │   ├── MessageTooLarge    an encoded call or reply exceeds ``max_message_bytes``
     │   ├── UnknownClass       a worker was asked for a class from a module it did not load
     │   ├── UnknownName        no hub or server by that name (the studio's 404)
-    │   └── CallCycle          a call to an agent up its own call chain (itself, A -> B -> A)
+    │   ├── CallCycle          a call to an agent up its own call chain (itself, A -> B -> A)
+    │   └── NameTaken          a name is already registered in its namespace (also a ValueError)
     ├── BusError               the bus itself failed: fix Redis or the deployment, then retry
     │   ├── RedisUnavailable   Redis cannot be reached or refused us (also a ConnectionError)
     │   └── ProtocolError      an entry on the bus is malformed, unsigned or of another version
@@ -78,6 +79,11 @@ class UnknownName(UsageError, LookupError):
 class CallCycle(UsageError):
     """A call to an agent that is waiting up the caller's own call chain (a self-call or a
     cycle A -> B -> A): it would wait for itself. The message names the cycle."""
+
+
+class NameTaken(UsageError, ValueError):
+    """``DistConf(name=...)``: another agent already holds the name in its namespace. Pick
+    another name, ``get_if_exists=True`` to attach to it, or ``busagent.get_agent(name)``."""
 
 
 class BusError(BusagentError):

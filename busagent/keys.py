@@ -23,6 +23,11 @@ together. All keys start with the configurable prefix (default ``busagent``).
 | ``{p}:hub:{hub}:members``         | hash   | agent id -> JSON Member (name, role, watcher)      |
 | ``{p}:chunks:{call}``             | stream | a streamed reply's events; expires like replies    |
 | ``{p}:logs:{server}``             | stream | a worker's recent log lines (capped)               |
+| ``{p}:names:{namespace}``         | hash   | registered name -> agent id, unique per namespace  |
+| ``{p}:programs``                  | hash   | program id -> JSON ProgramInfo (namespace, pid...) |
+| ``{p}:program:{program}``         | string | "alive": expires (server-side TTL) unless renewed  |
+| ``{p}:owned:{program}``           | set    | ids of the agents a program owns (not detached)    |
+| ``{p}:lock:program:{program}``    | string | held by the worker sweeping a dead program         |
 """
 
 from __future__ import annotations
@@ -112,6 +117,31 @@ class Keys:
 
     def logs(self, server: str) -> str:
         return f"{self.prefix}:logs:{server}"
+
+    def names(self, namespace: str) -> str:
+        """Hash: registered name -> agent id, for one namespace."""
+        return f"{self.prefix}:names:{namespace}"
+
+    @property
+    def names_pattern(self) -> str:
+        return f"{self.prefix}:names:*"
+
+    @property
+    def programs(self) -> str:
+        """Hash: program id -> JSON :class:`~busagent.records.ProgramInfo`."""
+        return f"{self.prefix}:programs"
+
+    def program(self, program: str) -> str:
+        """A program's liveness: exists while the program heart-beats (a Redis TTL, so expiry
+        is judged by Redis's clock, not any host's)."""
+        return f"{self.prefix}:program:{program}"
+
+    def owned(self, program: str) -> str:
+        """Set: the ids of the agents ``program`` owns (deleted when it exits or dies)."""
+        return f"{self.prefix}:owned:{program}"
+
+    def program_lock(self, program: str) -> str:
+        return f"{self.prefix}:lock:program:{program}"
 
     @property
     def hub_pattern(self) -> str:

@@ -1,5 +1,8 @@
 """Where a new agent goes: the named server, the least loaded live one, or child workers.
 
+Child workers are private to the program that started them (``ServerInfo.private_to``): other
+programs never place agents there, since those workers stop when their program exits.
+
 Callers place agents (:func:`place`, used by ``proxy.create`` and ``create_many``); workers
 never do, so nothing here is imported by :mod:`busagent.worker` (recovery picks servers with
 :func:`busagent.records.pick`, the same rule). Placement reads the servers hash through a short
@@ -57,6 +60,10 @@ def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) ->
     snap = b.placement
     if server is not None:
         for s in snap.live(b, fresh=True):
+            if s.name == server and not s.serves(b.private_to):
+                raise PlacementError(
+                    f"server {server!r} is a child worker private to another program; start "
+                    f"a worker of your own with `busagent worker --name NAME --agents {load}`")
             if s.name == server:
                 if module not in s.modules:
                     raise PlacementError(
@@ -72,15 +79,20 @@ def place(b: Bus, module: str, load: str, server: str | None, count: int = 1) ->
             f"no live server named {server!r}; start it with `busagent worker --name {server} "
             f"--agents {load}` against the same Redis, or see `busagent servers`{b.where()}"
         )
+    def ours(servers: list[ServerInfo]) -> list[ServerInfo]:
+        # Another program's child workers stop when it exits: never place there.
+        return [s for s in servers if s.serves(b.private_to)]
+
     for fresh in (False, True):
-        best = pick(snap.live(b, fresh), module, count)
+        best = pick(ours(snap.live(b, fresh)), module, count)
         if best is not None:
             return best.name
     # Imported here: spawn starts processes, which only a placement that found no server needs.
     from .spawn import ensure_children
 
     names = ensure_children(b, load)
-    best = pick([s for s in snap.live(b, fresh=True) if s.name in names], module, count)
+    best = pick([s for s in snap.live(b, fresh=True) if s.name in names and s.serves(b.private_to)],
+                module, count)
     if best is None:
         raise PlacementError(
             f"worker processes for {load} started but none can take {count} more agent(s): "

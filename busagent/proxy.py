@@ -6,13 +6,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from . import admin, callchain, placement, tracing
+from . import admin, callchain, placement, programs, scripts, tracing
 from . import bus as _bus
 from .agent import Agent, DistConf, is_remote
 from .classpath import class_path, find
 from .errors import (
     ConfigError,
     ConstructorError,
+    NameTaken,
     NotSerializable,
     SkipStatement,
     UnknownClass,
@@ -272,6 +273,11 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
         raise SkipStatement("creating distributed agents while a worker loads a script")
     b = _bus.current()
     conf = DistConf.of(to_dist)
+    if conf.name is not None:
+        raise ConfigError("create_many: DistConf(name=...) names one agent; create named "
+                          "agents one at a time")
+    namespace = conf.namespace or b.namespace
+    owner = None if conf.lifetime == "detached" else b.owner.ensure()
     path, load = class_path(cls)
     module = path.split(":")[0]
     keys = b.keys
@@ -290,7 +296,8 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
             name, body = _spec(b, cls, path, args, kwargs)
             agent_id = _bus.new_id()
             records[agent_id] = AgentInfo(id=agent_id, name=name, cls=path, server=server,
-                                          created=now).model_dump_json()
+                                          created=now, namespace=namespace,
+                                          owner=owner).model_dump_json()
             specs[agent_id] = body
             out.append(RemoteAgent(agent_id, name, cls, server, created))
         # The entry names the agents; the worker reads their specs, written just before it.
@@ -301,9 +308,11 @@ def create_many(cls: type, items: Iterable[Any], to_dist: Any = True,
                 fields: dict[str, Any] = fields, server: str = server) -> None:
             pipe.hset(keys.agents, mapping=records)
             pipe.hset(keys.specs, mapping=specs)
+            if owner is not None:
+                pipe.sadd(keys.owned(owner), *specs)
             pipe.xadd(keys.inbox(server), fields)
 
-        b.sender.send(add, 3, created._fail)
+        b.sender.send(add, 4 if owner is not None else 3, created._fail)
     return out
 
 
@@ -327,25 +336,63 @@ def create(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], conf: DistC
     """Build an agent on a worker: the class travels by name, the arguments as data.
     ``agent_id``: keep this id (``agent.to_dist()``: the agent keeps its identity);
     ``state``: its declared state as JSON (``Agent.state_dict``), loaded after the
-    constructor."""
+    constructor. ``conf.name``: reserved in its namespace atomically with the creation
+    (NameTaken if held, the holder's proxy with ``get_if_exists``); costs one synchronous
+    round trip (two with ``get_if_exists``: the holder is looked up before anything is
+    placed). Owned agents (not ``lifetime="detached"``) are added to the program's owned set
+    in the same pipeline."""
     if _bus.loading_script.get():
         raise SkipStatement("creating a distributed agent while a worker loads a script")
     b = _bus.current()
     path, load = class_path(cls)
     name, body = _spec(b, cls, path, args, kwargs, memory, state)
+    namespace = conf.namespace or b.namespace
+    if conf.name is not None and conf.get_if_exists:
+        held = programs.named(b, namespace, conf.name)
+        if held is not None:  # found without placing (which might start child workers)
+            return _holder(cls, held)
+    owner = None if conf.lifetime == "detached" else b.owner.ensure()
     server = placement.place(b, path.split(":")[0], load, conf.server)
     agent_id, call_id = agent_id or _bus.new_id(), _bus.new_id()
-    info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time())
+    info = AgentInfo(id=agent_id, name=name, cls=path, server=server, created=time.time(),
+                     namespace=namespace, registered=conf.name, owner=owner)
     keys = b.keys
     fields = b.sender.entry("create", body, call=call_id, agent=agent_id).fields()
+    created = Placeholder(call_id, agent_id)
+    if conf.name is not None:
+        b.sender.flush()  # what this program sent before goes first, as with unnamed creates
+        with b.errors():
+            held_by = scripts.create_named(b.scripts, keys, namespace, conf.name, agent_id,
+                                           info.model_dump_json(), body, keys.inbox(server),
+                                           owner, fields)
+        if held_by is not None:
+            holder = AgentInfo.model_validate_json(held_by[1])
+            if conf.get_if_exists:  # lost a race to create it: the winner's is the one
+                return _holder(cls, holder)
+            raise NameTaken(f"the name {conf.name!r} is taken in namespace {namespace!r} by "
+                            f"agent {holder.id} ({holder.cls} on {holder.server}); pick "
+                            "another, pass get_if_exists=True, or busagent.get_agent(name)")
+        return RemoteAgent(agent_id, name, cls, server, created)
 
     def add(pipe: Any) -> None:
         # The record first: calls sent right after this are routed by it and queue behind the
         # create in the same inbox. The spec lets recovery rebuild the agent elsewhere.
         pipe.hset(keys.agents, agent_id, info.model_dump_json())
         pipe.hset(keys.specs, agent_id, body)
+        if owner is not None:
+            pipe.sadd(keys.owned(owner), agent_id)
         pipe.xadd(keys.inbox(server), fields)
 
-    created = Placeholder(call_id, agent_id)
-    b.sender.send(add, 3, created._fail)
+    b.sender.send(add, 4 if owner is not None else 3, created._fail)
     return RemoteAgent(agent_id, name, cls, server, created)
+
+
+def _holder(cls: type, info: AgentInfo) -> RemoteAgent:
+    """The proxy of the agent that holds a name: with ``cls`` if that is its class."""
+    try:
+        same = class_name(cls) == info.cls
+    except Exception:  # noqa: BLE001 - a class that has no path: look the record's up
+        same = False
+    if same:
+        return RemoteAgent(info.id, info.name, cls, info.server)
+    return RemoteAgent.from_wire(info.id, info.name, info.cls, info.server)

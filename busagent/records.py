@@ -47,6 +47,12 @@ class AgentInfo(BaseModel):
     server: str
     #: epoch seconds, from the creating process's clock.
     created: float
+    #: the namespace its registered name (if any) lives in, and the creator's namespace.
+    namespace: str = ""
+    #: the name it is registered under (``DistConf(name=...)``), unique in ``namespace``.
+    registered: str | None = None
+    #: the program that owns it (deleted when that program is gone); None: detached.
+    owner: str | None = None
 
 
 class RunningCall(BaseModel):
@@ -94,6 +100,12 @@ class ServerInfo(BaseModel):
     rate: float = 0.0
     #: the oldest calls running now (up to ``tuning.RUNNING_SHOWN``).
     running: list[RunningCall] = []
+    #: a child worker private to this program id (only it places agents here); None: shared.
+    private_to: str | None = None
+
+    def serves(self, program: str | None) -> bool:
+        """Whether ``program`` may place agents here: a shared server, or its own child."""
+        return self.private_to is None or self.private_to == program
 
     #: the Redis server's time when this record was read (epoch seconds), or None for a record
     #: not read through :func:`read_servers` / :func:`read_server`.
@@ -122,6 +134,18 @@ class ServerInfo(BaseModel):
     def alive(self, dead_after: float, now: float | None = None) -> bool:
         """Takes new agents: ``up`` or ``late``."""
         return self.state(dead_after, now) in LIVE
+
+
+class ProgramInfo(BaseModel):
+    """A program that owns agents (``HGET {prefix}:programs <id>``). It is alive while its key
+    ``{p}:program:{id}`` exists (a Redis TTL it renews every heartbeat)."""
+
+    id: str
+    namespace: str
+    host: str
+    pid: int
+    #: epoch seconds, from the program's clock (shown, never compared).
+    started: float
 
 
 def redis_time(reply: Any) -> float:

@@ -1,4 +1,4 @@
-"""busagent's five Lua scripts, one typed function each: the only code that knows their KEYS and
+"""busagent's six Lua scripts, one typed function each: the only code that knows their KEYS and
 ARGV order (each ``.lua`` file beside this one documents the same order on top).
 
 | script            | called by                 | does                                       |
@@ -8,6 +8,7 @@ ARGV order (each ``.lua`` file beside this one documents the same order on top).
 | ``commit.lua``    | the worker's group commit | reply + memory + state + XACK/XDEL, fenced |
 | ``heartbeat.lua`` | the worker's heartbeat    | writes its record unless fenced            |
 | ``move.lua``      | recovery                  | moves agents and their calls off a server  |
+| ``name.lua``      | ``proxy.create`` (named)  | reserves a name and creates its agent      |
 
 Every key a script touches is passed in KEYS where the caller can know it before the script runs
 (a Redis rule, and what Redis Cluster will need). The remaining exceptions, the blockers for
@@ -39,7 +40,7 @@ import redis.asyncio as aredis
 from .keys import GROUP, Keys
 from .tuning import PEEK_BYTES
 
-NAMES = ("route", "collect", "commit", "move", "heartbeat")
+NAMES = ("route", "collect", "commit", "move", "heartbeat", "name")
 LUA = {n: resources.files("busagent").joinpath(f"{n}.lua").read_text() for n in NAMES}
 
 
@@ -173,6 +174,30 @@ def heartbeat(s: Scripts, keys: Keys, name: str, record_json: str,
     epoch seconds). ``adopt`` writes even over a dead record (a new owner of the name)."""
     ok, now = s.run("heartbeat", [keys.servers], [name, record_json, "1" if adopt else "0"])
     return bool(ok), float(now)
+
+
+# --- name.lua -----------------------------------------------------------------------------------
+
+
+def create_named(s: Scripts, keys: Keys, namespace: str, name: str, agent_id: str, record: str,
+                 spec: bytes, inbox: str, owner: str | None,
+                 fields: dict[str, Any]) -> tuple[str, str] | None:
+    """Reserve ``name`` in ``namespace`` and create the agent (record, spec, owned set, create
+    entry on ``inbox``) atomically. None if created; else ``(agent id, record JSON)`` of the
+    agent that holds the name."""
+    flat: list[Any] = []
+    for k, v in fields.items():
+        flat += [k, v]
+    got = s.run("name", [keys.names(namespace), keys.agents, keys.specs, inbox,
+                         keys.owned(owner or "-")],
+                [name, agent_id, record, spec, owner or "", *flat])
+    if int(got[0]) == 1:
+        return None
+    return _text(got[1]), _text(got[2])
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # --- move.lua -----------------------------------------------------------------------------------

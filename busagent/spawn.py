@@ -1,5 +1,9 @@
 """Child-process mode: worker processes a program starts for itself when no live worker can host
-a class, stopped when the program exits (and, on Linux, when it dies)."""
+a class, stopped when the program exits (and, on Linux, when it dies).
+
+They are private to the program (``ServerInfo.private_to`` is its id, passed in
+:data:`busagent.bus.PRIVATE_TO`): another program on the same Redis never places agents on them,
+since they stop with their program; it starts its own, or uses shared workers."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .bus import Bus
+from .bus import PRIVATE_TO, Bus
 from .embedded import _die_with_parent
 from .errors import PlacementError
 from .tuning import CHILD_GRACE, CHILD_START_TIMEOUT, CHILD_STOP_WAIT, EXIT_NOTICE_AFTER
@@ -41,6 +45,8 @@ class Children:
                 if value is not None:
                     env[f"BUSAGENT_{name.upper()}"] = str(value)
             env["BUSAGENT_REDIS_URL"] = b.url
+            env["BUSAGENT_NAMESPACE"] = b.namespace
+            env[PRIVATE_TO] = b.private_to
             # Whatever grace the program's own settings give workers: a child worker stops only
             # when its program exits, and then the replies of calls still running have no reader.
             env["BUSAGENT_GRACE"] = str(CHILD_GRACE)

@@ -38,6 +38,13 @@ CHILD_GRACE = 1.0
 CHILD_STOP_WAIT = 3.0
 #: an exit that has waited this long for something says what it waits for (seconds).
 EXIT_NOTICE_AFTER = 0.5
+#: a program's liveness key lives this many of its heartbeats (count): it is renewed every
+#: heartbeat, so a program is declared gone by Redis's clock within this many after it dies.
+PROGRAM_TTL_BEATS = 4
+#: owned agents a worker deletes per round trip when it sweeps a program that is gone (count).
+SWEEP_BATCH = 1000
+#: a worker sweeps programs that are gone every this many of its heartbeats (count).
+SWEEP_PROGRAMS_EVERY = 2
 #: how often a worker re-reads model configs from Redis (seconds).
 MODEL_CONFIG_REFRESH = 5.0
 

@@ -29,9 +29,12 @@ def test_registry_is_readable_with_plain_redis(workers: Workers, raw: redis.Redi
     wait_for(lambda: json.loads(raw.hget(f"{prefix}:servers", "w1"))["agents"] == 1,
              what="heartbeat with the agent count")
 
+    b = busagent.bus.current()
     agent = json.loads(raw.hget(f"{prefix}:agents", a.agent_id))
     assert agent == {"id": a.agent_id, "name": "alice", "cls": "tests.agents:Adder",
-                     "server": "w1", "created": agent["created"]}
+                     "server": "w1", "created": agent["created"],
+                     # issue 11: its namespace, registered name and owning program
+                     "namespace": b.namespace, "registered": None, "owner": b.program}
     memory = [json.loads(x) for x in raw.lrange(f"{prefix}:memory:{a.agent_id}", 0, -1)]
     assert [(m["name"], m["content"]) for m in memory] == [("user", 40)]
 

@@ -66,7 +66,7 @@ def test_llm_participants_against_fake_endpoint(tmp_path: Path, redis_url: str, 
         cfg.write_text(json.dumps([fake.config("fake-game", max_retries=5)]))
         out, lines = run_game(tmp_path, redis_url, prefix, "--agent-type", "llm", "--agents",
                               "12", "--shards", "2", "--rounds", "2", "--model-config",
-                              str(cfg), "--config-name", "fake-game")
+                              str(cfg), "--config-name", "fake-game", "--keep")
         assert len(lines) == 2
         for r in (1, 2):
             assert check_round(out, r, 12)["cnt"] == 12

@@ -47,6 +47,8 @@ def test_public_api_is_frozen() -> None:
         "AgentError", "BusError", "UsageError", "ConstructorError", "DeadLettered",
         # cancellation
         "cancel", "cancelled", "Cancelled",
+        # namespaces, names and lifetimes
+        "get_agent", "NameTaken",
     ])
 
 
@@ -150,7 +152,7 @@ def _fake_bus() -> Any:
     s = Settings.load(dead_after=10)
     return SimpleNamespace(redis=fakeredis.FakeRedis(), keys=Keys("u"), settings=s,
                            placement=Placement(), errors=contextlib.nullcontext,
-                           where=lambda: "")
+                           where=lambda: "", private_to="this-program")
 
 
 def _server(name: str, **kw: Any) -> str:

@@ -219,7 +219,7 @@ def create_app(token: str, interval: float = 1.0) -> Starlette:
         q = r.query_params
         return JSONResponse(data.agents_page(q.get("cursor", "0"), _int(r, "count", 50),
                                              q.get("q", ""), q.get("server", ""),
-                                             q.get("cls", "")))
+                                             q.get("cls", ""), q.get("namespace", "")))
 
     def api_agent(r: Request) -> Response:
         return JSONResponse(data.agent(r.path_params["id"], _int(r, "mem_start", 0),

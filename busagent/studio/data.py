@@ -139,12 +139,13 @@ def _parse_cursor(raw: str) -> tuple[int, bytes | None]:
 
 
 def agents_page(cursor: str = "0", count: int = 50, q: str = "", server: str = "",
-                cls: str = "") -> dict[str, Any]:
+                cls: str = "", namespace: str = "") -> dict[str, Any]:
     """One page of the registry: ``{items, cursor, scanned}``, at most ``count`` items (1 to
     ``PAGE_MAX``; more is lowered to ``PAGE_MAX``, fewer raises UsageError). ``cursor``: "0" (or
     "") to start, else the ``cursor`` of the previous answer, which goes on exactly after that
     page's last item; "0" in the answer means the end. ``q`` matches a substring of the name or
-    id, ``server`` the server exactly, ``cls`` a substring of the class. A page stops at
+    id, ``server`` the server exactly, ``cls`` a substring of the class, ``namespace`` the
+    namespace exactly (the studio's views are scoped by it). A page stops at
     ``count`` matches or after about ``SCAN_BUDGET`` records looked at, whichever is first, so
     a rare match costs several pages, never one unbounded request. Order is HSCAN's (the
     hash's), not sorted: sorting would need the whole registry.
@@ -159,7 +160,7 @@ def agents_page(cursor: str = "0", count: int = 50, q: str = "", server: str = "
     scan_at, skip_to = _parse_cursor(cursor or "0")
     items: list[dict[str, Any]] = []
     scanned = 0
-    needles = [x.encode() for x in (q, server, cls) if x]
+    needles = [x.encode() for x in (q, server, cls, namespace) if x]
     # COUNT is a hint: about `count` records a batch without a filter, bigger steps while
     # searching. Each page re-reads its batch with the same step, so one given the same
     # query gets the same batch back.
@@ -177,7 +178,8 @@ def agents_page(cursor: str = "0", count: int = 50, q: str = "", server: str = "
             for i in range(first, len(batch)):
                 k, raw = batch[i]
                 scanned += 1
-                if _matches(raw, k, needles, q, server, cls, items) and len(items) == count:
+                if (_matches(raw, k, needles, q, server, cls, namespace, items)
+                        and len(items) == count):
                     if i + 1 < len(batch):
                         return {"items": items, "cursor": f"{scan_at}.{k.decode()}",
                                 "scanned": scanned}
@@ -188,7 +190,7 @@ def agents_page(cursor: str = "0", count: int = 50, q: str = "", server: str = "
 
 
 def _matches(raw: bytes, key: bytes, needles: list[bytes], q: str, server: str, cls: str,
-             into: list[dict[str, Any]]) -> bool:
+             namespace: str, into: list[dict[str, Any]]) -> bool:
     """Whether record ``raw`` matches the search; appends it to ``into`` if so."""
     # A cheap bytes test first: a search over a million records parses only hits.
     if needles and not all(n in raw or n in key for n in needles):
@@ -198,7 +200,8 @@ def _matches(raw: bytes, key: bytes, needles: list[bytes], q: str, server: str, 
     except ValueError:
         return False
     if ((q and q not in a.name and q not in a.id)
-            or (server and a.server != server) or (cls and cls not in a.cls)):
+            or (server and a.server != server) or (cls and cls not in a.cls)
+            or (namespace and a.namespace != namespace)):
         return False
     into.append(a.model_dump())
     return True

@@ -47,6 +47,9 @@ class Heartbeat:
     ``started`` epoch seconds, ``stats()`` the call counters' fields
     (:meth:`.stats.Stats.snapshot`)."""
 
+    #: a child worker's program id (:data:`busagent.bus.PRIVATE_TO`): only it places here.
+    private_to: str | None = None
+
     def __init__(self, bus: Bus, server: str, capacity: int, modules: list[str],
                  agents: Sized, inflight: Callable[[], int], stopping: threading.Event,
                  started: float, stats: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -84,7 +87,7 @@ class Heartbeat:
             mem=round(self.proc.memory_info().rss / 2**20, 1), agents=len(self.agents),
             inflight=self.inflight(), capacity=self.capacity, modules=list(self.modules),
             status="stopping" if self.stopping.is_set() else "up", version=VERSION,
-            **(self.stats() if self.stats is not None else {}),
+            private_to=self.private_to, **(self.stats() if self.stats is not None else {}),
         )
 
     def adopt(self, rebuild: Callable[[Iterable[AgentInfo]], None]) -> None:

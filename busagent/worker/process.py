@@ -43,9 +43,9 @@ from busagent import tracing
 from busagent.config import Settings
 from busagent.errors import Cancelled, ConfigError
 from busagent.protocol import CancelBody, ControlBody
-from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS
+from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS, SWEEP_PROGRAMS_EVERY
 
-from . import recovery
+from . import owners, recovery
 from .busio import BusIO
 from .cancels import Cancels
 from .committer import Committer
@@ -129,6 +129,7 @@ class Worker:
         self.heartbeat = Heartbeat(bus, self.name, s.capacity, list(self.loaded),
                                    self.hosting.agents, lambda: mb.inflight, self.stopping,
                                    self.started, self.stats.snapshot)
+        self.heartbeat.private_to = os.environ.get(_bus.PRIVATE_TO) or None
         self.loop = asyncio.new_event_loop()
         loop_ready = threading.Event()
 
@@ -221,12 +222,16 @@ class Worker:
 
     def _beat(self) -> None:
         said = ""  # the last failure logged: a refusal that lasts is logged once, not each beat
+        beats = 0
         while not self.closing.wait(self.settings.heartbeat):
+            beats += 1
             try:
                 if not self.heartbeat.beat():
                     self.stop()
                 if not self.stopping.is_set():  # a worker on its way out takes on nobody's
                     self.heartbeat.sweep()
+                    if beats % SWEEP_PROGRAMS_EVERY == 0:
+                        owners.sweep(self.bus, self.name)
                 if said:
                     log.warning("heartbeat: Redis accepts writes again")
                     said = ""

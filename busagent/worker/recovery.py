@@ -111,7 +111,8 @@ def _recover(b: Bus, server: str, exclude: set[str]) -> Result:
             and x.name not in exclude]
     batch: list[scripts.Move] = []
     for a in agents:
-        target = pick(live, a.cls.split(":")[0])
+        # Never onto another program's private child workers (they stop when it exits).
+        target = pick([x for x in live if x.serves(a.owner)], a.cls.split(":")[0])
         if target is None:
             res.stranded += 1
             continue

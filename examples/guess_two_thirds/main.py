@@ -64,16 +64,19 @@ def create(args: argparse.Namespace) -> list[Any]:
         if args.people:  # --population: participant i is the population's person i
             items = [(*item[:5], person["background"])
                      for item, person in zip(items, args.people, strict=False)]
+    # Owned by this program (deleted when it exits) unless --keep: then detached, so their
+    # memories can be read afterwards (`busagent agents`, `busagent memory ID`).
+    conf = busagent.DistConf(lifetime="detached" if args.keep else "owned")
     ps: list[Any] = []
     step = 10_000
     for i in range(0, n, step):
-        ps.extend(busagent.create_many(cls, items[i : i + step]))
+        ps.extend(busagent.create_many(cls, items[i : i + step], to_dist=conf))
         progress("creating participants", len(ps), n)
     busagent.gather([p._created for p in ps], timeout=3600)  # one reply per chunk
     for p in ps:
         p.ready()  # raises the first constructor error, if any (the replies are in hand)
     groups = [[p.agent_id for p in ps[s::shards]] for s in range(shards)]
-    gs = [Group(f"group{s}", ids, args.max_value, to_dist=True) for s, ids in enumerate(groups)]
+    gs = [Group(f"group{s}", ids, args.max_value, to_dist=conf) for s, ids in enumerate(groups)]
     busagent.gather([g._created for g in gs], timeout=600)
     return gs
 
@@ -305,6 +308,8 @@ def main() -> None:
                     help="after the game, break results down by this population attribute "
                     "(table and plot, see analysis.py); repeatable")
     ap.add_argument("--workers", type=int, default=2, help="child worker processes, when needed")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the agents after the game (detached), to read their memories")
     ap.add_argument("--exp", default="guess_two_thirds",
                     help="experiment name: a folder under --out")
     ap.add_argument("--out", default="result", help="folder the results are written under")

@@ -119,21 +119,21 @@ views.servers = () => {
 views.agents = () => {
   $("#view").innerHTML = `<h2>Agents</h2><div class="toolbar">
     <input id="agent-q" placeholder="name or id contains…" size="28"><input id="agent-cls" placeholder="class contains…">
-    <input id="agent-server" placeholder="server"><button id="agent-search">Search</button>
+    <input id="agent-server" placeholder="server"><input id="agent-ns" placeholder="namespace"><button id="agent-search">Search</button>
     <span class="muted" id="agent-count"></span></div>
-    <table id="agents-table"><thead><tr><th>name</th><th>id</th><th>class</th><th>server</th><th>created</th></tr></thead><tbody></tbody></table>
+    <table id="agents-table"><thead><tr><th>name</th><th>id</th><th>class</th><th>server</th><th>namespace</th><th>created</th></tr></thead><tbody></tbody></table>
     <div class="toolbar"><button id="agent-more" hidden>More</button><span class="muted" id="agent-scan"></span></div>`;
   let cursor = "0", shown = 0, scanned = 0, generation = 0;
   const load = async (fresh) => {
     if (fresh) { cursor = "0"; shown = 0; scanned = 0; generation++; $("#agents-table tbody").innerHTML = ""; }
     const mine = generation;
-    const qs = new URLSearchParams({cursor, count: 50, q: $("#agent-q").value, cls: $("#agent-cls").value, server: $("#agent-server").value});
+    const qs = new URLSearchParams({cursor, count: 50, q: $("#agent-q").value, cls: $("#agent-cls").value, server: $("#agent-server").value, namespace: $("#agent-ns").value});
     try {
       const page = await api("/api/agents?" + qs);
       if (mine !== generation || !$("#agents-table")) return;  // a newer search, or another view
       $("#agents-table tbody").insertAdjacentHTML("beforeend", page.items.map((a) => `<tr data-agent="${esc(a.id)}">
         <td><a href="#agent/${encodeURIComponent(a.id)}">${esc(a.name)}</a></td><td><code>${esc(a.id)}</code></td><td>${esc(a.cls)}</td>
-        <td>${esc(a.server)}</td><td>${fmtTime(a.created)}</td></tr>`).join(""));
+        <td>${esc(a.server)}</td><td>${esc(a.namespace)}${a.registered ? " / " + esc(a.registered) : ""}</td><td>${fmtTime(a.created)}</td></tr>`).join(""));
       cursor = page.cursor; shown += page.items.length; scanned += page.scanned;
       $("#agent-more").hidden = cursor === "0";
       $("#agent-count").textContent = `${shown} shown` + (live.summary ? ` of ${live.summary.agents.toLocaleString()} registered` : "");
