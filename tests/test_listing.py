@@ -75,7 +75,8 @@ def test_listing_is_paged_by_cursor_and_never_one_growing_command(
     full = cli(url, prefix, "agents", "--json", "--server", "s3")
     assert {a["id"] for a in js(full)} == {f"id{i:05d}" for i in range(3, N, 4)}
     table = cli(url, prefix, "agents").stdout.splitlines()
-    assert table[0].split("\t") == ["id", "name", "cls", "server"] and len(table) == N + 1
+    assert table[0].split("\t") == ["id", "name", "cls", "server", "namespace", "registered",
+                                     "lifetime"] and len(table) == N + 1
     # Nothing read the registry in one command.
     assert _calls(r, "hgetall") == 0 and _calls(r, "hvals") == 0 and _calls(r, "hkeys") == 0
     assert _calls(r, "hscan") >= N // 1000
