@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -379,7 +380,7 @@ def shutdown() -> None:
     """Flush pending sends, stop child workers and the private embedded Redis. A later call
     connects afresh, as on first use."""
     global _bus, _wanted
-    with _lock:
+    with _uninterrupted(), _lock:
         _wanted = None
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             if json.loads(os.environ.get(_INHERIT, ""))["pid"] == os.getpid():
@@ -387,6 +388,27 @@ def shutdown() -> None:
         if _bus is not None:
             _bus.close()
             _bus = None
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT ignored meanwhile (main thread only: signal handlers live there). A shutdown cut
+    half-way by another Ctrl-C would leave child workers running on a Redis it then never
+    stops (they print its loss after the prompt) and its folder behind; one that finishes
+    takes a few seconds at most (CHILD_STOP_WAIT bounds it), so an impatient user's further
+    presses change nothing, as in Celery's warm shutdown made cold only by SIGQUIT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 #: How a program's bus reaches its ``multiprocessing`` children started with ``spawn`` or
@@ -463,6 +485,11 @@ def _excepthook(kind: type[BaseException], value: BaseException,
     print(f"busagent: interrupted (Ctrl-C) at {_user_frame(tb)}{then}", file=sys.stderr,
           flush=True)
     _told_interrupt = True
+    if not hasattr(sys, "ps1") and not sys.flags.interactive:
+        # The program is ending (an interactive session is not: it keeps its Ctrl-C): a second
+        # press before the exit's shutdown starts would cut it, as one during it would.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _after_fork_in_child() -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,27 @@ def test_an_exit_that_waits_to_send_says_so(tmp_path: Path) -> None:
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr
     waits = [x for x in p.stderr.splitlines() if "waiting" in x]
     assert len(waits) == 1 and "send" in waits[0] and "Redis" in waits[0], p.stderr
+
+
+@pytest.mark.parametrize("presses", [2, 4])
+def test_ctrl_c_pressed_again_during_the_exit_changes_nothing(tmp_path: Path,
+                                                              presses: int) -> None:
+    """Item 9, an impatient user: Ctrl-C, then Ctrl-C again every 0.3 s while the program stops
+    its child workers and its private Redis. Still one line, no traceback from the exit, nothing
+    printed by a child worker whose Redis vanished, and the private Redis folder removed: the
+    exit is not interruptible half-way."""
+    p, children, redis_pid = _start_script(tmp_path, "busagent.gather(calls)")
+    try:
+        for i in range(presses):
+            if i:
+                time.sleep(0.3)  # the user's pace, not a synchronization
+            os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left of the group
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = _after_start(err)
+    assert len(lines) == 1, err
+    assert "interrupted" in lines[0] and "flow.py" in lines[0], err
+    assert all(_gone(c) for c in children) and _gone(redis_pid)
+    assert not list(tmp_path.glob("busagent-redis-*"))

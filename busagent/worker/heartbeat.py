@@ -51,6 +51,8 @@ class Heartbeat:
                  agents: Sized, inflight: Callable[[], int], stopping: threading.Event,
                  started: float, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.bus = bus
+        #: a child worker of a program: Redis gone at its stop is its parent stopping it
+        self.quiet_gone = False
         self.r = bus.redis
         self.keys = bus.keys
         self.server = server
@@ -172,4 +174,6 @@ class Heartbeat:
             forget(pipe, self.keys, [a.id for a in recovery.agents_of(self.bus, self.server)])
             pipe.execute()
         except redis.exceptions.RedisError as e:
-            log.warning("could not deregister %s: %s", self.server, e)
+            quiet = self.quiet_gone and isinstance(e, redis.exceptions.ConnectionError)
+            log.log(logging.DEBUG if quiet else logging.WARNING,
+                    "could not deregister %s: %s", self.server, e)

@@ -140,6 +140,9 @@ class Worker:
         asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
         self.committer = Committer(bus, self.inbox.key, self.loop, self._written)
         self.logs = LogStream(bus, self.name)
+        # A program's child worker whose Redis vanished while stopping: its parent is stopping
+        # it (the private Redis goes with the program), so losing Redis then is no news to print.
+        self.heartbeat.quiet_gone = self.logs.quiet_gone = self.parent_pid is not None
         self.logs.start()
         with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
             self.inbox.ensure_group()
