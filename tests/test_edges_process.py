@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,38 @@ def test_connections_stay_bounded_whatever_the_number_of_event_loops(
         assert asyncio.run(once(n)) == n + 1
     after = len(raw.client_list())
     raw.close()
+    assert after - before <= 5, (before, after)
+    assert b.async_clients() <= 1
+
+
+
+def test_connections_stay_bounded_when_event_loops_are_dropped_without_closing(
+    workers: Workers, redis_url: str
+) -> None:
+    """Item 8, loops never closed: ``loop = asyncio.new_event_loop();
+    loop.run_until_complete(...); del loop``, 200 times. Once the loops are collected their
+    clients and connections must be too: busagent's per-loop cache must not keep a loop (or its
+    client's connections) alive."""
+    workers.start("w1")
+    b = busagent.init(redis_url, prefix=workers.prefix)
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    a.ready()
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = len(raw.client_list())
+
+    async def once(n: int) -> int:
+        return int((await a(Msg("user", n))).content)
+
+    alive = weakref.WeakSet[asyncio.AbstractEventLoop]()
+    for n in range(200):
+        loop = asyncio.new_event_loop()
+        alive.add(loop)
+        assert loop.run_until_complete(once(n)) == n + 1
+        del loop
+    gc.collect()
+    after = len(raw.client_list())
+    raw.close()
+    assert len(alive) == 0
     assert after - before <= 5, (before, after)
     assert b.async_clients() <= 1
 
