@@ -203,8 +203,9 @@ class ServerClient:
                     f"server {self.server} died before running the call, and was removed"),
                     self.server)
                 ids = [a.id for a in recovery.agents_of(b, self.server)]
+                hubs = hosting.member_hashes(b.redis, b.keys)
                 pipe = b.redis.pipeline(transaction=True)
-                hosting.forget(pipe, b.keys, ids)
+                hosting.forget(pipe, b.keys, ids, hubs)
                 pipe.delete(inbox)
                 pipe.hdel(b.keys.servers, self.server)
                 pipe.execute()

@@ -151,3 +151,32 @@ def test_lent_threads_are_counted_and_retire() -> None:
     mb.unblock()
     assert mb.claim() is Turn.EXIT and mb.runners == 2
     assert mb.claim() is Turn.READ  # back to the pool's own size: lead a read
+
+
+@pytest.mark.parametrize("how", ["delete", "delete_all"])
+def test_a_deleted_agent_leaves_no_hub_membership_behind(workers: Workers, how: str) -> None:
+    """Item 12, hubs: an agent deleted (alone, or with all of its server's agents) while a member
+    of hubs, with nothing in flight, leaves no member record, cursor or leave record in any hub;
+    a publish that names its role is then refused, not accepted for nobody."""
+    workers.start("w1", MOD)
+    b = busagent.bus.current()
+    r = Relay("r", to_dist=DistConf(server="w1")).ready()
+    keep = Relay("keep", to_dist=DistConf(server="w1")).ready()
+    hubs = [busagent.Hub(f"room{i}") for i in range(2)]
+    for h in hubs:
+        h.join(r, role="critic")
+        h.join(keep, role="writer")
+        h.publish(Msg("user", "hello"), send_to="critic")
+    wait_for(lambda: all(b.redis.hexists(b.keys.members(h.name), f"~cursor:{r.agent_id}")
+                         for h in hubs), what="the members' cursors")
+    if how == "delete":
+        assert r.delete() is True
+    else:
+        assert ServerClient("w1").delete_all_agent() == 2
+    for h in hubs:
+        fields = [f.decode() for f in b.redis.hkeys(b.keys.members(h.name))]
+        assert not [f for f in fields if r.agent_id in f], fields
+        with pytest.raises(busagent.errors.ConfigError, match="critic"):
+            h.publish(Msg("user", "anyone?"), send_to="critic")
+    leftover = [k for k in b.redis.scan_iter(f"{b.keys.prefix}:*") if r.agent_id.encode() in k]
+    assert leftover == []
