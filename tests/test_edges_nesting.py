@@ -14,7 +14,7 @@ from busagent import DistConf, Msg, Placeholder, ServerClient
 from busagent.errors import CallCycle
 from busagent.protocol import CallBody
 from busagent.worker.mailboxes import Mailboxes, Turn
-from tests.nesting_agents import AsyncRelay, Gate, Relay
+from tests.nesting_agents import AsyncRelay, Caller, Gate, Relay
 
 from .conftest import Workers, wait_for
 
@@ -180,3 +180,39 @@ def test_a_deleted_agent_leaves_no_hub_membership_behind(workers: Workers, how: 
             h.publish(Msg("user", "anyone?"), send_to="critic")
     leftover = [k for k in b.redis.scan_iter(f"{b.keys.prefix}:*") if r.agent_id.encode() in k]
     assert leftover == []
+
+
+@pytest.mark.parametrize("servers", [("w1", "w1"), ("w1", "w2")])
+def test_a_callback_to_an_agent_that_no_longer_waits_is_no_cycle(
+        workers: Workers, tmp_path: Path, servers: tuple[str, str]) -> None:
+    """Item 6, false cycles: A's reply calls B without waiting and returns; B's reply then
+    calls A and waits. A is in B's chain but no longer busy with that call: B gets A's answer,
+    on one worker or across two."""
+    for s in sorted(set(servers)):
+        workers.start(s, MOD)
+    out = tmp_path / "b.out"
+    a = Caller("a", wait=False, to_dist=DistConf(server=servers[0])).ready()
+    b = Caller("b", a.agent_id, wait=True, out=str(out), to_dist=DistConf(server=servers[1]))
+    b.ready()
+    a.point_to(b.agent_id).result(timeout=20)
+    assert a(Msg("user", "go")).result(timeout=20).content == "a returned"
+    wait_for(out.exists, what="b's call to a to end")
+    assert out.read_text() == "ok a called back"
+
+
+@pytest.mark.parametrize("servers", [("w1", "w1"), ("w1", "w2")])
+@pytest.mark.parametrize("how", [True, "thread"])
+def test_a_cycle_is_refused_at_once_from_the_reply_or_a_thread_it_starts(
+        workers: Workers, servers: tuple[str, str], how: bool | str) -> None:
+    """Item 6, real cycles: A's reply waits for B (directly, or in a thread it starts with
+    ThreadPoolExecutor), whose reply calls A and waits. Refused with CallCycle naming the cycle,
+    not a CallTimeout at the deadline; on one worker or across two."""
+    for s in sorted(set(servers)):
+        workers.start(s, MOD)
+    a = Caller("a", wait=how, to_dist=DistConf(server=servers[0])).ready()
+    b = Caller("b", a.agent_id, wait=True, to_dist=DistConf(server=servers[1])).ready()
+    a.point_to(b.agent_id).result(timeout=20)
+    with pytest.raises(Exception, match="cycle") as got:
+        a(Msg("user", "go")).result(timeout=40)
+    assert "CallTimeout" not in type(got.value).__name__
+    assert "a -> b -> a" in str(got.value)
