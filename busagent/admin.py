@@ -289,8 +289,9 @@ class ServerClient:
                     f"server {self.server} died before running the call, and was removed"),
                     self.server)
                 ids = [a.id for a in recovery.agents_of(b, self.server)]
+                hubs = hosting.member_hashes(b.redis, b.keys)
                 pipe = b.redis.pipeline(transaction=True)
-                hosting.forget(pipe, b.keys, ids)
+                hosting.forget(pipe, b.keys, ids, hubs)
                 # Its log lines and start-up flag too: nothing of a removed server stays.
                 pipe.delete(inbox, b.keys.logs(self.server), b.keys.ready(self.server))
                 pipe.hdel(b.keys.servers, self.server)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -105,10 +106,9 @@ class Bus:
         #: threads (a nested call's ``.content``), so the pool lends the thread's place to
         #: another (busagent.worker.process); None in a calling program.
         self.blocking: Callable[[], contextlib.AbstractContextManager[None]] | None = None
-        #: id(loop) -> (the loop, weakly; its client; the generator that closes the client when
-        #: the loop shuts down, kept here because the loop holds it only weakly).
-        self._async: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], aredis.Redis,
-                                     AsyncGenerator[None, None]]] = {}
+        #: id(loop) -> (the loop, weakly; its client and the generator that closes the client
+        #: when the loop shuts down, or None when those are held by the loop itself (_ON_LOOP)).
+        self._async: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], _Held | None]] = {}
         url = settings.redis_url or embedded.shared_url()
         if url is None:
             self._embedded = embedded.start()
@@ -247,13 +247,14 @@ class Bus:
         """This event loop's client. A client belongs to its loop, so each loop gets one; it is
         closed while its loop shuts down (``asyncio.run`` closes async generators before it closes
         the loop: a parked generator's ``finally`` closes the client there), and a loop closed
-        without that (``loop.close()`` alone) is forgotten at the next call. So a process that
-        runs thousands of ``asyncio.run()`` holds one client per loop still alive, not one per
-        loop ever made."""
+        without that (``loop.close()`` alone) is forgotten at the next call. The client is held
+        by its loop, this bus keeps only a weak reference: a loop dropped without being closed
+        (``del loop``) is collected with its client and connections. So a process that runs
+        thousands of loops holds one client per loop still alive, not one per loop ever made."""
         loop = asyncio.get_running_loop()
-        entry = self._async.get(id(loop))
-        if entry is not None and entry[0]() is loop:
-            return entry[1]
+        held = self._held(loop)
+        if held is not None:
+            return held[0]
         self._forget_closed_loops()
         client = aconnect(self.url, self.settings, max_connections=512)
         self._adopt(loop, client)
@@ -268,15 +269,25 @@ class Bus:
         self._forget_closed_loops()
         return len(self._async)
 
+    def _held(self, loop: asyncio.AbstractEventLoop) -> _Held | None:
+        entry = self._async.get(id(loop))
+        if entry is None or entry[0]() is not loop:
+            return None
+        if entry[1] is not None:
+            return entry[1]
+        on_loop: dict[int, _Held] = getattr(loop, _ON_LOOP, {})
+        return on_loop.get(id(self))
+
     def _adopt(self, loop: asyncio.AbstractEventLoop, client: aredis.Redis) -> None:
         key = id(loop)
+        ref = weakref.ref(loop)
 
         async def closer() -> AsyncGenerator[None, None]:
             try:
                 yield
             finally:
                 entry = self._async.get(key)
-                if entry is not None and entry[1] is client:
+                if entry is not None and entry[0] is ref:
                     del self._async[key]
                 with contextlib.suppress(Exception):
                     await client.aclose()
@@ -287,10 +298,19 @@ class Bus:
         step: Any = gen.__anext__()
         with contextlib.suppress(StopIteration):
             step.send(None)
-        self._async[key] = (weakref.ref(loop), client, gen)
+        held: _Held = (client, gen)
+        try:
+            # On the loop, not here: the client's connections reference their loop, so a strong
+            # reference from this bus would keep every loop ever made alive (and connected).
+            # Held by the loop, loop and client form a cycle the collector frees together.
+            on_loop = loop.__dict__.setdefault(_ON_LOOP, {})
+            on_loop[id(self)] = held
+            self._async[key] = (ref, None)
+        except AttributeError:  # a loop without a __dict__ (uvloop): held here, as before
+            self._async[key] = (ref, held)
 
     def _forget_closed_loops(self) -> None:
-        for key, (ref, _, _) in list(self._async.items()):
+        for key, (ref, _) in list(self._async.items()):
             loop = ref()
             if loop is None or loop.is_closed():
                 self._async.pop(key, None)
@@ -308,7 +328,7 @@ class Bus:
         self.owner = Owner(self)
         # The parent's loops' clients are not used here; kept referenced (never collected), so
         # their closing generators are not finalized here through the parent's loops.
-        self._forked_from = list(self._async.values())
+        self._forked_from = [(r(), held) for r, held in self._async.values()]
         self._async = {}
         self.sender.after_fork()
 
@@ -330,6 +350,12 @@ class Bus:
         if self._embedded is not None:
             self._embedded.stop()
             self._embedded = None
+
+
+#: (a loop's client, the generator that closes it when the loop shuts down)
+_Held = tuple[aredis.Redis, AsyncGenerator[None, None]]
+#: the attribute of an event loop that holds its clients: {id(bus): _Held}
+_ON_LOOP = "_busagent_clients"
 
 
 # --- the process-wide bus ------------------------------------------------------------------------
@@ -405,7 +431,7 @@ def shutdown() -> None:
     """Flush pending sends, stop child workers and the private embedded Redis. A later call
     connects afresh, as on first use."""
     global _bus, _wanted
-    with _lock:
+    with _uninterrupted(), _lock:
         _wanted = None
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
             if json.loads(os.environ.get(_INHERIT, ""))["pid"] == os.getpid():
@@ -413,6 +439,27 @@ def shutdown() -> None:
         if _bus is not None:
             _bus.close()
             _bus = None
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT ignored meanwhile (main thread only: signal handlers live there). A shutdown cut
+    half-way by another Ctrl-C would leave child workers running on a Redis it then never
+    stops (they print its loss after the prompt) and its folder behind; one that finishes
+    takes a few seconds at most (CHILD_STOP_WAIT bounds it), so an impatient user's further
+    presses change nothing, as in Celery's warm shutdown made cold only by SIGQUIT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 #: How a program's bus reaches its ``multiprocessing`` children started with ``spawn`` or
@@ -489,6 +536,11 @@ def _excepthook(kind: type[BaseException], value: BaseException,
     print(f"busagent: interrupted (Ctrl-C) at {_user_frame(tb)}{then}", file=sys.stderr,
           flush=True)
     _told_interrupt = True
+    if not hasattr(sys, "ps1") and not sys.flags.interactive:
+        # The program is ending (an interactive session is not: it keeps its Ctrl-C): a second
+        # press before the exit's shutdown starts would cut it, as one during it would.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _after_fork_in_child() -> None:

@@ -299,9 +299,10 @@ class CallBody(Body):
     #: the caller's W3C trace context (``traceparent``, ``tracestate``) when tracing is on;
     #: left out of the packed body otherwise (:mod:`busagent.tracing`).
     trace: dict[str, str] | None = None
-    #: the agents waiting up the stack for this call, ``[agent id, name]`` outermost first
-    #: (:mod:`busagent.callchain`); empty from a program's own code, so left out of the body.
-    chain: list[tuple[str, str]] = Field(default_factory=list)
+    #: the agents up the stack of this call, ``[agent id, name, call id]`` outermost first
+    #: (:mod:`busagent.callchain`; ``[agent id, name]`` from an older sender, the call
+    #: unknown); empty from a program's own code, so left out of the body.
+    chain: list[tuple[str, str, str] | tuple[str, str]] = Field(default_factory=list)
 
 
 class CreateBody(Body):

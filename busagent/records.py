@@ -253,15 +253,16 @@ class Snapshot:
 def unhostable(r: Any, agents_key: str, servers: list[ServerInfo], agent_ids: list[str],
                dead_after: float) -> str | None:
     """Why a call to one of ``agent_ids`` cannot run now, or None: its server is dead (marked
-    so by recovery, or silent for twice ``dead_after``: a worker whose heartbeat is merely late
-    under load must not fail its callers) and no live server in ``servers`` (a
+    so by recovery, or silent for ``dead_after``: what recovery takes for dead too, so a caller
+    learns it within a heartbeat of any worker; twice that made the caller of a call that killed
+    every worker wait 2 x dead_after after the last death) and no live server in ``servers`` (a
     :class:`Snapshot`) loaded the agent's module with room for it, so recovery has nowhere to
     move it. A caller waiting on such a call asks this now and then instead of waiting out its
     whole deadline. No round trip while no server is dead; else one (the agents' records).
     An agent whose server's record vanished (FLUSHALL) is not detected."""
     # Ages by the Redis clock at which the snapshot was read (ServerInfo.age), never this
     # host's: heartbeats are stamped with Redis's TIME.
-    dead = {s.name for s in servers if s.status == "dead" or s.age() >= 2 * dead_after}
+    dead = {s.name for s in servers if s.state(dead_after) == "dead"}
     ids = list(dict.fromkeys(a for a in agent_ids if a))
     if not dead or not ids:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,48 @@ class Poison(Agent):
 
     def reply(self, x: Any = None) -> Msg:
         os._exit(17)
+
+
+class Caller(Agent):
+    """Calls ``peer_id`` with its input: ``wait`` False sends without waiting and returns
+    "<name> returned" (a callback pattern's first half); True waits for the peer's reply;
+    "thread" waits for it in a thread the reply starts. The outcome of a waited call is also
+    written to ``out`` (a file), if given: "ok <content>" or "<error type>: <message>"."""
+
+    def __init__(self, name: str, peer_id: str = "", wait: bool | str = True,
+                 out: str = "") -> None:
+        super().__init__(name)
+        self.peer_id = peer_id
+        self.wait = wait
+        self.out = out
+
+    @busagent.remote
+    def point_to(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+
+    def reply(self, x: Msg | None = None) -> Msg:
+        peer = RemoteAgent.by_id(self.peer_id)
+        if not self.wait:
+            if x is not None and x.content == "x":  # the callback: answered here
+                return Msg(self.name, f"{self.name} called back")
+            peer(Msg(self.name, "call me back"))
+            return Msg(self.name, f"{self.name} returned")
+        try:
+            if self.wait == "thread":
+                with ThreadPoolExecutor(1) as pool:
+                    got = pool.submit(lambda: peer(Msg(self.name, "x")).result(timeout=30))
+                    content = got.result().content
+            else:
+                content = peer(Msg(self.name, "x")).content
+        except Exception as e:
+            if self.out:
+                Path(self.out).write_text(f"{type(e).__name__}: {e}")
+            raise
+        if self.out:
+            Path(self.out).write_text(f"ok {content}")
+        return Msg(self.name, content)
+
+
+class Answerer(Agent):
+    def reply(self, x: Msg | None = None) -> Msg:
+        return Msg(self.name, f"{self.name} answered")

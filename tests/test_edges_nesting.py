@@ -14,7 +14,7 @@ from busagent import DistConf, Msg, Placeholder, ServerClient
 from busagent.errors import CallCycle
 from busagent.protocol import CallBody
 from busagent.worker.mailboxes import Mailboxes, Turn
-from tests.nesting_agents import AsyncRelay, Gate, Relay
+from tests.nesting_agents import AsyncRelay, Caller, Gate, Relay
 
 from .conftest import Workers, wait_for
 
@@ -151,3 +151,68 @@ def test_lent_threads_are_counted_and_retire() -> None:
     mb.unblock()
     assert mb.claim() is Turn.EXIT and mb.runners == 2
     assert mb.claim() is Turn.READ  # back to the pool's own size: lead a read
+
+
+@pytest.mark.parametrize("how", ["delete", "delete_all"])
+def test_a_deleted_agent_leaves_no_hub_membership_behind(workers: Workers, how: str) -> None:
+    """Item 12, hubs: an agent deleted (alone, or with all of its server's agents) while a member
+    of hubs, with nothing in flight, leaves no member record, cursor or leave record in any hub;
+    a publish that names its role is then refused, not accepted for nobody."""
+    workers.start("w1", MOD)
+    b = busagent.bus.current()
+    r = Relay("r", to_dist=DistConf(server="w1")).ready()
+    keep = Relay("keep", to_dist=DistConf(server="w1")).ready()
+    hubs = [busagent.Hub(f"room{i}") for i in range(2)]
+    for h in hubs:
+        h.join(r, role="critic")
+        h.join(keep, role="writer")
+        h.publish(Msg("user", "hello"), send_to="critic")
+    wait_for(lambda: all(b.redis.hexists(b.keys.members(h.name), f"~cursor:{r.agent_id}")
+                         for h in hubs), what="the members' cursors")
+    if how == "delete":
+        assert r.delete() is True
+    else:
+        assert ServerClient("w1").delete_all_agent() == 2
+    for h in hubs:
+        fields = [f.decode() for f in b.redis.hkeys(b.keys.members(h.name))]
+        assert not [f for f in fields if r.agent_id in f], fields
+        with pytest.raises(busagent.errors.ConfigError, match="critic"):
+            h.publish(Msg("user", "anyone?"), send_to="critic")
+    leftover = [k for k in b.redis.scan_iter(f"{b.keys.prefix}:*") if r.agent_id.encode() in k]
+    assert leftover == []
+
+
+@pytest.mark.parametrize("servers", [("w1", "w1"), ("w1", "w2")])
+def test_a_callback_to_an_agent_that_no_longer_waits_is_no_cycle(
+        workers: Workers, tmp_path: Path, servers: tuple[str, str]) -> None:
+    """Item 6, false cycles: A's reply calls B without waiting and returns; B's reply then
+    calls A and waits. A is in B's chain but no longer busy with that call: B gets A's answer,
+    on one worker or across two."""
+    for s in sorted(set(servers)):
+        workers.start(s, MOD)
+    out = tmp_path / "b.out"
+    a = Caller("a", wait=False, to_dist=DistConf(server=servers[0])).ready()
+    b = Caller("b", a.agent_id, wait=True, out=str(out), to_dist=DistConf(server=servers[1]))
+    b.ready()
+    a.point_to(b.agent_id).result(timeout=20)
+    assert a(Msg("user", "go")).result(timeout=20).content == "a returned"
+    wait_for(out.exists, what="b's call to a to end")
+    assert out.read_text() == "ok a called back"
+
+
+@pytest.mark.parametrize("servers", [("w1", "w1"), ("w1", "w2")])
+@pytest.mark.parametrize("how", [True, "thread"])
+def test_a_cycle_is_refused_at_once_from_the_reply_or_a_thread_it_starts(
+        workers: Workers, servers: tuple[str, str], how: bool | str) -> None:
+    """Item 6, real cycles: A's reply waits for B (directly, or in a thread it starts with
+    ThreadPoolExecutor), whose reply calls A and waits. Refused with CallCycle naming the cycle,
+    not a CallTimeout at the deadline; on one worker or across two."""
+    for s in sorted(set(servers)):
+        workers.start(s, MOD)
+    a = Caller("a", wait=how, to_dist=DistConf(server=servers[0])).ready()
+    b = Caller("b", a.agent_id, wait=True, to_dist=DistConf(server=servers[1])).ready()
+    a.point_to(b.agent_id).result(timeout=20)
+    with pytest.raises(Exception, match="cycle") as got:
+        a(Msg("user", "go")).result(timeout=40)
+    assert "CallTimeout" not in type(got.value).__name__
+    assert "a -> b -> a" in str(got.value)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,38 @@ def test_connections_stay_bounded_whatever_the_number_of_event_loops(
         assert asyncio.run(once(n)) == n + 1
     after = len(raw.client_list())
     raw.close()
+    assert after - before <= 5, (before, after)
+    assert b.async_clients() <= 1
+
+
+
+def test_connections_stay_bounded_when_event_loops_are_dropped_without_closing(
+    workers: Workers, redis_url: str
+) -> None:
+    """Item 8, loops never closed: ``loop = asyncio.new_event_loop();
+    loop.run_until_complete(...); del loop``, 200 times. Once the loops are collected their
+    clients and connections must be too: busagent's per-loop cache must not keep a loop (or its
+    client's connections) alive."""
+    workers.start("w1")
+    b = busagent.init(redis_url, prefix=workers.prefix)
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    a.ready()
+    raw = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = len(raw.client_list())
+
+    async def once(n: int) -> int:
+        return int((await a(Msg("user", n))).content)
+
+    alive = weakref.WeakSet[asyncio.AbstractEventLoop]()
+    for n in range(200):
+        loop = asyncio.new_event_loop()
+        alive.add(loop)
+        assert loop.run_until_complete(once(n)) == n + 1
+        del loop
+    gc.collect()
+    after = len(raw.client_list())
+    raw.close()
+    assert len(alive) == 0
     assert after - before <= 5, (before, after)
     assert b.async_clients() <= 1
 
@@ -286,3 +321,27 @@ def test_an_exit_that_waits_to_send_says_so(tmp_path: Path) -> None:
     assert p.returncode == 0 and "exiting" in p.stdout, p.stderr
     waits = [x for x in p.stderr.splitlines() if "waiting" in x]
     assert len(waits) == 1 and "send" in waits[0] and "Redis" in waits[0], p.stderr
+
+
+@pytest.mark.parametrize("presses", [2, 4])
+def test_ctrl_c_pressed_again_during_the_exit_changes_nothing(tmp_path: Path,
+                                                              presses: int) -> None:
+    """Item 9, an impatient user: Ctrl-C, then Ctrl-C again every 0.3 s while the program stops
+    its child workers and its private Redis. Still one line, no traceback from the exit, nothing
+    printed by a child worker whose Redis vanished, and the private Redis folder removed: the
+    exit is not interruptible half-way."""
+    p, children, redis_pid = _start_script(tmp_path, "busagent.gather(calls)")
+    try:
+        for i in range(presses):
+            if i:
+                time.sleep(0.3)  # the user's pace, not a synchronization
+            os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left of the group
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = _after_start(err)
+    assert len(lines) == 1, err
+    assert "interrupted" in lines[0] and "flow.py" in lines[0], err
+    assert all(_gone(c) for c in children) and _gone(redis_pid)
+    assert not list(tmp_path.glob("busagent-redis-*"))

@@ -231,7 +231,7 @@ class Executor:
             return self._finish_async(job, agent, fn(*args, **kwargs), body.stream,
                                       body.chain)
         # Calls the agent makes from here carry the chain with it appended.
-        with callchain.running(body.chain, agent.agent_id, agent.name):
+        with callchain.running(body.chain, agent.agent_id, agent.name, e.call):
             value = fn(*args, **kwargs)
             if inspect.isawaitable(value) or inspect.isasyncgen(value):
                 return self._finish_async(job, agent, value, body.stream, body.chain)
@@ -249,7 +249,8 @@ class Executor:
         seen = self.io.deliver(agent, d.hub)
         if not d.speak:
             return self.replies.done(job, agent, seen)
-        with callchain.running((), agent.agent_id, agent.name):  # a turn starts a chain
+        # a turn starts a chain
+        with callchain.running((), agent.agent_id, agent.name, job.entry.call):
             turn = agent.reply()
             if inspect.isawaitable(turn) or inspect.isasyncgen(turn):
                 return self._finish_async(job, agent, turn, True, [])
@@ -275,7 +276,7 @@ class Executor:
                             chain: Sequence[Sequence[str]]) -> Done:
         try:
             # Set inside the task that runs the coroutine: the chain travels in its context.
-            with callchain.running(chain, agent.agent_id, agent.name):
+            with callchain.running(chain, agent.agent_id, agent.name, job.entry.call):
                 if inspect.isasyncgen(aw):
                     value = await self._astream(job.entry.call, agent, aw)
                 else:

@@ -36,7 +36,7 @@ from busagent.records import AgentInfo, RedisClock, ServerInfo
 from busagent.tuning import RECOVERY_LOCK_MS
 
 from . import recovery
-from .hosting import forget
+from .hosting import forget, member_hashes
 
 log = logging.getLogger("busagent.worker")
 
@@ -54,6 +54,8 @@ class Heartbeat:
                  agents: Sized, inflight: Callable[[], int], stopping: threading.Event,
                  started: float, stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.bus = bus
+        #: a child worker of a program: Redis gone at its stop is its parent stopping it
+        self.quiet_gone = False
         self.r = bus.redis
         self.keys = bus.keys
         self.server = server
@@ -169,10 +171,14 @@ class Heartbeat:
                             UnknownAgent(f"server {self.server} stopped before running the call "
                                          "(stop with --drain to move agents instead)"),
                             self.server)
+            gone = [a.id for a in recovery.agents_of(self.bus, self.server)]
+            hubs = member_hashes(self.r, self.keys) if gone else []
             pipe = self.r.pipeline(transaction=True)
             pipe.hdel(self.keys.servers, self.server)
             pipe.delete(self.keys.restarts(self.server))
-            forget(pipe, self.keys, [a.id for a in recovery.agents_of(self.bus, self.server)])
+            forget(pipe, self.keys, gone, hubs)
             pipe.execute()
         except redis.exceptions.RedisError as e:
-            log.warning("could not deregister %s: %s", self.server, e)
+            quiet = self.quiet_gone and isinstance(e, redis.exceptions.ConnectionError)
+            log.log(logging.DEBUG if quiet else logging.WARNING,
+                    "could not deregister %s: %s", self.server, e)

@@ -8,9 +8,11 @@ the committer removes them with a deleted agent's reply.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
+
+import redis
 
 from busagent.agent import Agent, assigning_id
 from busagent.bus import Bus
@@ -211,14 +213,20 @@ class Hosting:
             raise ProtocolError("delete needs an agent id")
         found = self.agents.pop(e.agent, None) is not None
         self.failed.pop(e.agent, None)
+        # Its hub traces now (the committer's script drops memory, record and spec with the
+        # reply, and touches no key it is not given).
+        pipe = self.r.pipeline(transaction=False)
+        forget(pipe, self.keys, [e.agent], member_hashes(self.r, self.keys))
+        pipe.execute()
         return Done(job.entry_id, e.call, self.replies.ok(found), e.agent, drop=True)
 
     def delete_all(self) -> int:
         """Drop every agent with its memory, record and spec; how many there were."""
         ids = list(self.agents)
         self.agents.clear()
+        hubs = member_hashes(self.r, self.keys)
         pipe = self.r.pipeline(transaction=True)
-        forget(pipe, self.keys, ids)
+        forget(pipe, self.keys, ids, hubs)
         pipe.execute()
         return len(ids)
 
@@ -232,10 +240,32 @@ class Hosting:
         ]
 
 
-def forget(pipe: Any, keys: Keys, ids: list[str]) -> None:
-    """Queue on ``pipe`` the removal of agents' records, specs, memory and state."""
+def forget(pipe: Any, keys: Keys, ids: list[str], hubs: Sequence[str] = ()) -> None:
+    """Queue on ``pipe`` the removal of agents' records, specs, memory and state, and of their
+    fields in the hub member hashes ``hubs`` (:func:`member_hashes`): membership, cursor,
+    leave record, so a deleted agent is no role a publish can still name."""
     for i in range(0, len(ids), 1000):
         chunk = ids[i : i + 1000]
         pipe.hdel(keys.agents, *chunk)
         pipe.hdel(keys.specs, *chunk)
         pipe.delete(*[keys.memory(a) for a in chunk], *[keys.state(a) for a in chunk])
+        fields = [f for a in chunk for f in (a, f"~cursor:{a}", f"~left:{a}")]
+        for h in hubs:
+            pipe.hdel(h, *fields)
+
+
+def member_hashes(r: Any, keys: Keys) -> list[str]:
+    """Every hub's member hash, for :func:`forget`. A SCAN over the hub keys: deleting agents
+    costs that (rare, administrative); the call path pays nothing, as an index of memberships
+    per agent would make every join and leave pay."""
+    suffix = keys.members("")[len(keys.hub("")):]  # ":members"
+    try:
+        found = [k.decode() if isinstance(k, bytes) else str(k)
+                 for k in r.scan_iter(match=keys.hub_pattern, count=1000)]
+    except redis.exceptions.NoPermissionError as e:
+        # The least-privilege ACL (README) grants no SCAN, which lists other prefixes' keys
+        # too: the delete goes on, its hub traces stay, and the worker says so.
+        log.warning("hub memberships of deleted agents stay: %s (grant +scan to remove them)",
+                    e)
+        return []
+    return sorted({k for k in found if k.endswith(suffix)})

@@ -34,6 +34,8 @@ class LogStream(logging.Handler):
         self.lines: collections.deque[dict[str, str]] = collections.deque(maxlen=_QUEUE)
         self.wake = threading.Event()
         self.done = threading.Event()
+        #: a child worker of a program: Redis gone at its stop is its parent stopping it
+        self.quiet_gone = False
         self.setFormatter(logging.Formatter("%(message)s"))
         self.thread = threading.Thread(target=self._run, name=f"{server}-logs", daemon=True)
 
@@ -76,7 +78,10 @@ class LogStream(logging.Handler):
             try:
                 pipe.execute()
             except redis.exceptions.RedisError as e:
-                logging.getLogger("busagent.logstream").warning("log lines lost: %s", e)
+                quiet = (self.quiet_gone and self.done.is_set()
+                         and isinstance(e, redis.exceptions.ConnectionError))
+                logging.getLogger("busagent.logstream").log(
+                    logging.DEBUG if quiet else logging.WARNING, "log lines lost: %s", e)
                 if not self.done.is_set():
                     time.sleep(1.0)  # Redis is away: do not spin
                 return

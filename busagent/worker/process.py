@@ -39,10 +39,10 @@ from typing import Any
 import redis
 
 from busagent import bus as _bus
-from busagent import tracing
+from busagent import callchain, tracing
 from busagent.config import Settings
-from busagent.errors import Cancelled, ConfigError
-from busagent.protocol import CancelBody, ControlBody
+from busagent.errors import CallCycle, Cancelled, ConfigError
+from busagent.protocol import CallBody, CancelBody, ControlBody
 from busagent.tuning import DRAIN_BATCH, MAX_LENT_THREADS, SWEEP_PROGRAMS_EVERY
 
 from . import owners, recovery
@@ -53,7 +53,7 @@ from .executor import Executor, Outcome
 from .heartbeat import Heartbeat
 from .hosting import Hosting
 from .inbox import Inbox
-from .jobs import Done, Job, Replies, silent
+from .jobs import Done, Job, Rejected, Replies, silent
 from .load import load
 from .logstream import LogStream
 from .mailboxes import Mailboxes, Turn
@@ -121,6 +121,7 @@ class Worker:
         _bus.install(bus)
         self.bus.server_name = self.name  # this server's model config overrides come first
         bus.blocking = self._lend  # nested calls resolved inside reply must not starve the pool
+        callchain.inherit_in_threads()  # a reply's own threads carry its call chain
         mb = self.mailboxes
         self.hosting = Hosting(bus, self.name, s.capacity, self.loaded, self.replies)
         self.inbox = Inbox(bus, self.name, self.stopping, mb.held_ids)
@@ -143,6 +144,9 @@ class Worker:
         asyncio.run_coroutine_threadsafe(self._setup_loop(), self.loop).result()
         self.committer = Committer(bus, self.inbox.key, self.loop, self._written)
         self.logs = LogStream(bus, self.name)
+        # A program's child worker whose Redis vanished while stopping: its parent is stopping
+        # it (the private Redis goes with the program), so losing Redis then is no news to print.
+        self.heartbeat.quiet_gone = self.logs.quiet_gone = self.parent_pid is not None
         self.logs.start()
         with bus.errors():  # a refusal at start-up is one line from the CLI, not a traceback
             self.inbox.ensure_group()
@@ -307,7 +311,8 @@ class Worker:
             cancels = [j for j in jobs if j.entry.kind == "cancel"]
             if cancels:  # handled now, not queued behind the calls they cancel
                 jobs = [j for j in jobs if j.entry.kind != "cancel"]
-            mine, rejected = mb.deliver(jobs, rejected)
+            jobs, cycles = _cycles(jobs)
+            mine, rejected = mb.deliver(jobs, [*rejected, *cycles])
             for bad in rejected:
                 self.inbox.deadletter(bad)
                 self.committer.add(Done(bad.entry_id, bad.call, self.replies.error(bad.error)))
@@ -444,3 +449,31 @@ def run(name: str | None, modules: list[str], settings: Settings, **kw: Any) -> 
     """Run a worker named ``name`` (default ``host-pid``) until it is stopped."""
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     Worker(name, modules, settings, **kw).run()
+
+
+def _cycles(jobs: list[Job]) -> tuple[list[Job], list[Rejected]]:
+    """Calls that close a cycle, answered CallCycle as they arrive: the agent they go to runs,
+    here and now, the call their chain names for it (so it waits on them). Queued behind that
+    call instead, they would wait out their deadline. Only calls whose body has a chain pay a
+    second decode, and only those to an agent of their own chain are looked at further."""
+    if not any(b"chain" in j.entry.body for j in jobs):
+        return jobs, []
+    keep: list[Job] = []
+    refused: list[Rejected] = []
+    for job in jobs:
+        e = job.entry
+        if e.kind not in ("call", "method", "observe") or b"chain" not in e.body:
+            keep.append(job)
+            continue
+        try:
+            chain = CallBody.unpack(e.body, []).chain
+            names = {c[0]: c[1] for c in chain}
+            if e.agent in names:
+                callchain.refuse(chain, [(e.agent, names[e.agent])], local_only=True)
+        except CallCycle as err:
+            refused.append(Rejected(job.entry_id, e.call, err))
+            continue
+        except Exception:  # noqa: BLE001 - a bad body is the executor's to answer, as always
+            pass
+        keep.append(job)
+    return keep, refused

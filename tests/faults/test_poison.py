@@ -10,9 +10,9 @@ import subprocess
 import pytest
 
 import busagent
-from busagent import DistConf, Msg
+from busagent import DistConf, Msg, records
 from busagent.errors import DeadLettered, PlacementError
-from tests.nesting_agents import Poison
+from tests.nesting_agents import Poison, Relay
 
 from ..conftest import Workers, wait_for
 
@@ -94,3 +94,27 @@ def test_restarts_and_moves_add_up(workers: Workers) -> None:
     b = busagent.bus.current()
     # Removed with the dead server's inbox, once recovery has moved everything off it.
     wait_for(lambda: not b.redis.exists(b.keys.restarts("w1")), what="w1's restart counts gone")
+
+
+def test_no_live_worker_is_known_once_the_last_one_is_dead_by_dead_after(
+        workers: Workers) -> None:
+    """Item 11, timing: when the last worker dies, the caller's liveness check takes its
+    server for dead as soon as recovery would (silent for dead_after), not after twice that:
+    checked at the moment the record turns dead, the check already names the agent."""
+    proc = workers.start("w1", MOD)
+    k = Relay("k", to_dist=DistConf(server="w1")).ready()
+    b = busagent.bus.current()
+    proc.kill()  # SIGKILL: no deregistering, the record just goes silent
+    proc.wait(timeout=10)
+
+    def dead() -> bool:
+        return all(s.state(b.settings.dead_after) == "dead"
+                   for s in records.read_servers(b.redis, b.keys.servers) if s.name == "w1")
+
+    wait_for(dead, what="w1's record to be dead by dead_after")
+    servers = records.read_servers(b.redis, b.keys.servers)
+    why = records.unhostable(b.redis, b.keys.agents, servers, [k.agent_id],
+                             b.settings.dead_after)
+    assert why is not None and "no live worker" in why and "'k'" in why
+    with pytest.raises(PlacementError, match="no live worker"):
+        k(Msg("user", 1)).result(timeout=30)
