@@ -135,7 +135,8 @@ def plot(table: list[dict[str, Any]], attr: str, path: Path) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="one run's directory (result_<r>.json files)")
-    ap.add_argument("--by", action="append", required=True, metavar="ATTR")
+    ap.add_argument("--by", action="append", required=True, metavar="ATTR",
+                    help="a population attribute to break results down by (repeatable)")
     args = ap.parse_args()
     for f in analyse(args.run, args.by):
         print(f"wrote {f}")
