@@ -374,8 +374,14 @@ def init(redis_url: str | None = None, **settings: Any) -> Bus:
     if loading_script.get():
         raise SkipStatement("busagent.init() while a worker loads a script")
     s = Settings.load(redis_url=redis_url, **settings)
-    if s.redis_url is None and not settings:
-        s = _inherited() or s
+    parent = _inherited()
+    if parent is not None:
+        if s.redis_url is None and not settings:
+            s = parent
+        elif s.namespace is None:
+            # A multiprocessing child of a program is that program's, whatever URL it names:
+            # it shares the parent's namespace (an anonymous one included) unless given one.
+            s = s.model_copy(update={"namespace": parent.namespace})
     with _lock:
         if _bus is not None and (_bus.settings == s or (redis_url is None and not settings)):
             return _bus

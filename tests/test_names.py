@@ -399,3 +399,41 @@ def test_bad_dist_conf_is_one_line_config_error(conf: dict[str, Any]) -> None:
 def test_bad_namespace_setting_is_one_line_config_error(redis_url: str) -> None:
     with pytest.raises(ConfigError, match="namespace"):
         busagent.init(redis_url, namespace="has space")
+
+
+SPAWNED = """
+import json, multiprocessing
+
+
+def child(q):
+    busagent.init()  # BUSAGENT_REDIS_URL is set: the child still belongs to its parent
+    try:
+        q.put(["ok", busagent.get_agent("mpname")(M(1)).content])
+    except Exception as e:
+        q.put([type(e).__name__, str(e)])
+
+
+if __name__ == "__main__":
+    busagent.init()
+    a = Adder("m", to_dist=DistConf(name="mpname"))
+    a.ready()
+    out = {}
+    for method in ("fork", "spawn", "forkserver"):
+        ctx = multiprocessing.get_context(method)
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        out[method] = q.get(timeout=60)
+        p.join()
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_multiprocessing_children_share_their_parents_anonymous_namespace(
+        programs: Any, workers: Workers) -> None:
+    """A child started with spawn or forkserver starts afresh; with BUSAGENT_REDIS_URL in its
+    environment it connected on its own and made an anonymous namespace of its own, so the
+    parent's named agent was unknown to it."""
+    workers.start("w1", "tests.agents")
+    got = programs("spawner", SPAWNED).read()
+    assert got == {m: ["ok", 2] for m in ("fork", "spawn", "forkserver")}, got
