@@ -30,7 +30,7 @@ from busagent import (
 from busagent.admin import agent_info, servers
 from busagent.protocol import CallBody
 from tests.agents import Adder, Recorder
-from tests.faults.redis_agents import Blob
+from tests.faults.redis_agents import Blob, Measure
 
 from ..conftest import FAST, ROOT, Workers, wait_for
 from .test_acl import readme_acl
@@ -316,4 +316,33 @@ def test_replies_are_read_in_batches_bounded_by_bytes_and_one_too_big_fails_once
         big.result(timeout=120)
     # Redis and the worker were fine all along.
     assert len(blob(10).result(timeout=10)) == 10
+    assert all(p.poll() is None for p in w.procs.values())
+
+
+def test_a_forwarded_input_over_the_output_buffer_limit_fails_the_call_once(
+        own: tuple[embedded.Server, Workers]) -> None:
+    """The worker resolving a placeholder passed to it (its asyncio wait, or the peek before it)
+    treats a connection Redis closed while up like the blocking wait does: the call fails with
+    an error naming the input and client-output-buffer-limit, not a CallTimeout after
+    re-reading the reply until the deadline."""
+    server, w = own
+    r = admin(server)
+    w.start("w1", "tests.faults.redis_agents",
+            env={"BUSAGENT_MAX_MESSAGE_BYTES": str(64 * 2**20)})
+    blob = Blob("blob", to_dist=DistConf(server="w1"))
+    measure = Measure("measure", to_dist=DistConf(server="w1"))
+    mb = 2**20
+    r.config_set("client-output-buffer-limit", "normal 8mb 4mb 5")
+    # Not there yet when the worker reads the call: resolved by its asyncio wait.
+    late = blob(12 * mb, 1.0)
+    with pytest.raises(MessageTooLarge, match=r"input placeholder .*client-output-buffer-limit"):
+        measure(late).result(timeout=60)
+    # Already there: the worker's peek is closed on, and the wait says why.
+    there = blob(12 * mb)
+    key = busagent.bus.current().keys.reply(there.call_id)
+    wait_for(lambda: r.exists(key), timeout=30,
+             what="the 12 MB reply written")
+    with pytest.raises(MessageTooLarge, match=r"input placeholder .*client-output-buffer-limit"):
+        measure(there).result(timeout=60)
+    assert measure(blob(10)).result(timeout=10) == 10
     assert all(p.poll() is None for p in w.procs.values())
