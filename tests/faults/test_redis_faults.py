@@ -25,6 +25,7 @@ from busagent import (
     Msg,
     Placeholder,
     RedisUnavailable,
+    UnknownAgent,
     embedded,
 )
 from busagent.admin import agent_info, servers
@@ -346,3 +347,59 @@ def test_a_forwarded_input_over_the_output_buffer_limit_fails_the_call_once(
         measure(there).result(timeout=60)
     assert measure(blob(10)).result(timeout=10) == 10
     assert all(p.poll() is None for p in w.procs.values())
+
+
+def _refusals(r: redis.Redis, command: str) -> int:
+    return sum(int(e["count"]) for e in r.acl_log(count=128) if e["object"] == command)
+
+
+def test_refused_reply_writes_are_logged_once_backed_off_and_given_up_at_exit(
+        own: tuple[embedded.Server, Workers], prefix: str, tmp_path: Path) -> None:
+    """The worker's reply writer follows the policy of the inbox reader and the heartbeat: a
+    refusal that lasts is logged once (and once when it clears), with back-off; at a graceful
+    stop it gives up after a bounded retry, and says so."""
+    server, w = own
+    r = admin(server)
+    acl = [f"~{prefix}:*" if x == "~busagent:*" else x for x in readme_acl()]
+    r.execute_command("ACL", "SETUSER", "busagent", *acl)
+    # The worker runs as the restricted user; the caller (the default user) can still send.
+    url = server.url.replace("unix://", "unix://busagent:pw@")
+    log = tmp_path / "w1.log"
+    p = _worker(url, prefix, "w1", log, {"BUSAGENT_GRACE": "1"})
+    w.procs["w1"] = p
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    assert a(Msg("user", 1)).result(timeout=10).content == 2
+    # Scripts taken away: the call runs, its reply (commit.lua) is refused, retried.
+    r.execute_command("ACL", "SETUSER", "busagent", "-@scripting")
+    try:
+        before = _refusals(r, "evalsha")
+        p2 = a(Msg("user", 2))
+        # Seconds of refused scripts (the heartbeat's among them): a retry loop with a log
+        # line per attempt would have logged many by then.
+        wait_for(lambda: _refusals(r, "evalsha") - before >= 30, timeout=60,
+                 what="refused scripts")
+    finally:
+        r.execute_command("ACL", "SETUSER", "busagent", "+@scripting")
+    assert p2.result(timeout=30).content == 3
+    wait_for(lambda: "writing replies works again" in log.read_text(), timeout=20,
+             what="the worker saying its replies are written again")
+    text = log.read_text()
+    assert text.count("writing replies failed") == 1, text
+    assert "NOPERM" in text or "ACL" in text, text
+    # Refused again, then a graceful stop: the reply is given up on after a bounded retry,
+    # logged, and the worker exits.
+    r.execute_command("ACL", "SETUSER", "busagent", "-@scripting")
+    try:
+        p3 = a(Msg("user", 3))
+        wait_for(lambda: log.read_text().count("writing replies failed") == 2, timeout=30,
+                 what="the second refusal logged")
+        p.terminate()
+        p.wait(timeout=60)
+    finally:
+        r.execute_command("ACL", "SETUSER", "busagent", "+@scripting")
+    text = log.read_text()
+    assert "giving up on 1 replies at exit" in text, text
+    # Given up on, not lost: the call was never acknowledged, so the stop answered it as not
+    # run (a stop without --drain), with a clear error rather than silence.
+    with pytest.raises(UnknownAgent, match="stopped before running the call"):
+        p3.result(timeout=30)
