@@ -59,14 +59,13 @@ def servers() -> list[dict[str, Any]]:
     """Every server record with ``state``, ``alive``, ``age`` (s), ``uptime`` (s) and
     ``p50``/``p99`` (s, from its latency histogram, None before any call)."""
     b = _bus.current()
-    now = time.time()
     with b.errors():
         found = read_servers(b.redis, b.keys.servers)
     out = []
     for s in found:
         state = s.state(b.settings.dead_after)  # by the Redis clock (ServerInfo.age)
         out.append({**s.model_dump(), "state": state, "alive": state in LIVE,
-                    "age": round(s.age(), 1), "uptime": round(now - s.started, 1),
+                    "age": round(s.age(), 1), "uptime": round(s.uptime(), 1),
                     "p50": quantile(s.latency, 0.5), "p99": quantile(s.latency, 0.99)})
     return out
 

@@ -403,3 +403,28 @@ def test_refused_reply_writes_are_logged_once_backed_off_and_given_up_at_exit(
     # run (a stop without --drain), with a clear error rather than silence.
     with pytest.raises(UnknownAgent, match="stopped before running the call"):
         p3.result(timeout=30)
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="needs libfaketime (apt-get install faketime)")
+@pytest.mark.parametrize("offset", ["+6m", "-6m"])
+def test_a_workers_uptime_is_by_the_redis_clock_whatever_its_hosts_clock(
+        own: tuple[embedded.Server, Workers], offset: str, prefix: str, tmp_path: Path) -> None:
+    """`busagent info` and the studio read a worker's uptime from its record by the Redis clock,
+    so a worker whose clock is minutes off shows neither a negative age nor minutes extra."""
+    import re
+
+    from busagent.studio import data
+
+    server, w = own
+    began = time.monotonic()
+    w.procs["skewed"] = _worker(server.url, prefix, "skewed", tmp_path / "skewed.log",
+                                skewed(offset, tmp_path / "shim"))
+    out = subprocess.run([sys.executable, "-m", "busagent.cli", "info", "skewed", "--redis",
+                          server.url, "--prefix", prefix], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    elapsed = time.monotonic() - began
+    m = re.search(r"started\s.*\((-?[\d.]+) s ago\)", out.stdout)
+    assert m, out.stdout
+    assert 0 <= float(m.group(1)) <= elapsed + 1, out.stdout
+    row = next(s for s in data.servers() if s["name"] == "skewed")
+    assert 0 <= row["uptime"] <= time.monotonic() - began + 1, row
