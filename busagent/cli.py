@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
@@ -234,8 +233,10 @@ def info(server: str, url: RedisOpt = None, prefix: PrefixOpt = None,
     if as_json:
         _print_json(data)
         return
-    now = time.time()
-    shown = {**data, "started": f"{_when(data['started'])} ({_ago(now - data['started'])})",
+    # By the Redis clock (the record's started, heartbeat and age all are): this host's clock
+    # may disagree with the worker's by minutes.
+    up = max(data["age"] + data["heartbeat"] - data["started"], 0.0)
+    shown = {**data, "started": f"{_when(data['started'])} ({_ago(up)})",
              "heartbeat": f"{_when(data['heartbeat'])} ({_ago(data['age'])})",
              "cpu": f"{data['cpu']:.1f} %", "mem": f"{data['mem']:.1f} MiB"}
     _table([{"field": k, "value": v} for k, v in shown.items()], ["field", "value"])

@@ -71,7 +71,9 @@ class ServerInfo(BaseModel):
     name: str
     host: str
     pid: int
-    #: epoch seconds.
+    #: epoch seconds by the Redis server's clock (the worker measures it with ``TIME`` when it
+    #: registers, and counts its uptime before that on its monotonic clock), so that its age,
+    #: :meth:`uptime`, never depends on two hosts' clocks agreeing.
     started: float
     #: epoch seconds of the last heartbeat by the Redis server's clock (``heartbeat.lua`` stamps
     #: it with ``TIME``), never the worker's own clock.
@@ -118,6 +120,11 @@ class ServerInfo(BaseModel):
         if now is None:
             now = self._seen if self._seen is not None else time.time()
         return now - self.heartbeat
+
+    def uptime(self, now: float | None = None) -> float:
+        """Seconds since the worker started, by the Redis clock (``now`` as for :meth:`age`);
+        never negative."""
+        return max(self.age(now) + self.heartbeat - self.started, 0.0)
 
     def state(self, dead_after: float, now: float | None = None) -> State:
         """``dead``: fenced by recovery, or silent for ``dead_after`` seconds or more; ``late``:

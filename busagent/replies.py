@@ -304,7 +304,11 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
                 w.read(await r.blpop([k], wait) if take
                        else await r.blmove(k, k, wait, "RIGHT", "LEFT"))  # type: ignore[arg-type]
             except REDIS_DOWN as e:
-                await asyncio.sleep(w.backoff(e))
+                # As in fetch: a connection Redis closed while up is not an outage. The check
+                # is blocking (a PING, a size read, maybe a lone read of one large reply):
+                # rare, so on an executor thread rather than an async copy of it.
+                if not await loop.run_in_executor(None, _closed_while_up, b, w):
+                    await asyncio.sleep(w.backoff(e))
             except redis.exceptions.OutOfMemoryError as e:
                 if w.peeked(await apeek(b, w.pending, take)):
                     break

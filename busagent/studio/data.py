@@ -73,11 +73,10 @@ def servers() -> list[dict[str, Any]]:
     for s in found:
         state = s.state(b.settings.dead_after)  # by the Redis clock (ServerInfo.age)
         # A dead server ran until its last heartbeat; a live one until the Redis "now" it was
-        # read at. Both ends by the Redis clock (``started`` is the worker's own, ``heartbeat``
-        # Redis's: a skewed worker clock shifts uptime by the skew, never makes it grow).
-        end = s.heartbeat if state == "dead" else s.heartbeat + s.age()
+        # read at (ServerInfo.uptime: all by the Redis clock).
         out.append({**s.model_dump(), "state": state, "alive": state in LIVE,
-                    "age": round(s.age(), 1), "uptime": round(max(0.0, end - s.started), 1),
+                    "age": round(s.age(), 1),
+                    "uptime": round(s.uptime(s.heartbeat if state == "dead" else None), 1),
                     "p50": quantile(s.latency, 0.5), "p99": quantile(s.latency, 0.99)})
     return out
 

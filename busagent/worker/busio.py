@@ -10,6 +10,7 @@ from busagent import hub, replies, stream
 from busagent.agent import Agent
 from busagent.bus import Bus
 from busagent.protocol import check_size
+from busagent.sender import REDIS_DOWN
 from busagent.stream import Event
 
 
@@ -25,7 +26,12 @@ class BusIO:
         check_size(body, self.bus.settings.max_message_bytes, what)
 
     def peek(self, call_ids: list[str]) -> list[bytes | None]:
-        got = replies.peek(self.bus, call_ids)
+        try:
+            got = replies.peek(self.bus, call_ids)
+        except REDIS_DOWN:
+            # Redis closed the connection (down, or a reply over its output-buffer limit):
+            # none is taken as there, and the wait (:meth:`fetch`) tells the two apart.
+            got = {}
         return [got.get(c) for c in call_ids]
 
     async def fetch(self, call_ids: list[str], timeout: float | None) -> dict[str, bytes]:

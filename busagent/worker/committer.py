@@ -24,8 +24,12 @@ from busagent.protocol import Reply
 from busagent.tuning import COMMIT_BATCH
 
 from .jobs import Done
+from .lasting import MOST, Lasting
 
 log = logging.getLogger("busagent.worker")
+
+#: seconds a worker's exit keeps retrying replies Redis refuses, after its grace.
+EXIT_RETRY = 5.0
 
 
 class Committer:
@@ -42,8 +46,11 @@ class Committer:
         self.queue_lock = threading.Lock()
         self.commit_lock = threading.Lock()
         self.flush_scheduled = False
-        #: shutting down: stop retrying an unreachable Redis after a few seconds.
+        #: shutting down (:meth:`close`): stop retrying a refusing Redis at ``give_up_at``.
         self.exiting = False
+        self.give_up_at = float("inf")
+        #: a failure that lasts is logged once, with back-off (:mod:`.lasting`).
+        self.lasting = Lasting(log, "writing replies works again")
 
     def add(self, done: Done, flush: bool = True) -> None:
         """Queue a finished call; write the queue now unless ``flush`` is False (more of the
@@ -92,22 +99,37 @@ class Committer:
                 if not self.queue:
                     return  # else: added after our last look; loop to write it too
 
+    def close(self) -> None:
+        """At exit, once the grace is over: write what is queued, retrying a Redis that refuses
+        for at most EXIT_RETRY seconds, then give up on it (logged; those calls stay
+        unacknowledged in the inbox, so the stop answers them as not run, or a drain or a
+        recovery runs them again)."""
+        self.give_up_at = time.monotonic() + EXIT_RETRY
+        self.exiting = True
+        # A thread may be retrying a batch now (it holds the commit lock): wait for it to give
+        # up too, so that its "giving up" is logged before the process ends.
+        if self.commit_lock.acquire(timeout=EXIT_RETRY + MOST + 1):
+            self.commit_lock.release()
+        self.flush()
+
     def _write_retrying(self, batch: list[Done]) -> None:
-        backoff = 0.05
         while True:
             try:
                 self._write(batch)
+                self.lasting.worked()
                 return
             except (redis.exceptions.RedisError, OSError) as e:
                 # Nothing is acknowledged until written: retry until Redis is back (or, for an
-                # out-of-memory refusal, has room again).
-                log.warning("writing replies failed; retrying in %.2fs: %s", backoff,
-                            self.bus.translate(e))
-                if self.exiting and backoff >= 2.0:
-                    log.error("giving up on %d replies at exit; they stay pending", len(batch))
+                # out-of-memory refusal or an ACL change, takes it again).
+                left = self.give_up_at - time.monotonic()
+                if self.exiting and left <= 0:
+                    log.error("giving up on %d replies at exit (%s); their calls stay "
+                              "unacknowledged, as if not run, and their memory changes are not "
+                              "saved", len(batch), self.bus.translate(e))
                     return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                delay = self.lasting.failed(f"writing replies failed: {self.bus.translate(e)}; "
+                                            "retrying with backoff")
+                time.sleep(min(delay, left))
 
     def _write(self, batch: list[Done]) -> None:
         try:

@@ -64,7 +64,10 @@ class Heartbeat:
         self.agents = agents
         self.inflight = inflight
         self.stopping = stopping
+        #: ``started`` is published by the Redis clock (:meth:`adopt` converts it); how long
+        #: ago it was is counted on the monotonic clock, which no clock step changes.
         self.started = started
+        self._started_mono = time.monotonic() - max(time.time() - started, 0.0)
         self.stats = stats
         #: others declared this worker dead and moved its agents: stop, touch nothing of theirs.
         self.fenced = False
@@ -114,9 +117,19 @@ class Heartbeat:
         try:
             recovery.count_restart(self.bus, self.server)
             rebuild(recovery.agents_of(self.bus, self.server))
+            self._stamp_started()
             self._write(adopt=True)
         finally:
             recovery.unlock(self.bus, self.server, self.server)
+
+    def _stamp_started(self) -> None:
+        """Restate ``started`` by the Redis clock (one ``TIME`` at registration), so that
+        readers on any host compute the uptime by one clock (:meth:`ServerInfo.uptime`)."""
+        sent = time.time()
+        secs, micros = self.r.time()
+        now = secs + micros / 1e6
+        self.clock.update(now, sent, time.time())
+        self.started = now - (time.monotonic() - self._started_mono)
 
     def announce(self) -> None:
         """Tell whoever started this worker that it serves (``{p}:ready:{server}``)."""

@@ -31,6 +31,7 @@ from busagent.protocol import ControlBody, CreateBatch, Entry, deadletter
 from busagent.tuning import HISTORY_EVERY, READ_COUNT
 
 from .jobs import Job, Rejected
+from .lasting import Lasting
 
 log = logging.getLogger("busagent.worker")
 
@@ -61,9 +62,8 @@ class Inbox:
         self.reader = reader if reader is not None else redis.Redis.from_url(
             bus.url, retry=Retry(NoBackoff(), 0), **socket_options(bus.url, bus.settings),
             client_name="busagent-inbox:" + "_".join(server.split()))
-        #: the last failure logged (a failure that lasts is logged once) and the back-off.
-        self._said = ""
-        self._delay = 0.5
+        #: a failure that lasts is logged once, with back-off (:mod:`.lasting`).
+        self._lasting = Lasting(log, "reading the inbox works again")
 
     def ensure_group(self) -> None:
         """Create the stream and its consumer group unless they exist."""
@@ -114,9 +114,7 @@ class Inbox:
             self._start = "0"
             self._failed(e, "lost its connection")
             return [], []
-        if self._said:
-            log.warning("reading the inbox works again")
-            self._said, self._delay = "", 0.5
+        self._lasting.worked()
         entries = [e for _, es in resp or [] for e in es]
         if start != ">":
             # Our own pending entries (a restart under the same name), page by page, then new.
@@ -138,11 +136,8 @@ class Inbox:
         """Log a failed read once per distinct cause, then back off (0.5 s doubling to 5 s; a
         stop ends the wait early)."""
         text = str(self.bus.translate(e))
-        if text != self._said:
-            log.warning("reading the inbox %s: %s; retrying with backoff", how, text)
-            self._said = text
-        self.stopping.wait(self._delay)
-        self._delay = min(self._delay * 2, 5.0)
+        self.stopping.wait(self._lasting.failed(
+            f"reading the inbox {how}: {text}; retrying with backoff"))
 
     def close(self) -> None:
         self.reader.close()

@@ -54,6 +54,7 @@ from .heartbeat import Heartbeat
 from .hosting import Hosting
 from .inbox import Inbox
 from .jobs import Done, Job, Rejected, Replies, silent
+from .lasting import Lasting
 from .load import load
 from .logstream import LogStream
 from .mailboxes import Mailboxes, Turn
@@ -193,8 +194,7 @@ class Worker:
         """After :meth:`stop`: wait out the grace, write what finished, move the agents away
         (a drain) or deregister them, and close the connection."""
         self.mailboxes.wait_idle(self.settings.grace)
-        self.committer.exiting = True
-        self.committer.flush()
+        self.committer.close()
         self._stop_beating()
         fenced = self.heartbeat.fenced
         stranded = 0
@@ -225,7 +225,9 @@ class Worker:
             beat.join(timeout=self.settings.heartbeat + 30)
 
     def _beat(self) -> None:
-        said = ""  # the last failure logged: a refusal that lasts is logged once, not each beat
+        # A refusal that lasts is logged once, not each beat. The beat keeps its own cadence
+        # (it is the liveness signal), so the back-off the helper returns is not used here.
+        lasting = Lasting(log, "heartbeat: Redis accepts writes again")
         beats = 0
         while not self.closing.wait(self.settings.heartbeat):
             beats += 1
@@ -236,15 +238,10 @@ class Worker:
                     self.heartbeat.sweep()
                     if beats % SWEEP_PROGRAMS_EVERY == 0:
                         owners.sweep(self.bus, self.name)
-                if said:
-                    log.warning("heartbeat: Redis accepts writes again")
-                    said = ""
+                lasting.worked()
             except (redis.exceptions.RedisError, OSError) as e:
-                text = str(self.bus.translate(e))
-                if text != said:
-                    log.warning("heartbeat refused: %s (other workers will not be declared "
-                                "dead until this clears)", text)
-                    said = text
+                lasting.failed(f"heartbeat refused: {self.bus.translate(e)} (other workers "
+                               "will not be declared dead until this clears)")
 
     def state(self) -> dict[str, Any]:
         """The scheduler's state, for diagnosing a stuck worker (``ServerClient.state()``)."""

@@ -25,12 +25,13 @@ from busagent import (
     Msg,
     Placeholder,
     RedisUnavailable,
+    UnknownAgent,
     embedded,
 )
 from busagent.admin import agent_info, servers
 from busagent.protocol import CallBody
 from tests.agents import Adder, Recorder
-from tests.faults.redis_agents import Blob
+from tests.faults.redis_agents import Blob, Measure
 
 from ..conftest import FAST, ROOT, Workers, wait_for
 from .test_acl import readme_acl
@@ -317,3 +318,113 @@ def test_replies_are_read_in_batches_bounded_by_bytes_and_one_too_big_fails_once
     # Redis and the worker were fine all along.
     assert len(blob(10).result(timeout=10)) == 10
     assert all(p.poll() is None for p in w.procs.values())
+
+
+def test_a_forwarded_input_over_the_output_buffer_limit_fails_the_call_once(
+        own: tuple[embedded.Server, Workers]) -> None:
+    """The worker resolving a placeholder passed to it (its asyncio wait, or the peek before it)
+    treats a connection Redis closed while up like the blocking wait does: the call fails with
+    an error naming the input and client-output-buffer-limit, not a CallTimeout after
+    re-reading the reply until the deadline."""
+    server, w = own
+    r = admin(server)
+    w.start("w1", "tests.faults.redis_agents",
+            env={"BUSAGENT_MAX_MESSAGE_BYTES": str(64 * 2**20)})
+    blob = Blob("blob", to_dist=DistConf(server="w1"))
+    measure = Measure("measure", to_dist=DistConf(server="w1"))
+    mb = 2**20
+    r.config_set("client-output-buffer-limit", "normal 8mb 4mb 5")
+    # Not there yet when the worker reads the call: resolved by its asyncio wait.
+    late = blob(12 * mb, 1.0)
+    with pytest.raises(MessageTooLarge, match=r"input placeholder .*client-output-buffer-limit"):
+        measure(late).result(timeout=60)
+    # Already there: the worker's peek is closed on, and the wait says why.
+    there = blob(12 * mb)
+    key = busagent.bus.current().keys.reply(there.call_id)
+    wait_for(lambda: r.exists(key), timeout=30,
+             what="the 12 MB reply written")
+    with pytest.raises(MessageTooLarge, match=r"input placeholder .*client-output-buffer-limit"):
+        measure(there).result(timeout=60)
+    assert measure(blob(10)).result(timeout=10) == 10
+    assert all(p.poll() is None for p in w.procs.values())
+
+
+def _refusals(r: redis.Redis, command: str) -> int:
+    return sum(int(e["count"]) for e in r.acl_log(count=128) if e["object"] == command)
+
+
+def test_refused_reply_writes_are_logged_once_backed_off_and_given_up_at_exit(
+        own: tuple[embedded.Server, Workers], prefix: str, tmp_path: Path) -> None:
+    """The worker's reply writer follows the policy of the inbox reader and the heartbeat: a
+    refusal that lasts is logged once (and once when it clears), with back-off; at a graceful
+    stop it gives up after a bounded retry, and says so."""
+    server, w = own
+    r = admin(server)
+    acl = [f"~{prefix}:*" if x == "~busagent:*" else x for x in readme_acl()]
+    r.execute_command("ACL", "SETUSER", "busagent", *acl)
+    # The worker runs as the restricted user; the caller (the default user) can still send.
+    url = server.url.replace("unix://", "unix://busagent:pw@")
+    log = tmp_path / "w1.log"
+    p = _worker(url, prefix, "w1", log, {"BUSAGENT_GRACE": "1"})
+    w.procs["w1"] = p
+    a = Adder("a", to_dist=DistConf(server="w1"))
+    assert a(Msg("user", 1)).result(timeout=10).content == 2
+    # Scripts taken away: the call runs, its reply (commit.lua) is refused, retried.
+    r.execute_command("ACL", "SETUSER", "busagent", "-@scripting")
+    try:
+        before = _refusals(r, "evalsha")
+        p2 = a(Msg("user", 2))
+        # Seconds of refused scripts (the heartbeat's among them): a retry loop with a log
+        # line per attempt would have logged many by then.
+        wait_for(lambda: _refusals(r, "evalsha") - before >= 30, timeout=60,
+                 what="refused scripts")
+    finally:
+        r.execute_command("ACL", "SETUSER", "busagent", "+@scripting")
+    assert p2.result(timeout=30).content == 3
+    wait_for(lambda: "writing replies works again" in log.read_text(), timeout=20,
+             what="the worker saying its replies are written again")
+    text = log.read_text()
+    assert text.count("writing replies failed") == 1, text
+    assert "NOPERM" in text or "ACL" in text, text
+    # Refused again, then a graceful stop: the reply is given up on after a bounded retry,
+    # logged, and the worker exits.
+    r.execute_command("ACL", "SETUSER", "busagent", "-@scripting")
+    try:
+        p3 = a(Msg("user", 3))
+        wait_for(lambda: log.read_text().count("writing replies failed") == 2, timeout=30,
+                 what="the second refusal logged")
+        p.terminate()
+        p.wait(timeout=60)
+    finally:
+        r.execute_command("ACL", "SETUSER", "busagent", "+@scripting")
+    text = log.read_text()
+    assert "giving up on 1 replies at exit" in text, text
+    # Given up on, not lost: the call was never acknowledged, so the stop answered it as not
+    # run (a stop without --drain), with a clear error rather than silence.
+    with pytest.raises(UnknownAgent, match="stopped before running the call"):
+        p3.result(timeout=30)
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="needs libfaketime (apt-get install faketime)")
+@pytest.mark.parametrize("offset", ["+6m", "-6m"])
+def test_a_workers_uptime_is_by_the_redis_clock_whatever_its_hosts_clock(
+        own: tuple[embedded.Server, Workers], offset: str, prefix: str, tmp_path: Path) -> None:
+    """`busagent info` and the studio read a worker's uptime from its record by the Redis clock,
+    so a worker whose clock is minutes off shows neither a negative age nor minutes extra."""
+    import re
+
+    from busagent.studio import data
+
+    server, w = own
+    began = time.monotonic()
+    w.procs["skewed"] = _worker(server.url, prefix, "skewed", tmp_path / "skewed.log",
+                                skewed(offset, tmp_path / "shim"))
+    out = subprocess.run([sys.executable, "-m", "busagent.cli", "info", "skewed", "--redis",
+                          server.url, "--prefix", prefix], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    elapsed = time.monotonic() - began
+    m = re.search(r"started\s.*\((-?[\d.]+) s ago\)", out.stdout)
+    assert m, out.stdout
+    assert 0 <= float(m.group(1)) <= elapsed + 1, out.stdout
+    row = next(s for s in data.servers() if s["name"] == "skewed")
+    assert 0 <= row["uptime"] <= time.monotonic() - began + 1, row
