@@ -124,6 +124,13 @@ class RemoteAgent:
         if "cls" not in self.__dict__:
             # Not built yet (pickle looks up __setstate__ on an empty instance): plain Python.
             raise AttributeError(name)
+        unloaded = self.cls.__dict__.get("_busagent_unloaded")
+        if unloaded and not name.startswith("_"):
+            # The stand-in knows no methods: say why, not "mark it", which it may well be.
+            raise AttributeError(
+                f"{self.cls.__name__}.{name}: the agent's class {unloaded} is not imported in "
+                "this process, so its @busagent.remote methods are unknown here; import its "
+                "module first (reply and observe work without it)")
         if name.startswith("_") or not is_remote(self.cls, name):
             raise AttributeError(
                 f"{self.cls.__name__}.{name} is not callable remotely; mark it with "
@@ -160,7 +167,8 @@ class RemoteAgent:
 def _unloaded(path: str) -> type:
     """A stand-in class for a handle whose agent class is not imported in this process."""
     module, _, qual = path.partition(":")
-    return type(qual.rpartition(".")[2] or "Agent", (Agent,), {"__module__": module})
+    return type(qual.rpartition(".")[2] or "Agent", (Agent,),
+                {"__module__": module, "_busagent_unloaded": path})
 
 
 class RemoteMemory:
