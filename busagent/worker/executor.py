@@ -154,8 +154,8 @@ class Executor:
     def _cancelled(self, job: Job, done: Done | None) -> Done:
         """The call answered Cancelled, keeping the memory and state changes of ``done`` (or
         the agent's changes so far): the agent in this process has them either way."""
-        err = Cancelled(f"call {job.entry.call} was cancelled while it ran; its reply was "
-                        "discarded")
+        err = Cancelled(f"call {job.entry.call} was cancelled after it was taken to run (while "
+                        "it ran or waited for its inputs); any reply it made was discarded")
         if done is None:
             try:
                 done = self.replies.done(job, self.agent(job.entry.agent), None)
