@@ -275,3 +275,38 @@ def test_rows_that_keep_failing_are_retried_then_reported_and_resumable(
         up.stop()
     # the worker is still serving
     assert any(s["name"] == "w1" for s in busagent.servers(include_dead=False))
+
+
+def _attr(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"count": 3, "attributes": {"a": spec}}
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ({"type": "integer", "low": 5, "high": 1}, "integer low 5 is above high 1"),
+    ({"type": "uniform", "low": 2.5, "high": 1}, "uniform low 2.5 is above high 1"),
+    ({"type": "normal", "mean": 50, "std": 10, "min": 60, "max": 40}, "min 60 is above max 40"),
+    ({"type": "normal", "mean": 50, "std": 10, "min": 100, "max": 200}, "mass"),
+    ({"type": "normal", "mean": 50, "std": 10, "max": -10}, "mass"),
+    ({"type": "normal", "mean": 50, "std": 0, "min": 60}, "std 0"),
+    # the same faults one level down, inside a conditional
+    ({"type": "conditional", "on": "b", "cases": {}, "default": {"type": "integer", "low": 9,
+                                                                  "high": 0}}, "above high"),
+])
+def test_impossible_distribution_parameters_are_refused_at_load(spec: dict[str, Any],
+                                                                says: str) -> None:
+    config = _attr(spec)
+    config["attributes"]["b"] = {"type": "categorical", "values": ["x"]}
+    with pytest.raises(ConfigError, match=says) as e:
+        population.load_config(config)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bounded_normal_is_truncated_not_piled_on_its_bounds(tmp_path: Path) -> None:
+    # bounds a std either side of the mean keep 68% of the mass: the draws spread inside,
+    # none lands outside, and the bounds are not where a clamp would heap the rest
+    cfg = population.load_config({"count": 2000, "attributes": {
+        "x": {"type": "normal", "mean": 0, "std": 1, "min": -1, "max": 1, "digits": 3}}})
+    xs = [population.sample(cfg, i)["x"] for i in range(cfg.count)]
+    assert all(-1 <= x <= 1 for x in xs)
+    at_bounds = sum(x in (-1, 1) for x in xs)
+    assert at_bounds <= 5, at_bounds  # clamping would put ~32% (~640) there
