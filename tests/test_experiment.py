@@ -163,3 +163,49 @@ def test_a_case_with_an_unknown_column_is_refused(tmp_path: Path) -> None:
                         str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 1 and "unknown column(s) ['colour']" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_background_reaches_the_prompt_whatever_the_system_prompt() -> None:
+    sys.path.insert(0, str(GAME))
+    try:
+        import agents  # the game's module, as its workers load it
+    finally:
+        sys.path.remove(str(GAME))
+    background = "I am a 41-year-old beekeeper from Tartu."
+    for sys_id in agents.prompts()["SYSTEM"]:  # the default 1, the README's 2, the slotted 5
+        text = agents.system_prompt(sys_id, 100, "2/3", background)
+        assert text.count(background) == 1, sys_id
+        assert "{" not in text and "100" in text and "2/3" in text
+        # no background: the prompt as written, no empty character section
+        plain = agents.system_prompt(sys_id, 100, "2/3", None)
+        assert "# Your character\n\n" not in plain or sys_id == "5"
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--by", "shoe_size"], "error: --by shoe_size: not an attribute of {people} (its "
+     "attributes: age, age_group, education, income, occupation, risk_taking)"),
+    (["--by", "occupation", "--by", "nope"], "error: --by nope: not an attribute of {people}"),
+])
+def test_a_bad_by_is_refused_before_the_game(tmp_path: Path, extra: list[str],
+                                             says: str) -> None:
+    people_file = tmp_path / "people.jsonl"
+    population.build(population.load_config(PEOPLE, count=3), people_file, progress=False)
+    # no Redis and no workers: refused before anything starts (a game would need them)
+    p = subprocess.run([sys.executable, str(GAME / "main.py"), "--agents", "3", "--population",
+                        str(people_file), "--out", str(tmp_path), *extra],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "BUSAGENT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(says.format(people=people_file)), lines
+    assert not list(tmp_path.rglob("result_1.json"))
+
+
+def test_by_without_a_population_is_refused_before_the_game(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(GAME / "main.py"), "--agents", "3", "--by", "age",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "BUSAGENT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "error: --by age needs --population: only a population's people have attributes to "
+        "group by"]

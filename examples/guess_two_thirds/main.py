@@ -80,6 +80,7 @@ def create(args: argparse.Namespace) -> list[Any]:
 
 def play(args: argparse.Namespace) -> Path:
     args.people = load_people(args)
+    check_by(args)
     busagent.init(child_workers=args.workers)
     if args.fake_llm is not None:
         from busagent.fakellm import FakeLLM
@@ -155,6 +156,22 @@ def load_people(args: argparse.Namespace) -> list[dict[str, Any]] | None:
                          f"--agents {args.agents}: build more with `busagent population build "
                          f"... --count {args.agents}`")
     return people[: args.agents]
+
+
+def check_by(args: argparse.Namespace) -> None:
+    """Refuse a --by the analysis could not do, before a round is played (not after a game
+    that may have cost hours and tokens): --by needs --population, and each name must be an
+    attribute of its people."""
+    if not args.by:
+        return
+    if not args.people:
+        raise SystemExit(f"error: --by {args.by[0]} needs --population: only a population's "
+                         "people have attributes to group by")
+    names = {k for person in args.people for k in person.get("attributes", {})}
+    unknown = [b for b in args.by if b not in names]
+    if unknown:
+        raise SystemExit(f"error: --by {unknown[0]}: not an attribute of {args.population} "
+                         f"(its attributes: {', '.join(sorted(names)) or 'none'})")
 
 
 def participants(args: argparse.Namespace, results: list[dict[str, Any]]
@@ -299,8 +316,9 @@ def main() -> None:
     ap.add_argument("--persona", action="store_true", help="give LLM agents a background")
     ap.add_argument("--population", metavar="JSONL",
                     help="people built by `busagent population build`: participant i gets "
-                    "person i's background (LLM agents; use --sys-id 5, which shows it) and "
-                    "each round's results record their attributes")
+                    "person i's background (LLM agents: in the {background} slot of --sys-id 5, "
+                    "appended to the other system prompts) and each round's results record "
+                    "their attributes")
     ap.add_argument("--by", action="append", metavar="ATTR", default=[],
                     help="after the game, break results down by this population attribute "
                     "(table and plot, see analysis.py); repeatable")
