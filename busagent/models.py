@@ -373,6 +373,16 @@ def clear_model_configs(server: str | None = None) -> None:
         b.redis.delete(b.keys.models(server))
 
 
+def remove_model_configs(names: Iterable[str], server: str | None = None) -> None:
+    """Remove the configs ``names`` (global, or ``server``'s overrides); absent names are
+    ignored. Raises RedisUnavailable or BusError if Redis fails."""
+    names = list(names)
+    b = _bus.current()
+    if names:
+        with b.errors():
+            b.redis.hdel(b.keys.models(server), *names)
+
+
 def list_model_configs(server: str | None = None) -> dict[str, ModelConfig]:
     """The global configs by name, with ``server``'s overrides in their place if given."""
     b = _bus.current()

@@ -209,3 +209,25 @@ def test_by_without_a_population_is_refused_before_the_game(tmp_path: Path) -> N
     assert p.stderr.strip().splitlines() == [
         "error: --by age needs --population: only a population's people have attributes to "
         "group by"]
+
+
+def test_fake_llm_never_overwrites_a_stored_config(tmp_path: Path, redis_url: str, prefix: str,
+                                                  workers: Workers) -> None:
+    import busagent
+    from busagent import models
+
+    shared = {"config_name": "fake", "model_type": "openai_chat", "model_name": "shared",
+              "base_url": "http://shared-host:8000/v1"}
+    models.load_model_configs(shared)
+    before = models.list_model_configs()
+    workers.start("w1", str(GAME / "agents.py"))
+    p = run(GAME / "main.py", redis_url, prefix, "--agent-type", "llm", "--agents", "3",
+            "--shards", "1", "--rounds", "1", "--fake-llm", "0", "--out", str(tmp_path / "res"))
+    assert p.returncode == 0, p.stderr
+    # the game played against its own endpoint, under the results' usual folder name ...
+    out = Path(p.stdout.strip().splitlines()[-1].split("results in ")[1])
+    assert out.parts[-3] == "fake"
+    assert json.loads((out / "result_1.json").read_text())["stats"]["cnt"] > 0
+    # ... and left the stored configs as they were: the shared one intact, nothing added
+    assert models.list_model_configs() == before
+    assert busagent.models.list_model_configs()["fake"].base_url == shared["base_url"]
