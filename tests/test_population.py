@@ -310,3 +310,89 @@ def test_a_bounded_normal_is_truncated_not_piled_on_its_bounds(tmp_path: Path) -
     assert all(-1 <= x <= 1 for x in xs)
     at_bounds = sum(x in (-1, 1) for x in xs)
     assert at_bounds <= 5, at_bounds  # clamping would put ~32% (~640) there
+
+
+class _Odd(BaseHTTPRequestHandler):
+    """An endpoint that answers 200 with a body that is no chat completion: ``/bad/`` a body
+    that is not JSON, ``/badsse/`` a stream whose chunk is not JSON, ``/old/`` a server that
+    refuses ``stream_options`` (HTTP 400) but streams without it and reports no usage."""
+
+    seen: list[dict[str, Any]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        _Odd.seen.append(body)
+        if self.path.startswith("/bad/"):
+            self._send(200, "application/json", b"not json")
+        elif self.path.startswith("/badsse/"):
+            self._send(200, "text/event-stream", b"data: not json\n\n")
+        elif "stream_options" in body:
+            self._send(400, "application/json",
+                       b'{"error": {"message": "unknown field stream_options"}}')
+        else:
+            chunk = {"object": "chat.completion.chunk", "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "hi there"}}]}
+            self._send(200, "text/event-stream",
+                       f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+    def _send(self, status: int, kind: str, raw: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def _model(name: str, base_url: str) -> Any:
+    from busagent.models import ModelConfig, OpenAIChatModel
+
+    return OpenAIChatModel(ModelConfig.model_validate(
+        {"config_name": name, "model_type": "vllm", "base_url": base_url, "max_retries": 0}))
+
+
+async def _stream(m: Any) -> str:
+    return "".join([piece async for piece in m.astream([{"role": "user", "content": "hi"}])])
+
+
+def test_every_model_client_error_is_a_one_line_model_error_naming_the_config() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for path in ("bad", "badsse"):
+            m = _model(f"odd-{path}", f"http://127.0.0.1:{port}/{path}/v1")
+            for call in (lambda: m([{"role": "user", "content": "hi"}]),
+                         lambda: asyncio.run(_stream(m))):
+                with pytest.raises(ModelError, match=f"'odd-{path}'") as e:
+                    call()
+                assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_streamed_calls_count_their_tokens_and_a_refusing_server_still_streams() -> None:
+    fake = FakeLLM().start()
+    try:
+        m = _model("streamy", fake.url)
+        text = asyncio.run(_stream(m))
+        assert text and m.usage.calls == 1
+        assert m.usage.completion == len(text) // 4 and m.usage.prompt > 0
+    finally:
+        fake.stop()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _Odd.seen.clear()
+        old = _model("old", f"http://127.0.0.1:{server.server_address[1]}/old/v1")
+        assert asyncio.run(_stream(old)) == "hi there"
+        assert asyncio.run(_stream(old)) == "hi there"
+        assert old.usage.calls == 0  # a server that sends no usage counts nothing
+        # asked once with the option, refused, then never again
+        assert ["stream_options" in b for b in _Odd.seen] == [True, False, False]
+    finally:
+        server.shutdown()
+        server.server_close()
