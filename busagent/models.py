@@ -450,7 +450,7 @@ def get(config_name: str) -> Model:
         found = [v for v in pipe.execute() if v]
     if not found:
         raise ConfigError(f"no model config named {config_name!r}: load it with "
-                          "busagent.load_model_configs(...) or `busagent models load FILE`")
+                          "busagent.load_model_configs(...) or `busagent models --load FILE`")
     raw = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
     with _cache_lock:
         hit = _cache.get(config_name)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -396,3 +397,61 @@ def test_streamed_calls_count_their_tokens_and_a_refusing_server_still_streams()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _cli_commands() -> dict[str, tuple[set[str], int]]:
+    """Every `busagent` command line (``population build`` included) -> (its long options, how
+    many positional arguments it takes)."""
+    import click
+    import typer.main
+
+    from busagent.cli import app
+
+    out: dict[str, tuple[set[str], int]] = {}
+
+    def walk(cmd: Any, path: str) -> None:
+        params = getattr(cmd, "params", [])
+        out[path] = ({o for p in params for o in p.opts if o.startswith("--")},
+                     sum(isinstance(p, click.Argument) for p in params))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+
+    walk(typer.main.get_command(app), "")
+    return out
+
+
+def test_error_texts_name_only_commands_that_exist() -> None:
+    # every `busagent ...` command a message or docstring of the package or the examples tells a
+    # user to run must be a real command with real options (`busagent models load FILE` was not)
+    commands = _cli_commands()
+    said = re.compile(r"`busagent ([a-z][a-z-]*(?: [a-z][a-z-]*)?)((?: [^`]*)?)`")
+    bad = []
+    for root in ("busagent", "examples"):
+        for f in sorted((ROOT / root).rglob("*.py")):
+            for m in said.finditer(f.read_text()):
+                words, rest = m.group(1), m.group(2)
+                cmd = words if words in commands else words.split(" ")[0]
+                if cmd not in commands:
+                    bad.append(f"{f.name}: `busagent {words}{rest}`: no command {cmd!r}")
+                    continue
+                opts, positional = commands[cmd]
+                if cmd != words:  # the second word is an argument, or a subcommand that isn't
+                    rest = " " + words.split(" ", 1)[1] + rest
+                    if not positional:
+                        bad.append(f"{f.name}: {m.group(0)}: {cmd} takes no "
+                                   f"{words.split(' ', 1)[1]!r}")
+                bad += [f"{f.name}: {m.group(0)}: {cmd} has no {o}"
+                        for o in re.findall(r"(--[a-z][a-z-]*)", rest) if o not in opts]
+    assert not bad, bad
+
+
+def test_the_population_cli_refusal_is_a_whole_sentence(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from busagent.cli import app
+
+    r = CliRunner().invoke(app, ["population", "build", str(CONFIG), "--out",
+                                 str(tmp_path / "p.jsonl"), "--model-config", "m.json"])
+    assert isinstance(r.exception, ConfigError)
+    assert str(r.exception) == ("--model-config needs --config-name: the name of the config in "
+                                "it that writes the backgrounds")
