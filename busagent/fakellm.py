@@ -4,7 +4,8 @@ the internet and no GPU is needed.
     busagent fake-llm --port 8000 --latency 0.5      # or FakeLLM(latency=0.5).start()
 
 ``POST /v1/chat/completions`` answers like a chat model playing the guess game (or chatting), with
-``stream: true`` as server-sent events (with a last usage chunk if ``stream_options.include_usage``); ``--latency`` makes each answer take that long (requests
+``stream: true`` as server-sent events (and a last usage chunk if asked by
+``stream_options.include_usage``); ``--latency`` makes each answer take that long (requests
 overlap, as on a real inference server) and ``--fail-every N`` answers every Nth request with a
 503 to exercise retries. ``GET /stats`` returns the request counts.
 """

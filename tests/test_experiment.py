@@ -231,3 +231,32 @@ def test_fake_llm_never_overwrites_a_stored_config(tmp_path: Path, redis_url: st
     # ... and left the stored configs as they were: the shared one intact, nothing added
     assert models.list_model_configs() == before
     assert busagent.models.list_model_configs()["fake"].base_url == shared["base_url"]
+
+
+def _game_module(name: str) -> Any:
+    sys.path.insert(0, str(GAME))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(GAME))
+
+
+@pytest.mark.parametrize("values", [list(range(20, 81)), list(range(18, 30)),
+                                    [0, 3, 7, 8, 9, 10, 11, 12, 13, 100]])
+def test_integer_attributes_get_integer_bins(values: list[int]) -> None:
+    groups = _game_module("analysis").groups_of(values)
+    assert 1 < len(set(groups.values())) <= 5
+    for v, label in groups.items():
+        a, b = label.split("-")
+        assert a.isdigit() and b.isdigit(), label  # "20-31", never "20-31.2"
+        assert int(a) <= v <= int(b)
+    # the bins do not overlap: each label's range holds only its own values
+    for label in set(groups.values()):
+        a, b = map(int, label.split("-"))
+        assert {v for v in values if a <= v <= b} == {v for v, x in groups.items() if x == label}
+
+
+@pytest.mark.parametrize("n", [2, 4, 12, 25])
+def test_each_case_of_the_sweep_plot_has_its_own_colour(n: int) -> None:
+    colours = _game_module("experiment").case_colours(list(range(1, n + 1)))
+    assert len(set(colours.values())) == n

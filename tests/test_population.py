@@ -365,8 +365,8 @@ def test_every_model_client_error_is_a_one_line_model_error_naming_the_config() 
     try:
         for path in ("bad", "badsse"):
             m = _model(f"odd-{path}", f"http://127.0.0.1:{port}/{path}/v1")
-            for call in (lambda: m([{"role": "user", "content": "hi"}]),
-                         lambda: asyncio.run(_stream(m))):
+            for call in (lambda m=m: m([{"role": "user", "content": "hi"}]),
+                         lambda m=m: asyncio.run(_stream(m))):
                 with pytest.raises(ModelError, match=f"'odd-{path}'") as e:
                     call()
                 assert "\n" not in str(e.value)
