@@ -455,3 +455,56 @@ def test_the_population_cli_refusal_is_a_whole_sentence(tmp_path: Path) -> None:
     assert isinstance(r.exception, ConfigError)
     assert str(r.exception) == ("--model-config needs --config-name: the name of the config in "
                                 "it that writes the backgrounds")
+
+
+_KILLED = """
+import sys
+import busagent
+from busagent import population
+from busagent.fakellm import FakeLLM
+busagent.init(child_workers=2)
+fake = FakeLLM(latency=0.05).start()
+busagent.load_model_configs(fake.config("k9", concurrency=8))
+cfg = population.load_config(sys.argv[1], count=5000)
+def on_row(i):
+    if i == 40:
+        procs = busagent.bus.current().children.procs.values()
+        print(" ".join(str(p.pid) for p in procs), flush=True)
+        sys.stderr.write("--- killed here ---\\n")
+        sys.stderr.flush()
+population.build(cfg, sys.argv[2], model_config_name="k9", progress=False, on_row=on_row)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\\nState:\\tZ" in state
+
+
+def test_child_workers_of_a_killed_build_exit_quietly(tmp_path: Path) -> None:
+    # a model build on a private Redis with child workers, killed -9 mid-build: the children
+    # (SIGTERM by the parent's death, their Redis gone too) must exit without writing a line
+    # to the dead program's terminal
+    err = (tmp_path / "stderr").open("w+")
+    env = {k: v for k, v in os.environ.items() if k != "BUSAGENT_REDIS_URL"}
+    p = subprocess.Popen([sys.executable, "-c", _KILLED, str(CONFIG), str(tmp_path / "p.jsonl")],
+                         stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+    try:
+        assert p.stdout is not None
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        p.kill()
+        p.wait()
+    try:
+        wait_for(lambda: all(_gone(x) for x in pids), timeout=60, what="the children to exit")
+    finally:
+        for x in pids:
+            if not _gone(x):
+                os.kill(x, signal.SIGKILL)
+    err.seek(0)
+    after = err.read().split("--- killed here ---\n", 1)[1]
+    assert after.strip() == "", after[:2000]
