@@ -166,12 +166,16 @@ class Worker:
         """Serve until SIGTERM/SIGINT, ``stop()``, a control ``stop`` or the parent's death."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: (self._quiet_if_orphaned(), self.stop()))
+                signal.signal(sig, self._on_signal)
         self.start()
         while not self.stopping.wait(1.0):
             if self._quiet_if_orphaned():
                 self.stop()
         self.shutdown()
+
+    def _on_signal(self, *_: Any) -> None:
+        self._quiet_if_orphaned()
+        self.stop()
 
     def _quiet_if_orphaned(self) -> bool:
         """True if this child worker's program is gone (killed, even by kill -9: its SIGTERM
