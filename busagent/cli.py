@@ -407,7 +407,8 @@ def population_build(
 
     cfg = population.load_config(config, count=count, seed=seed)
     if model_config and not config_name:
-        raise ConfigError("--model-config needs --config-name: the config that writes")
+        raise ConfigError("--model-config needs --config-name: the name of the config in "
+                          "it that writes the backgrounds")
     if config_name:
         # A model build runs on the bus: the given Redis, else busagent.init()'s default (the
         # shared embedded one if running, else a private one with child workers).

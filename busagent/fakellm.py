@@ -4,7 +4,8 @@ the internet and no GPU is needed.
     busagent fake-llm --port 8000 --latency 0.5      # or FakeLLM(latency=0.5).start()
 
 ``POST /v1/chat/completions`` answers like a chat model playing the guess game (or chatting), with
-``stream: true`` as server-sent events; ``--latency`` makes each answer take that long (requests
+``stream: true`` as server-sent events (and a last usage chunk if asked by
+``stream_options.include_usage``); ``--latency`` makes each answer take that long (requests
 overlap, as on a real inference server) and ``--fail-every N`` answers every Nth request with a
 503 to exercise retries. ``GET /stats`` returns the request counts.
 """
@@ -42,6 +43,11 @@ def answer(messages: list[dict[str, Any]], rng: random.Random) -> str:
         return (f"Others will guess about {min(top, guess * 1.5):.0f} on average, so I will "
                 f"report {round(guess)}.")
     return f"({len(messages)} messages so far) On '{last[:60]}': I agree, let us go on."
+
+
+def usage(messages: list[dict[str, Any]], text: str) -> dict[str, int]:
+    """The fake's token counts: 4 characters a token."""
+    return {"prompt_tokens": len(json.dumps(messages)) // 4, "completion_tokens": len(text) // 4}
 
 
 class FakeLLM:
@@ -91,15 +97,16 @@ class FakeLLM:
                 if fail:
                     self._json(503, {"error": {"message": "overloaded (fake)"}})
                 elif body.get("stream"):
-                    self._stream(text, str(body.get("model", "fake")))
+                    opts = body.get("stream_options") or {}
+                    self._stream(text, str(body.get("model", "fake")),
+                                 usage(messages, text) if opts.get("include_usage") else None)
                 else:
                     self._json(200, {
                         "id": f"fake-{fake.requests}", "object": "chat.completion",
                         "model": body.get("model", "fake"),
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": len(json.dumps(messages)) // 4,
-                                  "completion_tokens": len(text) // 4},
+                        "usage": usage(messages, text),
                     })
 
             def _json(self, status: int, data: Any) -> None:
@@ -110,7 +117,7 @@ class FakeLLM:
                 self.end_headers()
                 self.wfile.write(raw)
 
-            def _stream(self, text: str, model: str) -> None:
+            def _stream(self, text: str, model: str, used: dict[str, int] | None) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -120,6 +127,9 @@ class FakeLLM:
                     delta = {"content": w if i == 0 else " " + w}
                     self._chunk({"object": "chat.completion.chunk", "model": model,
                                  "choices": [{"index": 0, "delta": delta}]})
+                if used is not None:  # as OpenAI does: a last chunk with usage, no choices
+                    self._chunk({"object": "chat.completion.chunk", "model": model,
+                                 "choices": [], "usage": used})
                 self._chunk("[DONE]")
                 self.wfile.write(b"0\r\n\r\n")
 

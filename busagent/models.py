@@ -241,6 +241,8 @@ class OpenAIChatModel(Model):
         #: tokens used by this process through this config: ``prompt``, ``completion``, ``calls``
         self.usage = Usage()
         self._usage_lock = threading.Lock()
+        #: ask streams for their usage until the server refuses the option once
+        self._stream_usage = True
         # One client and one cap per event loop: the client's connection pool is bound to the
         # loop that made it, and a worker has one loop, the calling program another.
         self._per_loop: weakref.WeakKeyDictionary[
@@ -275,40 +277,68 @@ class OpenAIChatModel(Model):
         async with cap:
             try:
                 r = await client.chat.completions.create(**self._args(messages, kwargs))
-            except openai.OpenAIError as e:
+            except Exception as e:  # the client's, httpx's, a body that is not JSON: all one
                 raise self._error(e) from e
         try:
             text = r.choices[0].message.content or ""
         except (AttributeError, IndexError, TypeError) as e:
             raise ModelError(f"{self.url} sent a reply that is not a chat completion: "
-                             f"{str(r)[:300]!r}") from e
+                             f"{_line(str(r))[:300]!r} (check model config "
+                             f"{self.config_name!r})") from e
         usage = Usage.of(r.usage)
+        self._count(usage)
+        return ModelResponse(text=text, usage=usage, raw=r.model_dump(exclude_unset=True))
+
+    def _count(self, usage: Usage | None) -> None:
         if usage is not None:
             with self._usage_lock:
                 self.usage = self.usage + usage
-        return ModelResponse(text=text, usage=usage, raw=r.model_dump(exclude_unset=True))
 
     async def astream(self, messages: Messages | Msg, **kwargs: Any) -> AsyncIterator[str]:
         """Content deltas as they come. The client retries only before the stream starts: a
-        stream that broke halfway cannot be resumed without repeating text (ModelError)."""
+        stream that broke halfway cannot be resumed without repeating text (ModelError).
+
+        Tokens: the request asks for usage (``stream_options: {include_usage: true}``, sent
+        back in the last chunk) and adds it to ``model.usage``. A server that refuses the
+        option (HTTP 400/422) is asked again without it, and not asked again by this
+        process; a server that sends no usage counts nothing."""
         client, cap = self._client()
         async with cap:
             try:
-                stream = await client.chat.completions.create(**self._args(messages, kwargs),
-                                                              stream=True)
+                args = self._args(messages, kwargs)
+                stream = None
+                if self._stream_usage and "stream_options" not in args:
+                    try:
+                        stream = await client.chat.completions.create(
+                            **args, stream=True, stream_options={"include_usage": True})
+                    except (openai.BadRequestError, openai.UnprocessableEntityError):
+                        stream = await client.chat.completions.create(**args, stream=True)
+                        self._stream_usage = False  # refused the option, not the request
+                if stream is None:
+                    stream = await client.chat.completions.create(**args, stream=True)
+                usage, chunks = None, 0
                 async with stream:
                     async for chunk in stream:
+                        chunks += 1
+                        if getattr(chunk, "usage", None):
+                            usage = Usage.of(chunk.usage)
                         if chunk.choices and chunk.choices[0].delta.content:
                             yield chunk.choices[0].delta.content
-            except openai.OpenAIError as e:
+                if not chunks:  # a real stream has at least its role chunk
+                    raise ModelError(f"{self.url} sent no stream (not server-sent events) "
+                                     f"(check model config {self.config_name!r})")
+                self._count(usage)
+            except Exception as e:  # the client's, httpx's, a chunk that is not JSON: all one
                 raise self._error(e) from e
 
-    def _error(self, e: openai.OpenAIError) -> ModelError:
-        """One line saying what failed and what to check."""
+    def _error(self, e: Exception) -> ModelError:
+        """One line saying what failed, naming the config."""
+        if isinstance(e, ModelError):
+            return e
         where = f"(is the endpoint of model config {self.config_name!r} up?)"
         if isinstance(e, openai.APIStatusError):
             status = e.status_code
-            body = str(e.message).replace("\n", " ")[:300]
+            body = _line(str(e.message))[:300]
             if status in RETRY_STATUS:
                 return ModelError(f"{self.url} failed {self.config.max_retries + 1} times, "
                                   f"last: HTTP {status}: {body} {where}")
@@ -316,9 +346,17 @@ class OpenAIChatModel(Model):
                               f"(check model config {self.config_name!r})")
         if isinstance(e, openai.APIConnectionError):  # timeouts included
             return ModelError(f"{self.url} failed {self.config.max_retries + 1} times, last: "
-                              f"{type(e).__name__}: {e} {where}")
-        return ModelError(f"{self.url}: {type(e).__name__}: {e} "
+                              f"{type(e).__name__}: {_line(str(e))} {where}")
+        if isinstance(e, ValueError):  # JSONDecodeError among them: a body that is not JSON
+            return ModelError(f"{self.url} sent a reply that is not a chat completion "
+                              f"({type(e).__name__}: {_line(str(e))[:200]}) (check model "
+                              f"config {self.config_name!r})")
+        return ModelError(f"{self.url}: {type(e).__name__}: {_line(str(e))[:300]} "
                           f"(check model config {self.config_name!r})")
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
 
 
 MODEL_TYPES: dict[str, type[Model]] = {
@@ -444,6 +482,15 @@ def _masked_text(text: str) -> str:
         return MASK
     return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
 
+def remove_model_configs(names: Iterable[str], server: str | None = None) -> None:
+    """Remove the configs ``names`` (global, or ``server``'s overrides); absent names are
+    ignored. Raises RedisUnavailable or BusError if Redis fails."""
+    names = list(names)
+    b = _bus.current()
+    if names:
+        with b.errors():
+            b.redis.hdel(b.keys.models(server), *names)
+
 
 def list_model_configs(server: str | None = None) -> dict[str, ModelConfig]:
     """The global configs by name, with ``server``'s overrides in their place if given."""
@@ -474,7 +521,7 @@ def get(config_name: str) -> Model:
         found = [v for v in pipe.execute() if v]
     if not found:
         raise ConfigError(f"no model config named {config_name!r}: load it with "
-                          "busagent.load_model_configs(...) or `busagent models load FILE`")
+                          "busagent.load_model_configs(...) or `busagent models --load FILE`")
     raw = found[0].decode() if isinstance(found[0], bytes) else str(found[0])
     with _cache_lock:
         hit = _cache.get(config_name)

@@ -42,7 +42,9 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import random
+import statistics
 import string
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +67,11 @@ from .message import Msg
 BATCH = 32
 #: times a row whose model call failed is sent again before the build gives up on it
 ROW_RETRIES = 3
+#: draws of a bounded normal before the bound nearest the last draw is taken: with at least
+#: ``MIN_NORMAL_MASS`` inside the bounds, 64 misses in a row happen less than once in 10^5 rows
+NORMAL_TRIES = 64
+#: the least share of a normal's mass its [min, max] must keep (less is refused at load)
+MIN_NORMAL_MASS = 0.2
 
 
 #: a compiled distribution: (the row's generator, the attributes drawn so far) -> a value
@@ -106,8 +113,13 @@ class Categorical(_Spec):
 
 
 class Normal(_Spec):
-    """A normal draw, kept within ``[min, max]`` (redrawn, then clipped: a truncated normal),
-    rounded to ``digits`` (0: an int)."""
+    """A normal draw truncated to ``[min, max]``, rounded to ``digits`` (0: an int).
+
+    Truncated, not clamped: a value outside the bounds is drawn again (at most
+    ``NORMAL_TRIES`` times, then the bound nearest the draw), so the bounds do not pile rows up
+    on themselves, as a user of a truncated normal expects. Bounds that keep less than
+    ``MIN_NORMAL_MASS`` of the distribution (e.g. min > max, or both far in one tail) are
+    refused at load: they would make nearly every row a bound."""
 
     type: Literal["normal"]
     mean: float
@@ -116,13 +128,32 @@ class Normal(_Spec):
     max: float | None = None
     digits: int | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> Normal:
+        lo = -math.inf if self.min is None else self.min
+        hi = math.inf if self.max is None else self.max
+        if lo > hi:
+            raise ValueError(f"normal min {self.min:g} is above max {self.max:g}")
+        if self.std == 0:
+            if not lo <= self.mean <= hi:
+                raise ValueError(f"normal with std 0 has mean {self.mean:g} outside "
+                                 f"[{lo:g}, {hi:g}]")
+            return self
+        nd = statistics.NormalDist(self.mean, self.std)
+        mass = nd.cdf(hi) - nd.cdf(lo)
+        if mass < MIN_NORMAL_MASS:
+            raise ValueError(f"normal(mean {self.mean:g}, std {self.std:g}) has only "
+                             f"{mass:.2%} of its mass in [{lo:g}, {hi:g}] (at least "
+                             f"{MIN_NORMAL_MASS:.0%} needed): move the bounds or the mean")
+        return self
+
     def compile(self) -> Draw:
-        lo = -float("inf") if self.min is None else self.min
-        hi = float("inf") if self.max is None else self.max
+        lo = -math.inf if self.min is None else self.min
+        hi = math.inf if self.max is None else self.max
         mean, std, digits = self.mean, self.std, self.digits
 
         def draw(rng: random.Random, row: dict[str, Any]) -> Any:
-            for _ in range(16):
+            for _ in range(NORMAL_TRIES):
                 v = rng.gauss(mean, std)
                 if lo <= v <= hi:
                     break
@@ -139,6 +170,12 @@ class Uniform(_Spec):
     high: float
     digits: int | None = None
 
+    @model_validator(mode="after")
+    def _check(self) -> Uniform:
+        if self.low > self.high:
+            raise ValueError(f"uniform low {self.low:g} is above high {self.high:g}")
+        return self
+
     def compile(self) -> Draw:
         low, high, digits = self.low, self.high, self.digits
         return lambda rng, row: _round(rng.uniform(low, high), digits)
@@ -150,6 +187,12 @@ class Integer(_Spec):
     type: Literal["integer"]
     low: int
     high: int
+
+    @model_validator(mode="after")
+    def _check(self) -> Integer:
+        if self.low > self.high:
+            raise ValueError(f"integer low {self.low} is above high {self.high}")
+        return self
 
     def compile(self) -> Draw:
         low, high = self.low, self.high

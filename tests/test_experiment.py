@@ -163,3 +163,100 @@ def test_a_case_with_an_unknown_column_is_refused(tmp_path: Path) -> None:
                         str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 1 and "unknown column(s) ['colour']" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_background_reaches_the_prompt_whatever_the_system_prompt() -> None:
+    sys.path.insert(0, str(GAME))
+    try:
+        import agents  # the game's module, as its workers load it
+    finally:
+        sys.path.remove(str(GAME))
+    background = "I am a 41-year-old beekeeper from Tartu."
+    for sys_id in agents.prompts()["SYSTEM"]:  # the default 1, the README's 2, the slotted 5
+        text = agents.system_prompt(sys_id, 100, "2/3", background)
+        assert text.count(background) == 1, sys_id
+        assert "{" not in text and "100" in text and "2/3" in text
+        # no background: the prompt as written, no empty character section
+        plain = agents.system_prompt(sys_id, 100, "2/3", None)
+        assert "# Your character\n\n" not in plain or sys_id == "5"
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--by", "shoe_size"], "error: --by shoe_size: not an attribute of {people} (its "
+     "attributes: age, age_group, education, income, occupation, risk_taking)"),
+    (["--by", "occupation", "--by", "nope"], "error: --by nope: not an attribute of {people}"),
+])
+def test_a_bad_by_is_refused_before_the_game(tmp_path: Path, extra: list[str],
+                                             says: str) -> None:
+    people_file = tmp_path / "people.jsonl"
+    population.build(population.load_config(PEOPLE, count=3), people_file, progress=False)
+    # no Redis and no workers: refused before anything starts (a game would need them)
+    p = subprocess.run([sys.executable, str(GAME / "main.py"), "--agents", "3", "--population",
+                        str(people_file), "--out", str(tmp_path), *extra],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "BUSAGENT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(says.format(people=people_file)), lines
+    assert not list(tmp_path.rglob("result_1.json"))
+
+
+def test_by_without_a_population_is_refused_before_the_game(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(GAME / "main.py"), "--agents", "3", "--by", "age",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "BUSAGENT_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "error: --by age needs --population: only a population's people have attributes to "
+        "group by"]
+
+
+def test_fake_llm_never_overwrites_a_stored_config(tmp_path: Path, redis_url: str, prefix: str,
+                                                  workers: Workers) -> None:
+    import busagent
+    from busagent import models
+
+    shared = {"config_name": "fake", "model_type": "openai_chat", "model_name": "shared",
+              "base_url": "http://shared-host:8000/v1"}
+    models.load_model_configs(shared)
+    before = models.list_model_configs()
+    workers.start("w1", str(GAME / "agents.py"))
+    p = run(GAME / "main.py", redis_url, prefix, "--agent-type", "llm", "--agents", "3",
+            "--shards", "1", "--rounds", "1", "--fake-llm", "0", "--out", str(tmp_path / "res"))
+    assert p.returncode == 0, p.stderr
+    # the game played against its own endpoint, under the results' usual folder name ...
+    out = Path(p.stdout.strip().splitlines()[-1].split("results in ")[1])
+    assert out.parts[-3] == "fake"
+    assert json.loads((out / "result_1.json").read_text())["stats"]["cnt"] > 0
+    # ... and left the stored configs as they were: the shared one intact, nothing added
+    assert models.list_model_configs() == before
+    assert busagent.models.list_model_configs()["fake"].base_url == shared["base_url"]
+
+
+def _game_module(name: str) -> Any:
+    sys.path.insert(0, str(GAME))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(GAME))
+
+
+@pytest.mark.parametrize("values", [list(range(20, 81)), list(range(18, 30)),
+                                    [0, 3, 7, 8, 9, 10, 11, 12, 13, 100]])
+def test_integer_attributes_get_integer_bins(values: list[int]) -> None:
+    groups = _game_module("analysis").groups_of(values)
+    assert 1 < len(set(groups.values())) <= 5
+    for v, label in groups.items():
+        a, b = label.split("-")
+        assert a.isdigit() and b.isdigit(), label  # "20-31", never "20-31.2"
+        assert int(a) <= v <= int(b)
+    # the bins do not overlap: each label's range holds only its own values
+    for label in set(groups.values()):
+        a, b = map(int, label.split("-"))
+        assert {v for v in values if a <= v <= b} == {v for v, x in groups.items() if x == label}
+
+
+@pytest.mark.parametrize("n", [2, 4, 12, 25])
+def test_each_case_of_the_sweep_plot_has_its_own_colour(n: int) -> None:
+    colours = _game_module("experiment").case_colours(list(range(1, n + 1)))
+    assert len(set(colours.values())) == n

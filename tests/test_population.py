@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,3 +276,235 @@ def test_rows_that_keep_failing_are_retried_then_reported_and_resumable(
         up.stop()
     # the worker is still serving
     assert any(s["name"] == "w1" for s in busagent.servers(include_dead=False))
+
+
+def _attr(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"count": 3, "attributes": {"a": spec}}
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ({"type": "integer", "low": 5, "high": 1}, "integer low 5 is above high 1"),
+    ({"type": "uniform", "low": 2.5, "high": 1}, "uniform low 2.5 is above high 1"),
+    ({"type": "normal", "mean": 50, "std": 10, "min": 60, "max": 40}, "min 60 is above max 40"),
+    ({"type": "normal", "mean": 50, "std": 10, "min": 100, "max": 200}, "mass"),
+    ({"type": "normal", "mean": 50, "std": 10, "max": -10}, "mass"),
+    ({"type": "normal", "mean": 50, "std": 0, "min": 60}, "std 0"),
+    # the same faults one level down, inside a conditional
+    ({"type": "conditional", "on": "b", "cases": {}, "default": {"type": "integer", "low": 9,
+                                                                  "high": 0}}, "above high"),
+])
+def test_impossible_distribution_parameters_are_refused_at_load(spec: dict[str, Any],
+                                                                says: str) -> None:
+    config = _attr(spec)
+    config["attributes"]["b"] = {"type": "categorical", "values": ["x"]}
+    with pytest.raises(ConfigError, match=says) as e:
+        population.load_config(config)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bounded_normal_is_truncated_not_piled_on_its_bounds(tmp_path: Path) -> None:
+    # bounds a std either side of the mean keep 68% of the mass: the draws spread inside,
+    # none lands outside, and the bounds are not where a clamp would heap the rest
+    cfg = population.load_config({"count": 2000, "attributes": {
+        "x": {"type": "normal", "mean": 0, "std": 1, "min": -1, "max": 1, "digits": 3}}})
+    xs = [population.sample(cfg, i)["x"] for i in range(cfg.count)]
+    assert all(-1 <= x <= 1 for x in xs)
+    at_bounds = sum(x in (-1, 1) for x in xs)
+    assert at_bounds <= 5, at_bounds  # clamping would put ~32% (~640) there
+
+
+class _Odd(BaseHTTPRequestHandler):
+    """An endpoint that answers 200 with a body that is no chat completion: ``/bad/`` a body
+    that is not JSON, ``/badsse/`` a stream whose chunk is not JSON, ``/old/`` a server that
+    refuses ``stream_options`` (HTTP 400) but streams without it and reports no usage."""
+
+    seen: list[dict[str, Any]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        _Odd.seen.append(body)
+        if self.path.startswith("/bad/"):
+            self._send(200, "application/json", b"not json")
+        elif self.path.startswith("/badsse/"):
+            self._send(200, "text/event-stream", b"data: not json\n\n")
+        elif "stream_options" in body:
+            self._send(400, "application/json",
+                       b'{"error": {"message": "unknown field stream_options"}}')
+        else:
+            chunk = {"object": "chat.completion.chunk", "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "hi there"}}]}
+            self._send(200, "text/event-stream",
+                       f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+    def _send(self, status: int, kind: str, raw: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def _model(name: str, base_url: str) -> Any:
+    from busagent.models import ModelConfig, OpenAIChatModel
+
+    return OpenAIChatModel(ModelConfig.model_validate(
+        {"config_name": name, "model_type": "vllm", "base_url": base_url, "max_retries": 0}))
+
+
+async def _stream(m: Any) -> str:
+    return "".join([piece async for piece in m.astream([{"role": "user", "content": "hi"}])])
+
+
+def test_every_model_client_error_is_a_one_line_model_error_naming_the_config() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for path in ("bad", "badsse"):
+            m = _model(f"odd-{path}", f"http://127.0.0.1:{port}/{path}/v1")
+            for call in (lambda m=m: m([{"role": "user", "content": "hi"}]),
+                         lambda m=m: asyncio.run(_stream(m))):
+                with pytest.raises(ModelError, match=f"'odd-{path}'") as e:
+                    call()
+                assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_streamed_calls_count_their_tokens_and_a_refusing_server_still_streams() -> None:
+    fake = FakeLLM().start()
+    try:
+        m = _model("streamy", fake.url)
+        text = asyncio.run(_stream(m))
+        assert text and m.usage.calls == 1
+        assert m.usage.completion == len(text) // 4 and m.usage.prompt > 0
+    finally:
+        fake.stop()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _Odd.seen.clear()
+        old = _model("old", f"http://127.0.0.1:{server.server_address[1]}/old/v1")
+        assert asyncio.run(_stream(old)) == "hi there"
+        assert asyncio.run(_stream(old)) == "hi there"
+        assert old.usage.calls == 0  # a server that sends no usage counts nothing
+        # asked once with the option, refused, then never again
+        assert ["stream_options" in b for b in _Odd.seen] == [True, False, False]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _cli_commands() -> dict[str, tuple[set[str], int]]:
+    """Every `busagent` command line (``population build`` included) -> (its long options, how
+    many positional arguments it takes)."""
+    import click
+    import typer.main
+
+    from busagent.cli import app
+
+    out: dict[str, tuple[set[str], int]] = {}
+
+    def walk(cmd: Any, path: str) -> None:
+        params = getattr(cmd, "params", [])
+        out[path] = ({o for p in params for o in p.opts if o.startswith("--")},
+                     sum(isinstance(p, click.Argument) for p in params))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}".strip())
+
+    walk(typer.main.get_command(app), "")
+    return out
+
+
+def test_error_texts_name_only_commands_that_exist() -> None:
+    # every `busagent ...` command a message or docstring of the package or the examples tells a
+    # user to run must be a real command with real options (`busagent models load FILE` was not)
+    commands = _cli_commands()
+    said = re.compile(r"`busagent ([a-z][a-z-]*(?: [a-z][a-z-]*)?)((?: [^`]*)?)`")
+    bad = []
+    for root in ("busagent", "examples"):
+        for f in sorted((ROOT / root).rglob("*.py")):
+            for m in said.finditer(f.read_text()):
+                words, rest = m.group(1), m.group(2)
+                cmd = words if words in commands else words.split(" ")[0]
+                if cmd not in commands:
+                    bad.append(f"{f.name}: `busagent {words}{rest}`: no command {cmd!r}")
+                    continue
+                opts, positional = commands[cmd]
+                if cmd != words:  # the second word is an argument, or a subcommand that isn't
+                    rest = " " + words.split(" ", 1)[1] + rest
+                    if not positional:
+                        bad.append(f"{f.name}: {m.group(0)}: {cmd} takes no "
+                                   f"{words.split(' ', 1)[1]!r}")
+                bad += [f"{f.name}: {m.group(0)}: {cmd} has no {o}"
+                        for o in re.findall(r"(--[a-z][a-z-]*)", rest) if o not in opts]
+    assert not bad, bad
+
+
+def test_the_population_cli_refusal_is_a_whole_sentence(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from busagent.cli import app
+
+    r = CliRunner().invoke(app, ["population", "build", str(CONFIG), "--out",
+                                 str(tmp_path / "p.jsonl"), "--model-config", "m.json"])
+    assert isinstance(r.exception, ConfigError)
+    assert str(r.exception) == ("--model-config needs --config-name: the name of the config in "
+                                "it that writes the backgrounds")
+
+
+_KILLED = """
+import sys
+import busagent
+from busagent import population
+from busagent.fakellm import FakeLLM
+busagent.init(child_workers=2)
+fake = FakeLLM(latency=0.05).start()
+busagent.load_model_configs(fake.config("k9", concurrency=8))
+cfg = population.load_config(sys.argv[1], count=5000)
+def on_row(i):
+    if i == 40:
+        procs = busagent.bus.current().children.procs.values()
+        print(" ".join(str(p.pid) for p in procs), flush=True)
+        sys.stderr.write("--- killed here ---\\n")
+        sys.stderr.flush()
+population.build(cfg, sys.argv[2], model_config_name="k9", progress=False, on_row=on_row)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\\nState:\\tZ" in state
+
+
+def test_child_workers_of_a_killed_build_exit_quietly(tmp_path: Path) -> None:
+    # a model build on a private Redis with child workers, killed -9 mid-build: the children
+    # (SIGTERM by the parent's death, their Redis gone too) must exit without writing a line
+    # to the dead program's terminal
+    err = (tmp_path / "stderr").open("w+")
+    env = {k: v for k, v in os.environ.items() if k != "BUSAGENT_REDIS_URL"}
+    p = subprocess.Popen([sys.executable, "-c", _KILLED, str(CONFIG), str(tmp_path / "p.jsonl")],
+                         stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+    try:
+        assert p.stdout is not None
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        p.kill()
+        p.wait()
+    try:
+        wait_for(lambda: all(_gone(x) for x in pids), timeout=60, what="the children to exit")
+    finally:
+        for x in pids:
+            if not _gone(x):
+                os.kill(x, signal.SIGKILL)
+    err.seek(0)
+    after = err.read().split("--- killed here ---\n", 1)[1]
+    assert after.strip() == "", after[:2000]

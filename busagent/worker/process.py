@@ -174,13 +174,30 @@ class Worker:
         """Serve until SIGTERM/SIGINT, ``stop()``, a control ``stop`` or the parent's death."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+                signal.signal(sig, self._on_signal)
         self.start()
         while not self.stopping.wait(1.0):
-            if self.parent_pid and os.getppid() != self.parent_pid:
-                log.info("parent %s is gone; stopping", self.parent_pid)
+            if self._quiet_if_orphaned():
                 self.stop()
         self.shutdown()
+
+    def _on_signal(self, *_: Any) -> None:
+        self._quiet_if_orphaned()
+        self.stop()
+
+    def _quiet_if_orphaned(self) -> bool:
+        """True if this child worker's program is gone (killed, even by kill -9: its SIGTERM
+        comes by PR_SET_PDEATHSIG). Its stderr is then the terminal of a program that no longer
+        runs, and the private Redis it used dies with that program: the stop's retries and
+        failures would fill the user's shell with lines about a run that is over. So the worker
+        stops with its stderr sent to /dev/null (it still does what it can in Redis)."""
+        if not self.parent_pid or os.getppid() == self.parent_pid:
+            return False
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        return True
 
     def stop(self) -> None:
         """Stop reading new calls; calls already read finish (up to ``grace`` seconds)."""

@@ -11,6 +11,7 @@ import functools
 import json
 import random
 import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,19 @@ def prompts() -> dict[str, Any]:
     first use: in the program and on each worker."""
     return dict(json.loads((Path(__file__).resolve().parent / "configs" / "prompts.json")
                            .read_text()))
+
+
+def system_prompt(sys_id: str, max_value: int, ratio: str, background: str | None) -> str:
+    """System prompt ``sys_id`` filled in. A background (a --persona or a --population row)
+    reaches the model whatever the prompt: one without a ``{background}`` slot gets it
+    appended as a "# Your character" section (dropping it silently would play a game without
+    the population the user asked for)."""
+    text: str = prompts()["SYSTEM"][sys_id]
+    slots = {f for _, f, _, _ in string.Formatter().parse(text) if f}
+    out = text.format(max_value=max_value, ratio=ratio, background=background or "")
+    if background and "background" not in slots:
+        out = out.rstrip("\n") + f"\n\n# Your character\n{background}\n\n"
+    return out
 
 
 class RandomParticipant(Agent):
@@ -61,9 +75,8 @@ class LLMParticipant(Agent):
         super().__init__(name)
         self.model = models.get(model_config_name)
         self.max_value = max_value
-        system = prompts()["SYSTEM"][sys_id].format(max_value=max_value, ratio=ratio,
-                                                  background=background or "")
-        self.system = Msg("system", system, role="system")
+        self.system = Msg("system", system_prompt(sys_id, max_value, ratio, background),
+                          role="system")
 
     async def reply(self, x: Msg | None = None) -> dict[str, Any]:
         """``{"value": the number (-1: none), "usage": [prompt, completion] tokens of the

@@ -7,7 +7,8 @@ RUN_DIR is one run's directory (``result_<r>.json`` files written with ``--popul
 each attribute it writes ``by_<attr>.csv`` (attribute value, round, participants, valid
 answers, mean, standard deviation, median, tokens) and, with matplotlib, ``by_<attr>.png``: the
 average guess per group per round with its spread (one standard deviation) as a band.
-Numeric attributes with many values (age, income) are cut into five equal-width bins.
+Numeric attributes with many values (age, income) are cut into five equal-width bins (whole
+numbers into whole-number bins, both ends included).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def groups_of(values: list[Any]) -> dict[Any, str]:
     if not numeric or len(distinct) <= MAX_GROUPS:
         return {v: str(v) for v in distinct}
     lo, hi = min(distinct), max(distinct)
+    if all(isinstance(v, int) for v in distinct):
+        # whole numbers get whole-number bins, both ends included ("20-31", "32-43"): an age
+        # bin "20-31.2" would name ages nobody can have
+        step = -(-(hi - lo + 1) // BINS)
+        first = {v: lo + (v - lo) // step * step for v in distinct}
+        return {v: f"{a}-{min(hi, a + step - 1)}" for v, a in first.items()}
     width = (hi - lo) / BINS or 1
     out = {}
     for v in distinct:

@@ -20,7 +20,7 @@ on; the exit status is 1 if any failed.
 
 Then the summary, in ``OUT/NAME/``: ``summary.csv`` (one line per case per round: settings,
 average, winner, spread, round time, tokens) and, with matplotlib, the paper's plots:
-``avg_per_round.png`` (average per round, one line per case, colour by ratio),
+``avg_per_round.png`` (average per round, one line and colour per case),
 ``distributions.png`` (each case's guesses per round as box plots) and
 ``round_time_vs_agents.png`` (median round time against agents, per kind).
 """
@@ -161,6 +161,19 @@ def summary(name: str, out: Path) -> list[Path]:
     return [path, *plots(rows, data, root)]
 
 
+def case_colours(cases: list[Any]) -> dict[Any, tuple[float, ...]]:
+    """One colour per case (two cases of one ratio must not look like one line): tab10 up to
+    10 cases, tab20 up to 20, evenly spaced along a continuous map beyond."""
+    from matplotlib import colormaps
+
+    n = len(cases)
+    if n <= 20:
+        cmap = colormaps["tab10" if n <= 10 else "tab20"]
+        return {c: tuple(cmap(i)) for i, c in enumerate(cases)}
+    cmap = colormaps["turbo"]
+    return {c: tuple(cmap(i / (n - 1))) for i, c in enumerate(cases)}
+
+
 def plots(rows: list[dict[str, Any]], data: list[tuple[str, list[list[float]]]],
           root: Path) -> list[Path]:
     try:
@@ -171,13 +184,12 @@ def plots(rows: list[dict[str, Any]], data: list[tuple[str, list[list[float]]]],
     except ImportError:
         return []  # the figures are optional: pip install matplotlib
     written = []
-    ratios = sorted({r["ratio"] for r in rows})
-    colour = {q: plt.get_cmap("tab10")(i) for i, q in enumerate(ratios)}
+    colour = case_colours(sorted({r["case"] for r in rows}))
     fig, ax = plt.subplots(figsize=(7, 4))
     for c in sorted({r["case"] for r in rows}):
         rs = [r for r in rows if r["case"] == c]
         ax.plot([r["round"] for r in rs], [r["avg"] for r in rs], "o-",
-                color=colour[rs[0]["ratio"]],
+                color=colour[c],
                 label=f"case {c}: ratio {rs[0]['ratio']}, {rs[0]['kind']}, n={rs[0]['agents']}")
     ax.set_xlabel("round")
     ax.set_ylabel("average guess")

@@ -19,10 +19,12 @@ winning value; the average and winner written on it), as PNG and PDF, under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+import uuid
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -83,16 +85,31 @@ def create(args: argparse.Namespace) -> list[Any]:
 
 def play(args: argparse.Namespace) -> Path:
     args.people = load_people(args)
+    check_by(args)
     busagent.init(child_workers=args.workers)
+    kind = "random" if args.agent_type == "random" else args.config_name
     if args.fake_llm is not None:
         from busagent.fakellm import FakeLLM
 
+        # The fake endpoint lives only as long as this run: its config gets a name of its own
+        # (never --config-name, which may be a stored config other users build with) and is
+        # removed at exit, so no stored config is left pointing at a dead port.
         fake = FakeLLM(latency=args.fake_llm).start()
+        args.config_name = f"fake-llm-{uuid.uuid4().hex[:12]}"
         busagent.load_model_configs(fake.config(args.config_name, concurrency=256))
-    elif args.model_config:
+        try:
+            return _play(args, kind)
+        finally:
+            with contextlib.suppress(busagent.BusagentError):
+                busagent.models.remove_model_configs([args.config_name])
+            fake.stop()
+    if args.model_config:
         busagent.load_model_configs(args.model_config)
+    return _play(args, kind)
+
+
+def _play(args: argparse.Namespace, kind: str) -> Path:
     ratio = Fraction(args.ratio)
-    kind = "random" if args.agent_type == "random" else args.config_name
     settings = f"{args.agents}-{args.shards}-{args.ratio.replace('/', '_')}-{args.sleep:g}"
     out = (Path(args.out) / args.exp / kind / settings
            / datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -158,6 +175,22 @@ def load_people(args: argparse.Namespace) -> list[dict[str, Any]] | None:
                          f"--agents {args.agents}: build more with `busagent population build "
                          f"... --count {args.agents}`")
     return people[: args.agents]
+
+
+def check_by(args: argparse.Namespace) -> None:
+    """Refuse a --by the analysis could not do, before a round is played (not after a game
+    that may have cost hours and tokens): --by needs --population, and each name must be an
+    attribute of its people."""
+    if not args.by:
+        return
+    if not args.people:
+        raise SystemExit(f"error: --by {args.by[0]} needs --population: only a population's "
+                         "people have attributes to group by")
+    names = {k for person in args.people for k in person.get("attributes", {})}
+    unknown = [b for b in args.by if b not in names]
+    if unknown:
+        raise SystemExit(f"error: --by {unknown[0]}: not an attribute of {args.population} "
+                         f"(its attributes: {', '.join(sorted(names)) or 'none'})")
 
 
 def participants(args: argparse.Namespace, results: list[dict[str, Any]]
@@ -294,7 +327,9 @@ def main() -> None:
     ap.add_argument("--model-config", help="JSON file of model configs to store for workers")
     ap.add_argument("--config-name", default="fake", help="the model config LLM agents use")
     ap.add_argument("--fake-llm", type=float, metavar="LATENCY",
-                    help="serve a local fake endpoint answering in LATENCY s, as --config-name")
+                    help="serve a local fake endpoint answering in LATENCY s, for this run only "
+                    "(stored under a name of its own, removed at exit; --config-name only "
+                    "names the results' folder)")
     ap.add_argument("--sys-id", default="1", choices=sorted(PROMPTS["SYSTEM"]),
                     help="which system prompt of configs/prompts.json LLM participants get")
     ap.add_argument("--usr-id", default="1", choices=sorted(PROMPTS["USER"]),
@@ -302,8 +337,9 @@ def main() -> None:
     ap.add_argument("--persona", action="store_true", help="give LLM agents a background")
     ap.add_argument("--population", metavar="JSONL",
                     help="people built by `busagent population build`: participant i gets "
-                    "person i's background (LLM agents; use --sys-id 5, which shows it) and "
-                    "each round's results record their attributes")
+                    "person i's background (LLM agents: in the {background} slot of --sys-id 5, "
+                    "appended to the other system prompts) and each round's results record "
+                    "their attributes")
     ap.add_argument("--by", action="append", metavar="ATTR", default=[],
                     help="after the game, break results down by this population attribute "
                     "(table and plot, see analysis.py); repeatable")
