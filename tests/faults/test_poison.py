@@ -44,7 +44,7 @@ def test_a_dead_letter_entry_has_the_fields_the_readme_lists(workers: Workers) -
     (dead,) = busagent.admin.deadletters()
     assert set(dead) == FIELDS
     assert dead["call"] == p.call_id and dead["agent"] == k.agent_id
-    assert dead["tries"] == "2"
+    assert dead["tries"] == 2
     assert dead["server"] in {"w2", "w3"}  # the second to die holding it (w1 was the first)
 
 
@@ -70,7 +70,7 @@ def test_deliveries_are_counted_across_restarts_under_the_same_name(workers: Wor
     with pytest.raises(DeadLettered, match="delivered 2 times"):
         p.result(timeout=30)
     (dead,) = busagent.admin.deadletters()
-    assert set(dead) == FIELDS and dead["tries"] == "2" and dead["server"] == "w1"
+    assert set(dead) == FIELDS and dead["tries"] == 2 and dead["server"] == "w1"
     assert w.poll() is None
     assert not b.redis.exists(b.keys.restarts("w1"))
     assert busagent.ServerClient("w1").ping() > 0
@@ -89,7 +89,7 @@ def test_restarts_and_moves_add_up(workers: Workers) -> None:
     with pytest.raises(DeadLettered, match="delivered 2 times"):
         p.result(timeout=30)
     (dead,) = busagent.admin.deadletters()
-    assert dead["tries"] == "2" and dead["server"] == "w1"
+    assert dead["tries"] == 2 and dead["server"] == "w1"
     assert w2.poll() is None
     b = busagent.bus.current()
     # Removed with the dead server's inbox, once recovery has moved everything off it.
