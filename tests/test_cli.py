@@ -80,21 +80,22 @@ def test_worker_refuses_unknown_module(redis_url: str, prefix: str) -> None:
 
 def test_bad_input_is_one_line_and_exit_1(redis_url: str, prefix: str, tmp_path: Any) -> None:
     """Settings out of range, agent modules that do not import or compile, a script that fails:
-    one line on stderr (no traceback, no pydantic dump, not wrapped) and exit code 1."""
+    one line on stderr (no traceback, no pydantic dump, not wrapped) and exit code 1, or 2 for
+    an option out of its range (a usage error, checked by the option as typer does)."""
     (tmp_path / "missing_import.py").write_text("import nosuchpkg_zz\n")
     (tmp_path / "syntax.py").write_text("def f(:\n")
     cases = [
-        ("worker", "--agents", "tests.agents", "--capacity", "-5"),
-        ("worker", "--agents", "tests.agents", "--threads", "0"),
-        ("worker", "--agents", "nosuchmod_zz"),
-        ("worker", "--agents", str(tmp_path / "missing_import.py")),
-        ("worker", "--agents", str(tmp_path / "syntax.py")),
+        (2, ("worker", "--agents", "tests.agents", "--capacity", "-5")),
+        (2, ("worker", "--agents", "tests.agents", "--threads", "0")),
+        (1, ("worker", "--agents", "nosuchmod_zz")),
+        (1, ("worker", "--agents", str(tmp_path / "missing_import.py"))),
+        (1, ("worker", "--agents", str(tmp_path / "syntax.py"))),
     ]
-    for args in cases:
+    for code, args in cases:
         env = {**os.environ, "BUSAGENT_REDIS_URL": redis_url, "BUSAGENT_PREFIX": prefix,
                "PYTHONPATH": str(ROOT), "COLUMNS": "60"}
         p = subprocess.run([sys.executable, "-m", "busagent.cli", *args], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-        assert p.returncode == 1, (args, p.stderr)
+        assert p.returncode == code, (args, p.stderr)
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
