@@ -117,6 +117,8 @@ class _Wait:
         # A wait shorter than dead_after never checks: no server can be dead by then that
         # was not dead when the call was sent (and then recovery had already moved it).
         self.check_at = now + b.settings.dead_after
+        #: monotonic time the liveness check first found the call unhostable, or None.
+        self.suspect_since: float | None = None
 
     def due(self) -> list[str]:
         """The agents of the pending calls when it is time to ask whether any of them can
@@ -128,8 +130,17 @@ class _Wait:
         return [a for c in self.pending[:CHECK_AGENTS] if (a := self.agents.get(c))]
 
     def checked(self, reason: str | None) -> None:
-        """Raise PlacementError with ``reason`` when the liveness check found one."""
-        if reason:
+        """Raise PlacementError with ``reason`` once the liveness check has found one for
+        ``dead_after`` in a row. One finding is not enough: right after Redis restarts (or
+        was unreachable) every record is stale, though the workers are alive and beat again
+        within a heartbeat or two of reconnecting; a real death stays silent."""
+        if not reason:
+            self.suspect_since = None
+            return
+        now = time.monotonic()
+        if self.suspect_since is None:
+            self.suspect_since = now
+        if now - self.suspect_since >= self.b.settings.dead_after:
             raise PlacementError(reason)
 
     def check(self) -> None:

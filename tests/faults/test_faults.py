@@ -365,3 +365,51 @@ def test_a_graceful_stop_keeps_heartbeating_so_its_long_call_runs_once(
         busagent.admin.agent_info(s.agent_id)
     assert b.redis.llen(b.keys.reply(p.call_id)) == 1
     assert not [x for x in busagent.admin.deadletters()], "nothing dead-lettered"
+
+
+def test_a_caller_waiting_through_a_redis_outage_is_not_told_no_worker_is_alive(
+        own_redis: dict[str, object], prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis down for longer than dead_after while a caller waits: when it is back every
+    # heartbeat record is stale, though the worker is alive and beats again within a heartbeat
+    # or two. A caller whose liveness check believed the first stale reading failed its call
+    # with PlacementError ("no live worker at all"); the soak found it.
+    import threading
+
+    for k_, v in FAST.items():
+        monkeypatch.setenv(k_, v)
+    server = own_redis["server"]
+    assert isinstance(server, embedded.Server)
+    b = busagent.init(server.url, prefix=prefix)
+    w = Workers(server.url, prefix)
+    try:
+        w.start("w1")
+        dead_after = float(FAST["BUSAGENT_DEAD_AFTER"])
+        s = Sleeper("s", 3 * dead_after, to_dist=DistConf(server="w1")).ready()
+        p = s(Msg("user", "x"))
+        b.sender.flush()
+        got: list[object] = []
+
+        def wait() -> None:
+            try:
+                got.append(p.result(timeout=60))
+            except Exception as e:  # noqa: BLE001 - the assertion below shows it
+                got.append(e)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        wait_for(lambda: any(c.get("call") == p.call_id
+                             for c in ServerClient("w1").get_server_info()["running"]),
+                 what="the call running on w1")
+        server.kill()
+        # Down for twice dead_after: an outage of a set length, not a sync point.
+        deadline = time.monotonic() + 2 * dead_after
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        own_redis["server"] = embedded.start(appendonly=True, fsync="always",
+                                             directory=str(own_redis["dir"]))
+        waiter.join(90)
+        assert len(got) == 1 and isinstance(got[0], Msg), got
+        assert got[0].content == "s(x)"
+    finally:
+        w.stop_all()
+        busagent.shutdown()
