@@ -451,7 +451,8 @@ class Storer(Agent):
 
 if __name__ == "__main__":
     busagent.init(sys.argv[1], prefix=sys.argv[2])
-    s = Storer("s", to_dist=DistConf(server=sys.argv[3]))
+    # Detached: the test reads its memory after this script exits (owned ones go with it).
+    s = Storer("s", to_dist=DistConf(server=sys.argv[3], lifetime="detached"))
     assert s(None).result(timeout=30).content == 7
     print(s.agent_id)
 '''

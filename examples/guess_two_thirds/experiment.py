@@ -232,7 +232,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cases", type=Path, help="CSV or JSON table of cases")
     ap.add_argument("--name", default="experiment", help="the experiment's name (a folder)")
-    ap.add_argument("--out", type=Path, default=Path("result"))
+    ap.add_argument("--out", type=Path, default=Path("result"),
+                    help="the folder the sweep writes its cases and summary under")
     ap.add_argument("--summary-only", action="store_true", help="only redo the summary")
     args = ap.parse_args()
     failed = 0 if args.summary_only else sweep(args.cases, args.name, args.out)
