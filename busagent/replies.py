@@ -149,7 +149,12 @@ class _Wait:
         if agents:
             k, s, r = self.b.keys, self.b.settings, self.b.redis
             servers = self.b.server_snapshot.get(r, k.servers, s.heartbeat)
-            self.checked(records.unhostable(r, k.agents, servers, agents, s.dead_after))
+            reason = records.unhostable(r, k.agents, servers, agents, s.dead_after)
+            if reason and _redis_uptime(r) < 2 * s.dead_after:
+                # Redis restarted a moment ago: every record predates it, and the workers
+                # reconnect with back-off. Their silence says nothing yet.
+                reason = None
+            self.checked(reason)
 
     def should_peek(self) -> bool:
         # One key: the blocking read below returns at once if its reply is there.
@@ -196,6 +201,7 @@ class _Wait:
         """How long to wait before trying again when Redis refused the blocking read (out of
         memory: BLMOVE is a write); the peek that comes first still reads what is there.
         Never past the deadline: :meth:`next` raises CallTimeout there."""
+        self.suspect_since = None  # the workers' heartbeats were refused alike
         self.refused = str(self.b.translate(e))
         d = self.delay
         self.delay = min(self.delay * 2, 1.0)
@@ -206,6 +212,7 @@ class _Wait:
     def backoff(self, e: BaseException) -> float:
         """How long to wait before trying again through an outage; past the caller's deadline,
         say Redis was the problem (not the agent)."""
+        self.suspect_since = None  # the workers could not beat either: start judging afresh
         if self.deadline is not None and time.monotonic() + self.delay > self.deadline:
             raise RedisUnavailable(
                 f"lost Redis at {self.b.url_for_humans} while waiting for replies and it did "
@@ -325,3 +332,12 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
                     break
                 await asyncio.sleep(w.refusal(e))
     return w.out
+
+
+def _redis_uptime(r: Any) -> float:
+    """Seconds the Redis server has been up (``INFO server``); infinite when it does not say
+    (a proxy or a restricted INFO): then only the other rules hold."""
+    try:
+        return float(r.info("server").get("uptime_in_seconds", float("inf")))
+    except (redis.exceptions.RedisError, ValueError, TypeError):
+        return float("inf")
