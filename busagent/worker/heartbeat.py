@@ -159,11 +159,17 @@ class Heartbeat:
             self.fenced = True
         return bool(ok)
 
+    def judging(self) -> bool:
+        """Whether this worker may judge others' liveness (servers, programs): not within
+        ``dead_after`` of a heartbeat of ours that Redis refused, since theirs were refused
+        alike."""
+        return time.monotonic() - self._refused_at >= self.bus.settings.dead_after
+
     def sweep(self) -> None:
         """Recover servers that stopped heart-beating; drop their records once empty and old.
         Judges nobody within ``dead_after`` of a heartbeat of ours that Redis refused: the
         others' heartbeats were refused alike, and a record's age then says nothing."""
-        if time.monotonic() - self._refused_at < self.bus.settings.dead_after:
+        if not self.judging():
             return
         for info in records.read_servers(self.r, self.keys.servers):
             if info.name == self.server or self.stopping.is_set():

@@ -23,17 +23,33 @@ sent again at the next round after the lock expires, so the sweep converges.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
+from typing import Any
+
+import redis
 
 from busagent import records
 from busagent.bus import Bus
 from busagent.protocol import ControlBody
 from busagent.records import AgentInfo
-from busagent.tuning import SWEEP_BATCH, SWEEP_PROGRAMS_EVERY
+from busagent.tuning import PROGRAM_TTL_BEATS, SWEEP_BATCH, SWEEP_PROGRAMS_EVERY
 
 from .hosting import forget
 
 log = logging.getLogger("busagent.worker")
+
+
+#: program id -> when this worker first found its liveness key missing (monotonic seconds).
+_missing: dict[str, float] = {}
+
+
+def _uptime(r: Any) -> float:
+    """Seconds Redis has been up (``INFO server``); infinite when it does not say."""
+    try:
+        return float(r.info("server").get("uptime_in_seconds", float("inf")))
+    except (redis.exceptions.RedisError, ValueError, TypeError):
+        return float("inf")
 
 
 def sweep(b: Bus, me: str) -> int:
@@ -43,10 +59,25 @@ def sweep(b: Bus, me: str) -> int:
     programs = [p.decode() if isinstance(p, bytes) else str(p) for p in r.hkeys(k.programs)]
     if not programs:
         return 0
+    ttl = b.settings.heartbeat * PROGRAM_TTL_BEATS
+    if _uptime(r) < 2 * ttl:
+        # Redis restarted a moment ago: program keys whose TTL ran out while it was down
+        # say nothing of their programs, which renew them as soon as they reconnect.
+        _missing.clear()
+        return 0
     pipe = r.pipeline(transaction=False)
     for p in programs:
         pipe.exists(k.program(p))
     alive = pipe.execute()
+    # A key missing once is not enough: a program whose renewals Redis refused for a moment
+    # (out of memory, a dropped connection) renews it again. Gone for a whole TTL more: gone.
+    now = time.monotonic()
+    for p, up in zip(programs, alive, strict=True):
+        if up:
+            _missing.pop(p, None)
+        else:
+            _missing.setdefault(p, now)
+    alive = [up or now - _missing[p] < ttl for p, up in zip(programs, alive, strict=True)]
     # Held for two sweep periods: long enough that two workers do not send the same deletes,
     # short enough that one that died mid-sweep is taken over soon.
     hold = int(b.settings.heartbeat * SWEEP_PROGRAMS_EVERY * 2 * 1000)

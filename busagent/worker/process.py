@@ -253,7 +253,7 @@ class Worker:
                     self.stop()
                 if not self.stopping.is_set():  # a worker on its way out takes on nobody's
                     self.heartbeat.sweep()
-                    if beats % SWEEP_PROGRAMS_EVERY == 0:
+                    if beats % SWEEP_PROGRAMS_EVERY == 0 and self.heartbeat.judging():
                         owners.sweep(self.bus, self.name)
                 lasting.worked()
             except (redis.exceptions.RedisError, OSError) as e:
