@@ -193,10 +193,14 @@ views.deadletters = () => {
   const draw = async () => {
     try {
       const rows = await api("/api/deadletters");
-      $("#dead-table tbody").innerHTML = rows.map((d) => `<tr data-entry="${esc(d.id)}"><td><code>${esc(d.id)}</code></td><td>${esc(d.agent)}</td><td>${esc(d.kind)}</td>
+      // Rewritten only when it changed: a live redraw every sample would replace the buttons
+      // under the user's pointer (and a browser test's click) for nothing.
+      const html = rows.map((d) => `<tr data-entry="${esc(d.id)}"><td><code>${esc(d.id)}</code></td><td>${esc(d.agent)}</td><td>${esc(d.kind)}</td>
         <td><code>${esc(d.call)}</code></td><td class="reason">${esc(d.reason)}</td><td class="num">${esc(d.tries)}</td><td>${esc(d.server)}</td>
         <td>${d.call && d.agent ? `<button class="replay" data-id="${esc(d.id)}">replay</button>` : ""}</td></tr>`).join("")
         || '<tr><td colspan="8" class="muted">no dead letters</td></tr>';
+      const body = $("#dead-table tbody");
+      if (body && body.dataset.drawn !== html) { body.innerHTML = html; body.dataset.drawn = html; }
     } catch (e) { flash(e.message); }
   };
   $("#dead-table").onclick = async (ev) => {
