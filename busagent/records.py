@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import redis
 from pydantic import BaseModel, PrivateAttr
 
 from .protocol import VERSION
@@ -153,6 +154,15 @@ class ProgramInfo(BaseModel):
     pid: int
     #: epoch seconds, from the program's clock (shown, never compared).
     started: float
+
+
+def redis_uptime(r: Any) -> float:
+    """Seconds the Redis server has been up (``INFO server``); infinite when it does not say (a
+    proxy, a restricted INFO, an error): then callers judge by their other rules alone."""
+    try:
+        return float(r.info("server").get("uptime_in_seconds", float("inf")))
+    except (redis.exceptions.RedisError, ValueError, TypeError):
+        return float("inf")
 
 
 def redis_time(reply: Any) -> float:

@@ -150,7 +150,7 @@ class _Wait:
             k, s, r = self.b.keys, self.b.settings, self.b.redis
             servers = self.b.server_snapshot.get(r, k.servers, s.heartbeat)
             reason = records.unhostable(r, k.agents, servers, agents, s.dead_after)
-            if reason and _redis_uptime(r) < 2 * s.dead_after:
+            if reason and records.redis_uptime(r) < 2 * s.dead_after:
                 # Redis restarted a moment ago: every record predates it, and the workers
                 # reconnect with back-off. Their silence says nothing yet.
                 reason = None
@@ -333,11 +333,3 @@ async def afetch(b: Bus, call_ids: Sequence[str], timeout: float | object | None
                 await asyncio.sleep(w.refusal(e))
     return w.out
 
-
-def _redis_uptime(r: Any) -> float:
-    """Seconds the Redis server has been up (``INFO server``); infinite when it does not say
-    (a proxy or a restricted INFO): then only the other rules hold."""
-    try:
-        return float(r.info("server").get("uptime_in_seconds", float("inf")))
-    except (redis.exceptions.RedisError, ValueError, TypeError):
-        return float("inf")

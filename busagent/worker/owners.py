@@ -25,9 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Any
-
-import redis
 
 from busagent import records
 from busagent.bus import Bus
@@ -44,14 +41,6 @@ log = logging.getLogger("busagent.worker")
 _missing: dict[str, float] = {}
 
 
-def _uptime(r: Any) -> float:
-    """Seconds Redis has been up (``INFO server``); infinite when it does not say."""
-    try:
-        return float(r.info("server").get("uptime_in_seconds", float("inf")))
-    except (redis.exceptions.RedisError, ValueError, TypeError):
-        return float("inf")
-
-
 def sweep(b: Bus, me: str) -> int:
     """Delete the owned agents of programs that are gone; how many deletions were started.
     Raises redis-py's errors (the heartbeat loop logs them and tries again)."""
@@ -60,7 +49,7 @@ def sweep(b: Bus, me: str) -> int:
     if not programs:
         return 0
     ttl = b.settings.heartbeat * PROGRAM_TTL_BEATS
-    if _uptime(r) < 2 * ttl:
+    if records.redis_uptime(r) < 2 * ttl:
         # Redis restarted a moment ago: program keys whose TTL ran out while it was down
         # say nothing of their programs, which renew them as soon as they reconnect.
         _missing.clear()
@@ -72,6 +61,8 @@ def sweep(b: Bus, me: str) -> int:
     # A key missing once is not enough: a program whose renewals Redis refused for a moment
     # (out of memory, a dropped connection) renews it again. Gone for a whole TTL more: gone.
     now = time.monotonic()
+    for gone in set(_missing) - set(programs):  # swept meanwhile, by this worker or another
+        del _missing[gone]
     for p, up in zip(programs, alive, strict=True):
         if up:
             _missing.pop(p, None)
