@@ -219,6 +219,11 @@ def _restart(state: dict[str, object]) -> None:
     server = state["server"]
     assert isinstance(server, embedded.Server)
     server.kill()
+    _start_again(state)
+
+
+def _start_again(state: dict[str, object]) -> None:
+    """A new redis-server on the killed one's folder: it reloads its append-only file."""
     state["server"] = embedded.start(appendonly=True, fsync="always", directory=str(state["dir"]))
 
 
@@ -405,8 +410,7 @@ def test_a_caller_waiting_through_a_redis_outage_is_not_told_no_worker_is_alive(
         deadline = time.monotonic() + 2 * dead_after
         while time.monotonic() < deadline:
             time.sleep(0.05)
-        own_redis["server"] = embedded.start(appendonly=True, fsync="always",
-                                             directory=str(own_redis["dir"]))
+        _start_again(own_redis)
         waiter.join(90)
         assert len(got) == 1 and isinstance(got[0], Msg), got
         assert got[0].content == "s(x)"
